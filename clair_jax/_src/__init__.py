@@ -1,0 +1,1 @@
+"""Private implementation of clair_jax; import from ``clair_jax`` instead."""

@@ -1,0 +1,111 @@
+"""The low-rank + block-sparse problem: data, static options, objective, fixed-point map.
+
+Penalised form (section 2 of DESIGN.md; a block version of Outlier Pursuit,
+Xu, Caramanis & Sanghavi 2012, arXiv:1010.4237):
+
+.. math::
+
+    \\min_{L, S, c}\\; \\tfrac12 \\sum_i \\|X_i - c - L_i - S_i\\|_F^2
+      + \\lambda_* \\|L\\|_* + \\lambda_S \\sum_i w_i \\|S_i\\|_F
+
+and the constrained (noiseless) form
+:math:`\\min \\lambda_*\\|L\\|_* + \\lambda_S \\sum_i w_i\\|S_i\\|_F` s.t.
+:math:`X_i = c + L_i + S_i`. The offset ``c`` is unpenalised (``offset=True``) or
+zero. Minimising the penalised objective over ``c`` in closed form gives
+``c = mean_i(X_i - L_i - S_i)``, which turns the quadratic into
+``1/2 ||P(X - L - S)||^2`` with ``P`` the centring over clients.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from clair_jax._src import prox, svd
+
+# Step size of the proximal-gradient map: the gradient of
+# (L, S) -> 1/2 ||P(X - L - S)||^2 is Lipschitz with constant ||[P, P]||^2 = 2.
+STEP = 0.5
+
+
+class Options(NamedTuple):
+    """Static (hashable) solver configuration."""
+
+    method: str
+    constrained: bool
+    offset: bool
+    tol: float
+    max_iter: int
+    backend: str
+    rank_cap: int | None
+    power_iters: int
+    unrolled: bool
+
+
+class Data(NamedTuple):
+    """Traced problem data."""
+
+    updates: Float[Array, "n p q"]
+    lam_nuc: Float[Array, ""]
+    lam_block: Float[Array, ""]
+    weights: Float[Array, " n"]
+
+
+def data_scale(data: Data) -> Array:
+    """``||X||_F``, the scale residuals are measured against (1 for zero data)."""
+    norm = jnp.sqrt(jnp.sum(data.updates**2))
+    return jnp.where(norm > 0, norm, 1.0)
+
+
+def residual_blocks(data: Data, low_rank, sparse, offset: bool) -> Array:
+    """``X - c - L - S`` with the optimal offset ``c`` eliminated when ``offset``."""
+    r = data.updates - low_rank - sparse
+    return prox.center_clients(r) if offset else r
+
+
+def svt_blocks(z, tau, options: Options, basis):
+    """Singular value thresholding of ``(n, p, q)`` blocks as one ``p x nq`` matrix."""
+    n = z.shape[0]
+    out, rank, basis = svd.singular_value_threshold(
+        prox.blocks_to_matrix(z),
+        tau,
+        backend=options.backend,
+        basis=basis,
+        power_iters=options.power_iters,
+    )
+    return prox.matrix_to_blocks(out, n), rank, basis
+
+
+def prox_grad_map(data: Data, low_rank, sparse, options: Options, basis=None):
+    """One proximal-gradient step of the penalised problem, step ``STEP``.
+
+    Its fixed points are exactly the minimisers (in ``(L, S)``; the offset is
+    eliminated), which is what implicit differentiation uses.
+
+    Returns:
+      ``(low_rank, sparse, rank, basis)``.
+    """
+    r = residual_blocks(data, low_rank, sparse, options.offset)
+    new_l, rank, basis = svt_blocks(low_rank + STEP * r, STEP * data.lam_nuc, options, basis)
+    new_s = prox.block_soft_threshold(sparse + STEP * r, STEP * data.lam_block * data.weights)
+    return new_l, new_s, rank, basis
+
+
+def optimal_offset(data: Data, low_rank, sparse) -> Array:
+    """``argmin_c 1/2 sum_i ||X_i - c - L_i - S_i||^2 = mean_i(X_i - L_i - S_i)``."""
+    return jnp.mean(data.updates - low_rank - sparse, axis=0)
+
+
+def objective(data: Data, low_rank, sparse, offset, constrained: bool) -> Array:
+    """Objective value (the penalty terms only for the constrained form)."""
+    penalty = data.lam_nuc * prox.nuclear_norm(low_rank) + data.lam_block * jnp.sum(
+        data.weights * prox.block_norms(sparse)
+    )
+    if constrained:
+        return penalty
+    r = data.updates - low_rank - sparse
+    if offset is not None:
+        r = r - offset
+    return 0.5 * jnp.sum(r * r) + penalty

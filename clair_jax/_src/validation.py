@@ -1,0 +1,93 @@
+"""Argument checks with errors that name the argument and the shapes.
+
+Concrete values are checked in Python and raise ``ValueError``/``TypeError``
+at once. Traced values (inside ``jit``/``vmap``/``grad``) cannot be inspected
+at trace time; their value checks run on device through ``equinox.error_if``,
+which raises a runtime error carrying the same message instead of returning
+NaNs.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(x, name: str, dtype=None) -> jax.Array:
+    """Converts to a JAX floating array; integers and bools become the default float."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}.")
+    try:
+        arr = jnp.asarray(x)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}.") from err
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real, got dtype {arr.dtype}.")
+    if dtype is not None:
+        return arr.astype(dtype)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.result_type(float))
+    return arr
+
+
+def check_finite(x: jax.Array, name: str) -> jax.Array:
+    """Rejects NaN or inf entries (ValueError now, or a runtime error when traced)."""
+    if is_traced(x):
+        return eqx.error_if(x, ~jnp.all(jnp.isfinite(x)), f"{name} contains NaN or inf.")
+    if not bool(np.all(np.isfinite(np.asarray(x)))):
+        raise ValueError(f"{name} contains NaN or inf (shape {tuple(x.shape)}).")
+    return x
+
+
+def check_nonnegative(x: jax.Array, name: str) -> jax.Array:
+    """Rejects negative or non-finite entries."""
+    msg = f"{name} must be finite and non-negative"
+    bad = ~(jnp.isfinite(x) & (x >= 0))
+    if is_traced(x):
+        return eqx.error_if(x, jnp.any(bad), msg + ".")
+    if bool(np.any(np.asarray(bad))):
+        raise ValueError(f"{msg}, got {np.asarray(x)!r}.")
+    return x
+
+
+def check_scalar(x: jax.Array, name: str) -> jax.Array:
+    if x.ndim != 0:
+        raise ValueError(
+            f"{name} must be a scalar, got shape {tuple(x.shape)} "
+            "(use jax.vmap to solve for a grid of values)."
+        )
+    return x
+
+
+def check_positive_float(x, name: str) -> float:
+    """A static positive Python float (configuration, not a traced array)."""
+    if is_traced(x):
+        raise TypeError(f"{name} must be a static Python number, not a traced array.")
+    if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, jax.Array)):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}.")
+    value = float(x)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}.")
+    return value
+
+
+def check_positive_int(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}.")
+    if int(x) < 1:
+        raise ValueError(f"{name} must be >= 1, got {int(x)}.")
+    return int(x)
+
+
+def check_choice(x, name: str, choices: tuple) -> str:
+    if x not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {x!r}.")
+    return x
