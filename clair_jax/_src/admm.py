@@ -55,26 +55,25 @@ def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
     """One ADMM sweep at fixed penalty ``mu``: ``(L, S, N, c, Y, rank, basis)``."""
     x, inv_mu = data.updates, 1.0 / mu
     shifted = x + inv_mu * state.dual
+    old_offset = state.offset[None]
     low_rank, rank, basis = problem.svt_blocks(
-        shifted - state.offset - state.sparse - state.noise,
+        shifted - old_offset - state.sparse - state.noise,
         data.lam_nuc * inv_mu,
         options,
         state.basis,
     )
-    v = shifted - state.offset - low_rank
+    v = shifted - old_offset - low_rank
     if options.constrained:
         sparse = prox.block_soft_threshold(v, data.lam_block * data.weights * inv_mu)
         noise = state.noise
     else:
-        sparse = prox.block_soft_threshold(
-            v, data.lam_block * data.weights * (1.0 + mu) * inv_mu
-        )
+        sparse = prox.block_soft_threshold(v, data.lam_block * data.weights * (1.0 + mu) * inv_mu)
         noise = mu / (1.0 + mu) * (v - sparse)
     if options.offset:
         offset = jnp.mean(shifted - low_rank - sparse - noise, axis=0)
     else:
         offset = state.offset
-    dual = state.dual + mu * (x - offset - low_rank - sparse - noise)
+    dual = state.dual + mu * (x - offset[None] - low_rank - sparse - noise)
     return low_rank, sparse, noise, offset, dual, rank, basis
 
 
@@ -97,8 +96,8 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
     def step(state: AdmmState) -> AdmmState:
         mu = state.mu
         low_rank, sparse, noise, offset, dual, rank, basis = sweep(data, options, state, mu)
-        primal = x_norm(data.updates - offset - low_rank - sparse - noise) / scale
-        moved = (sparse + noise + offset) - (state.sparse + state.noise + state.offset)
+        primal = x_norm(data.updates - offset[None] - low_rank - sparse - noise) / scale
+        moved = (sparse + noise + offset[None]) - (state.sparse + state.noise + state.offset[None])
         dual_res = mu * x_norm(moved) / scale
         mu_next = jnp.where(
             primal > BALANCE_RATIO * dual_res,
@@ -126,7 +125,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
         init_c = jnp.zeros_like(x[0])
     # Penalised form: start feasible, with the multiplier that stationarity in N
     # asks for (Y = N); constrained form: N = 0, Y = 0.
-    init_n = jnp.zeros_like(x) if options.constrained else x - init_c - init_l - init_s
+    init_n = jnp.zeros_like(x) if options.constrained else x - init_c[None] - init_l - init_s
     state = AdmmState(
         low_rank=init_l,
         sparse=init_s,

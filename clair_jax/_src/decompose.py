@@ -25,7 +25,8 @@ class Decomposition(NamedTuple):
       sparse: ``(n, p, q)``, the blocks ``S_i`` (non-zero = flagged clients).
       offset: ``(p, q)`` common offset ``c``, or ``None`` when ``offset=False``.
       num_iters: int32, iterations run.
-      converged: bool, whether the residual fell below ``tol`` within ``max_iter``.
+      converged: bool, whether the residual fell below ``tol`` within ``max_iter``
+        (and, for ``svd="rank_capped"``, the rank stayed below ``rank_cap``).
       residual: final relative residual (FISTA: fixed-point residual; ADMM:
         ``max(primal, dual)``), both relative to ``||X||_F``.
       objective: objective value at the returned point.
@@ -81,7 +82,9 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     # The fixed-point map used for implicit differentiation never needs the
     # warm-started basis: it factorises exactly.
     exact = options._replace(
-        backend=svd_lib.select_backend((p, n * q)) if options.backend == "rank_capped" else options.backend
+        backend=svd_lib.select_backend((p, n * q))
+        if options.backend == "rank_capped"
+        else options.backend
     )
 
     if options.method == "fista":
@@ -105,6 +108,11 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
             low_rank, sparse = attach_fixed_point(
                 partial(_prox_grad_fixed_point, exact), (low_rank, sparse), data
             )
+    converged = residual < options.tol
+    if options.backend == "rank_capped":
+        # A full cap means singular values beyond it may exceed the threshold:
+        # the fixed point reached need not be the minimiser.
+        converged = jnp.logical_and(converged, state.rank < options.rank_cap)
     if not options.offset:
         offset = None
     elif not options.constrained:
@@ -114,7 +122,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         sparse=sparse,
         offset=offset,
         num_iters=state.num_iters,
-        converged=residual < options.tol,
+        converged=converged,
         residual=residual,
         objective=problem.objective(data, low_rank, sparse, offset, options.constrained),
         rank=state.rank,
@@ -162,6 +170,10 @@ def decompose(
     configuration. Gradients come from implicit differentiation at the fixed
     point (``diff="implicit"``, the solver loop is not differentiated) or from
     reverse mode through ``max_iter`` unrolled iterations (``diff="unrolled"``).
+    The solution map is piecewise smooth: where a singular value of ``L`` or a
+    block norm of ``S`` sits exactly at its threshold, or in the exact-recovery
+    regime of the constrained form (where the multiplier is not unique), it has
+    kinks, and a derivative there is one element of a generalised Jacobian.
 
     Args:
       updates: ``(n, p, q)`` client updates; batch more problems with ``jax.vmap``.
@@ -178,8 +190,9 @@ def decompose(
       svd: factorisation backend for singular value thresholding: ``"auto"``,
         ``"full"``, ``"gram"`` or ``"rank_capped"`` (see ``clair_jax._src.svd``).
       rank_cap: number of singular triplets kept by ``"rank_capped"``; giving it
-        with ``svd="auto"`` selects that backend. If the returned ``rank``
-        equals ``rank_cap`` the cap may be binding: raise it.
+        with ``svd="auto"`` selects that backend. If the thresholded rank
+        reaches ``rank_cap`` the cap may be binding and ``converged`` is False:
+        raise the cap.
       power_iters: subspace iterations per solver iteration for ``"rank_capped"``.
       init: warm start, ``(low_rank, sparse)`` or a previous :class:`Decomposition`.
       diff: ``"implicit"`` or ``"unrolled"``.

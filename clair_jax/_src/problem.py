@@ -107,5 +107,5 @@ def objective(data: Data, low_rank, sparse, offset, constrained: bool) -> Array:
         return penalty
     r = data.updates - low_rank - sparse
     if offset is not None:
-        r = r - offset
+        r = r - offset[None]
     return 0.5 * jnp.sum(r * r) + penalty

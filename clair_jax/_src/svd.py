@@ -83,7 +83,7 @@ def _shrink(s: Array, tau: Array) -> Array:
 def _svt_full(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     u, s, vt = jnp.linalg.svd(z, full_matrices=False)
     s_new = _shrink(s, tau)
-    return (u * s_new) @ vt, jnp.sum(s_new > 0)
+    return (u * s_new[None, :]) @ vt, jnp.sum(s_new > 0)
 
 
 def _svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
@@ -97,9 +97,9 @@ def _svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     s_safe = jnp.where(keep, s, 1.0)
     ratio = jnp.where(keep, (s - tau) / s_safe, 0.0)
     if wide:
-        out = (evecs * ratio) @ (evecs.T @ z)
+        out = (evecs * ratio[None, :]) @ (evecs.T @ z)
     else:
-        out = (z @ evecs) * ratio @ evecs.T
+        out = ((z @ evecs) * ratio[None, :]) @ evecs.T
     return out, jnp.sum(keep)
 
 
@@ -113,7 +113,7 @@ def _svt_rank_capped(
     q, _ = jnp.linalg.qr(z @ v)
     ub, s, vt = jnp.linalg.svd(q.T @ z, full_matrices=False)
     s_new = _shrink(s, tau)
-    out = ((q @ ub) * s_new) @ vt
+    out = ((q @ ub) * s_new[None, :]) @ vt
     return out, jnp.sum(s_new > 0), vt.T
 
 

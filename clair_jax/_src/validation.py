@@ -28,7 +28,9 @@ def as_float_array(x, name: str, dtype=None) -> jax.Array:
     try:
         arr = jnp.asarray(x)
     except TypeError as err:
-        raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}.") from err
+        raise TypeError(
+            f"{name} must be an array of real numbers, got {type(x).__name__}."
+        ) from err
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"{name} must be real, got dtype {arr.dtype}.")
     if dtype is not None:

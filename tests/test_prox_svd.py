@@ -1,0 +1,86 @@
+"""Proximal maps and the SVT backends against NumPy closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax as cj
+from clair_jax._src import prox, svd
+
+
+def numpy_svt(m, tau):
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    return (u * np.maximum(s - tau, 0)) @ vt
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])
+@pytest.mark.parametrize("backend", ["full", "gram"])
+def test_svt_matches_numpy(x64, rng, shape, backend):
+    m = rng.normal(size=shape)
+    tau = 0.5 * np.linalg.svd(m, compute_uv=False)[3]
+    out, rank, _ = cj.singular_value_threshold(jnp.asarray(m), tau, backend=backend)
+    np.testing.assert_allclose(out, numpy_svt(m, tau), atol=1e-10)
+    assert int(rank) == int(np.sum(np.linalg.svd(m, compute_uv=False) > tau))
+
+
+def test_rank_capped_converges_to_exact_svt(x64, rng):
+    u = np.linalg.qr(rng.normal(size=(30, 3)))[0]
+    m = u @ np.diag([10.0, 5.0, 2.0]) @ rng.normal(size=(3, 50)) + 1e-3 * rng.normal(size=(30, 50))
+    basis = svd.initial_basis(m.shape, 6, jnp.float64)
+    for _ in range(30):  # repeated calls = subspace iteration, as inside the solvers
+        out, rank, basis = cj.singular_value_threshold(
+            jnp.asarray(m), 0.1, backend="rank_capped", basis=basis
+        )
+    np.testing.assert_allclose(out, numpy_svt(m, 0.1), atol=1e-9)
+    assert int(rank) == 3
+
+
+def test_block_soft_threshold_closed_form(x64, rng):
+    z = rng.normal(size=(5, 3, 2))
+    tau = np.array([0.0, 0.5, 1.0, 2.0, 100.0])
+    norms = np.linalg.norm(z, axis=(1, 2))
+    expected = z * np.maximum(0.0, 1 - tau / norms)[:, None, None]
+    np.testing.assert_allclose(cj.block_soft_threshold(jnp.asarray(z), tau), expected, atol=1e-14)
+
+
+def test_block_soft_threshold_is_the_prox(x64, rng):
+    """The output minimises tau ||S||_F + 1/2 ||S - Z||^2: no perturbation does better."""
+    z, tau = rng.normal(size=(1, 4, 3)), 0.7
+    s = np.asarray(cj.block_soft_threshold(jnp.asarray(z), tau))
+
+    def f(v):
+        return tau * np.linalg.norm(v) + 0.5 * np.sum((v - z) ** 2)
+
+    for _ in range(200):
+        assert f(s) <= f(s + 1e-3 * rng.normal(size=s.shape)) + 1e-12
+
+
+def test_block_norm_gradient_at_zero_is_finite():
+    g = jax.grad(lambda x: jnp.sum(prox.block_soft_threshold(x, 1.0) ** 2))(jnp.zeros((2, 3, 3)))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_layout_round_trip(rng):
+    x = jnp.asarray(rng.normal(size=(4, 3, 2)))
+    m = cj.blocks_to_matrix(x)
+    assert m.shape == (3, 8)
+    np.testing.assert_array_equal(m[:, 2:4], x[1])
+    np.testing.assert_array_equal(cj.matrix_to_blocks(m, 4), x)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"), [((256, 512), "gram"), ((100, 120), "full"), ((512, 64), "gram")]
+)
+def test_auto_backend_by_shape(shape, expected):
+    assert svd.select_backend(shape) == expected
+    assert svd.select_backend(shape, rank_cap=5) == "rank_capped"
+
+
+def test_backend_errors():
+    with pytest.raises(ValueError, match="svd must be one of"):
+        svd.select_backend((4, 4), "lapack")
+    with pytest.raises(ValueError, match="needs rank_cap"):
+        svd.select_backend((4, 4), "rank_capped")
+    with pytest.raises(ValueError, match="rank_cap must be an int in"):
+        svd.select_backend((4, 6), "rank_capped", rank_cap=7)
