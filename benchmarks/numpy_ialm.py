@@ -52,8 +52,9 @@ def _block_soft(z, tau):
     return z * scale[None, :, None]
 
 
-def objective(updates, low_rank, sparse, offset, *, lam_nuc, lam_block,
-              weights=None, constrained=False):
+def objective(
+    updates, low_rank, sparse, offset, *, lam_nuc, lam_block, weights=None, constrained=False
+):
     """Objective value (the data-fit term is dropped when ``constrained``)."""
     x, lr, sp = (np.asarray(a, dtype=np.float64) for a in (updates, low_rank, sparse))
     n, p, q = x.shape
@@ -66,9 +67,19 @@ def objective(updates, low_rank, sparse, offset, *, lam_nuc, lam_block,
     return float(val)
 
 
-def ialm_decompose(updates, *, lam_nuc, lam_block, weights=None, offset=False,
-                   constrained=False, tol=1e-6, max_iter=1000, rho=1.5,
-                   svd="numpy"):
+def ialm_decompose(
+    updates,
+    *,
+    lam_nuc,
+    lam_block,
+    weights=None,
+    offset=False,
+    constrained=False,
+    tol=1e-6,
+    max_iter=1000,
+    rho=1.5,
+    svd="numpy",
+):
     """Block robust PCA by the inexact ALM of Lin, Chen & Ma (2010), Alg. 5.
 
     This is the benchmark's baseline (arXiv:1009.5055, "inexact ALM"),
@@ -112,15 +123,25 @@ def ialm_decompose(updates, *, lam_nuc, lam_block, weights=None, offset=False,
     x_norm = np.linalg.norm(x)
     if x_norm == 0.0:
         z = np.zeros((n, p, q))
-        return dict(low_rank=z, sparse=z.copy(), offset=np.zeros((p, q)),
-                    num_iters=0, converged=True, residual=0.0, svd_time=0.0)
+        return dict(
+            low_rank=z,
+            sparse=z.copy(),
+            offset=np.zeros((p, q)),
+            num_iters=0,
+            converged=True,
+            residual=0.0,
+            svd_time=0.0,
+        )
 
     svd_time = 0.0
 
     def svt(z, tau):
         nonlocal svd_time
         t0 = time.perf_counter()
-        u, s, vt = svd_fn(z.reshape(p, n * q))
+        try:
+            u, s, vt = svd_fn(z.reshape(p, n * q))
+        except np.linalg.LinAlgError:  # gesdd can fail to converge: use gesvd
+            u, s, vt = _SVDS["scipy-gesvd"](z.reshape(p, n * q))
         svd_time += time.perf_counter() - t0
         k = int(np.count_nonzero(s > tau))
         return ((u[:, :k] * (s[:k] - tau)) @ vt[:k]).reshape(p, n, q)
@@ -128,8 +149,9 @@ def ialm_decompose(updates, *, lam_nuc, lam_block, weights=None, offset=False,
     # Dual initialisation (Lin et al.: Y_0 = D / J(D)), scaled to the weights.
     y = x - x.mean(axis=1, keepdims=True) if offset else x.copy()
     norm_two = np.linalg.norm(x.reshape(p, n * q), 2)
-    j = max(np.linalg.norm(y.reshape(p, n * q), 2) / lam_nuc,
-            float(np.max(_block_norms(y) / tau_s)))
+    j = max(
+        np.linalg.norm(y.reshape(p, n * q), 2) / lam_nuc, float(np.max(_block_norms(y) / tau_s))
+    )
     y /= j
     mu = 1.25 * lam_nuc / norm_two
     mu_max = mu * 1e7

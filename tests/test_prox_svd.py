@@ -72,8 +72,9 @@ def test_layout_round_trip(rng):
 @pytest.mark.parametrize(
     ("shape", "expected"), [((256, 512), "gram"), ((100, 120), "full"), ((512, 64), "gram")]
 )
-def test_auto_backend_by_shape(shape, expected):
-    assert svd.select_backend(shape) == expected
+def test_auto_backend_by_shape_and_dtype(shape, expected):
+    assert svd.select_backend(shape, dtype=jnp.float64) == expected
+    assert svd.select_backend(shape, dtype=jnp.float32) == "full"
     assert svd.select_backend(shape, rank_cap=5) == "rank_capped"
 
 

@@ -247,7 +247,7 @@ def decompose(
     if min(x.shape) < 1:
         raise ValueError(f"updates must be non-empty, got shape {tuple(x.shape)}.")
     n, p, q = x.shape
-    backend = svd_lib.select_backend((p, n * q), svd, rank_cap)
+    backend = svd_lib.select_backend((p, n * q), svd, rank_cap, x.dtype)
 
     x = validation.check_finite(x, "updates")
     lam_nuc = _lambda(lam_nuc, "lam_nuc", x.dtype)

@@ -1,0 +1,326 @@
+"""Solver scaling: clair_jax's FISTA and ADMM against a NumPy inexact-ALM baseline and cvxpy.
+
+Every figure is measured in one run on the same machine. Times are the median of
+``--repeats`` calls after a compile call; JAX runs in float64 (``jax_enable_x64``)
+so that "equal accuracy" means the same problem to the same tolerance as the
+float64 baseline; the relative objective gap of every solver to a tight reference
+solve (JAX ADMM, full SVD, tol 1e-11) is reported next to its time.
+
+SVD floor: iterations x the time of one factorisation of the backend used on a
+matrix of the problem's size (timed alone, jitted); ``floor fraction`` = total
+solve time / SVD floor (1.0 = all time spent factorising).
+
+Usage::
+
+    taskset -c 0,1 python benchmarks/solver_scaling.py --quick   # 2 CPU cores
+    python benchmarks/solver_scaling.py                          # full sweeps
+
+Writes ``benchmarks/results/solver_scaling.json`` and ``solver_scaling.png`` and
+prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import clair_jax as cj  # noqa: E402
+from clair_jax._src import svd as svd_lib  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from numpy_ialm import ialm_decompose, objective  # noqa: E402
+
+TOL = 1e-6
+NOISE = 0.01
+RANK = 3
+
+
+def make_problem(seed: int, n: int, p: int, q: int) -> tuple[np.ndarray, dict]:
+    """Benign blocks share a rank-3 column space; a third are arbitrary; noise 0.01."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(p, RANK)))[0]
+    x = np.einsum("pr,nrq->npq", basis, rng.normal(size=(n, RANK, q)))
+    bad = rng.choice(n, n // 3, replace=False)
+    x[bad] = rng.normal(size=(len(bad), p, q)) * np.sqrt(RANK / p)
+    x += NOISE * rng.normal(size=x.shape)
+    lams = {
+        "lam_nuc": NOISE * (np.sqrt(p) + np.sqrt(n * q)),
+        "lam_block": NOISE * (np.sqrt(p * q) + 2.0 * np.sqrt(np.log(n))),
+    }
+    return x, lams
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    out = fn()  # compile / warm up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def factorisation_time(shape, backend: str, rank_cap: int | None, repeats: int) -> float:
+    m = jnp.asarray(np.random.default_rng(0).normal(size=shape))
+    if backend == "rank_capped":
+        basis = svd_lib.initial_basis(shape, rank_cap, m.dtype)
+        fn = jax.jit(lambda m, b: cj.singular_value_threshold(m, 1.0, backend=backend, basis=b)[0])
+        return timed(lambda: fn(m, basis), repeats)[0]
+    fn = jax.jit(lambda m: cj.singular_value_threshold(m, 1.0, backend=backend)[0])
+    return timed(lambda: fn(m), repeats)[0]
+
+
+def jax_solver(method, backend, rank_cap, lams, tol=TOL, max_iter=5000):
+    kw = {"method": method, "svd": backend, "rank_cap": rank_cap, "tol": tol, "max_iter": max_iter}
+    return jax.jit(lambda x: cj.decompose(x, **lams, **kw))
+
+
+def rel_gap(value: float, reference: float) -> float:
+    return (value - reference) / abs(reference)
+
+
+def compare_at(n, p, q, repeats, backends, seed=0):
+    """Baseline vs every (method, backend) on one problem; returns rows."""
+    x_np, lams = make_problem(seed, n, p, q)
+    x = jnp.asarray(x_np)
+    ref = jax_solver("admm", "full", None, lams, tol=1e-11, max_iter=20000)(x)
+    ref_obj = float(ref.objective)
+    start = time.perf_counter()
+    base = ialm_decompose(x_np, **lams, tol=TOL, max_iter=5000)
+    t_base = time.perf_counter() - start
+    rows = [
+        {
+            "n": n,
+            "p": p,
+            "q": q,
+            "solver": "numpy-ialm",
+            "backend": "numpy-gesdd",
+            "time_s": t_base,
+            "iters": int(base["num_iters"]),
+            "converged": bool(base["converged"]),
+            "objective_gap": rel_gap(
+                objective(x_np, base["low_rank"], base["sparse"], base["offset"], **lams), ref_obj
+            ),
+            "svd_time_s": base["svd_time"],
+            "ratio_vs_numpy": 1.0,
+        }
+    ]
+    for method in ("fista", "admm"):
+        for backend, cap in backends:
+            t, sol = timed(lambda m=method, b=backend, c=cap: jax_solver(m, b, c, lams)(x), repeats)
+            floor = int(sol.num_iters) * factorisation_time((p, n * q), backend, cap, repeats)
+            rows.append(
+                {
+                    "n": n,
+                    "p": p,
+                    "q": q,
+                    "solver": method,
+                    "backend": backend,
+                    "rank_cap": cap,
+                    "time_s": t,
+                    "iters": int(sol.num_iters),
+                    "converged": bool(sol.converged),
+                    "objective_gap": rel_gap(float(sol.objective), ref_obj),
+                    "svd_floor_s": floor,
+                    "floor_fraction": t / floor,
+                    "ratio_vs_numpy": t_base / t,
+                }
+            )
+    return rows
+
+
+def batch_rows(sizes, n, p, q, repeats):
+    rows = []
+    for batch in sizes:
+        problems = [make_problem(seed, n, p, q) for seed in range(batch)]
+        lams = problems[0][1]  # same shapes => same lambdas
+        xs = jnp.asarray(np.stack([pr[0] for pr in problems]))
+        start = time.perf_counter()
+        for xi, _ in problems:  # NumPy arrays
+            ialm_decompose(xi, **lams, tol=TOL, max_iter=5000)
+        t_loop = time.perf_counter() - start
+        for backend, cap in (("auto", None), ("rank_capped", 16)):
+            kw = {"method": "admm", "svd": backend, "rank_cap": cap, "tol": TOL, "max_iter": 5000}
+            solve = jax.jit(jax.vmap(lambda x, kw=kw, lams=lams: cj.decompose(x, **lams, **kw)))
+            t, sol = timed(lambda s=solve, xs=xs: s(xs), max(1, repeats // 2))
+            rows.append(
+                {
+                    "batch": batch,
+                    "n": n,
+                    "p": p,
+                    "q": q,
+                    "backend": backend,
+                    "numpy_loop_s": t_loop,
+                    "jax_vmap_s": t,
+                    "ratio": t_loop / t,
+                    "all_converged": bool(jnp.all(sol.converged)),
+                }
+            )
+    return rows
+
+
+def cvxpy_rows(sizes, repeats):
+    import cvxpy as cp
+
+    rows = []
+    for n, p, q in sizes:
+        x_np, lams = make_problem(0, n, p, q)
+        m = np.transpose(x_np, (1, 0, 2)).reshape(p, n * q)
+        low, sparse = cp.Variable((p, n * q)), cp.Variable((p, n * q))
+        blocks = [cp.norm(sparse[:, i * q : (i + 1) * q], "fro") for i in range(n)]
+        obj = (
+            0.5 * cp.sum_squares(m - low - sparse)
+            + lams["lam_nuc"] * cp.normNuc(low)
+            + lams["lam_block"] * cp.sum(cp.hstack(blocks))
+        )
+        prob = cp.Problem(cp.Minimize(obj))
+        start = time.perf_counter()
+        prob.solve(solver="CLARABEL")
+        t_cvx = time.perf_counter() - start
+        x = jnp.asarray(x_np)
+        for method in ("fista", "admm"):
+            solve = jax_solver(method, "auto", None, lams)
+            t, sol = timed(lambda s=solve, x=x: s(x), repeats)
+            rows.append(
+                {
+                    "n": n,
+                    "p": p,
+                    "q": q,
+                    "solver": method,
+                    "cvxpy_s": t_cvx,
+                    "jax_s": t,
+                    "ratio": t_cvx / t,
+                    "objective_gap_vs_cvxpy": rel_gap(float(sol.objective), prob.value),
+                }
+            )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sweeps (a few minutes)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    quick = args.quick
+    backends = (("full", None), ("gram", None), ("rank_capped", 16))
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)),
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0]),
+            "numpy": np.__version__,
+        },
+        "tol": TOL,
+        "quick": quick,
+    }
+    print(f"# machine: {results['machine']}")
+    results["headline"] = compare_at(32, 256, 16, args.repeats, backends)
+    print_table("Headline: n=32, p=256, q=16, tol 1e-6 (float64)", results["headline"])
+    n_sizes = (8, 32, 128) if quick else (8, 32, 128, 512)
+    p_sizes = (64, 256, 1024) if quick else (64, 256, 1024, 4096)
+    results["sweep_n"] = [
+        r for n in n_sizes for r in compare_at(n, 256, 16, args.repeats, backends)
+    ]
+    print_table("Sweep over clients n (p=256, q=16)", results["sweep_n"])
+    results["sweep_p"] = [r for p in p_sizes for r in compare_at(32, p, 16, args.repeats, backends)]
+    print_table("Sweep over rows p (n=32, q=16)", results["sweep_p"])
+    if not quick:
+        results["sweep_q"] = [
+            r for q in (4, 64) for r in compare_at(32, 256, q, args.repeats, backends)
+        ]
+        print_table("Sweep over cols q (n=32, p=256)", results["sweep_q"])
+    batches = (1, 8, 64) if quick else (1, 4, 16, 64, 256)
+    results["batch"] = batch_rows(batches, 32, 256, 16, args.repeats)
+    print("\n### vmapped batch of problems (ADMM) vs a Python loop of the NumPy baseline\n")
+    print("| batch | backend | NumPy loop (s) | JAX vmap (s) | speed-up | all converged |")
+    print("|---|---|---|---|---|---|")
+    for r in results["batch"]:
+        print(
+            f"| {r['batch']} | {r['backend']} | {r['numpy_loop_s']:.2f} | {r['jax_vmap_s']:.2f} "
+            f"| {r['ratio']:.1f}x | {r['all_converged']} |"
+        )
+    results["cvxpy"] = cvxpy_rows(((8, 16, 4), (16, 32, 4)), args.repeats)
+    print("\n### cvxpy (CLARABEL) on small sizes\n")
+    print("| n | p | q | solver | cvxpy (s) | JAX (s) | speed-up | objective gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["cvxpy"]:
+        print(
+            f"| {r['n']} | {r['p']} | {r['q']} | {r['solver']} | {r['cvxpy_s']:.2f} "
+            f"| {r['jax_s'] * 1e3:.1f} ms | {r['ratio']:.0f}x "
+            f"| {r['objective_gap_vs_cvxpy']:.1e} |"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "solver_scaling.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "solver_scaling.png")
+    print(f"\nwrote {out / 'solver_scaling.json'} and {out / 'solver_scaling.png'}")
+
+
+def print_table(title, rows):
+    print(f"\n### {title}\n")
+    print(
+        "| n | p | q | solver | backend | iters | time (ms) | vs NumPy | floor fraction "
+        "| objective gap | converged |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        frac = f"{r['floor_fraction']:.2f}" if "floor_fraction" in r else "-"
+        print(
+            f"| {r['n']} | {r['p']} | {r['q']} | {r['solver']} | {r['backend']} | {r['iters']} "
+            f"| {r['time_s'] * 1e3:.1f} | {r['ratio_vs_numpy']:.1f}x | {frac} "
+            f"| {r['objective_gap']:.1e} | {r['converged']} |"
+        )
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, var in ((axes[0], "sweep_n", "n"), (axes[1], "sweep_p", "p")):
+        rows = results[key]
+        series = sorted({(r["solver"], r["backend"]) for r in rows})
+        for solver, backend in series:
+            pts = [
+                (r[var], r["time_s"])
+                for r in rows
+                if (r["solver"], r["backend"]) == (solver, backend)
+            ]
+            ax.loglog(*zip(*pts, strict=True), marker="o", label=f"{solver}/{backend}")
+        ax.set_xlabel(var)
+        ax.set_ylabel("time to tol 1e-6 (s)")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    for backend in ("auto", "rank_capped"):
+        pts = [(r["batch"], r["jax_vmap_s"]) for r in results["batch"] if r["backend"] == backend]
+        ax.loglog(*zip(*pts, strict=True), marker="o", label=f"JAX vmap ADMM/{backend}")
+    pts = [(r["batch"], r["numpy_loop_s"]) for r in results["batch"] if r["backend"] == "auto"]
+    ax.loglog(*zip(*pts, strict=True), marker="s", label="NumPy IALM loop")
+    ax.set_xlabel("batch of problems (n=32, p=256, q=16)")
+    ax.set_ylabel("time (s)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
