@@ -97,9 +97,11 @@ def ialm_decompose(
 
     with ``Y_0 = M / J(M)``, ``J(M) = max(||M||_2/lam_nuc,
     max_i ||M_i||_F/(lam_block w_i))`` (``M`` centred when ``offset``) and
-    ``mu_0 = 1.25 lam_nuc/||M||_2``.  It stops when both the primal residual
-    ``||X - c - L - S - N||_F/||X||_F`` and the dual residual
-    ``mu ||delta(c + S + N)||_F/||X||_F`` are below ``tol``.
+    ``mu_0 = 1.25 lam_nuc/||M||_2``.  It stops, as Lin et al.'s Algorithm 5
+    does, when the primal residual ``||X - c - L - S - N||_F/||X||_F`` is below
+    ``tol`` (with ``mu`` growing geometrically, a dual-residual test
+    ``mu ||delta(c + S + N)||_F/||X||_F < tol`` is rarely met on the penalised
+    problem); the benchmark reports how far from the optimum that leaves it.
 
     Args:
       updates: array ``(n, p, q)``.
@@ -165,7 +167,6 @@ def ialm_decompose(
     it = 0
     while it < max_iter:
         it += 1
-        prev = sp + nz + c
         low = svt(x - c - sp - nz + y / mu, lam_nuc / mu)
         sp = _block_soft(x - c - low - nz + y / mu, tau_s / mu)
         if not constrained:
@@ -175,10 +176,9 @@ def ialm_decompose(
         r = x - c - low - sp - nz
         y += mu * r
         primal = np.linalg.norm(r) / x_norm
-        dual = mu * np.linalg.norm(sp + nz + c - prev) / x_norm
         res = primal
         mu = min(rho * mu, mu_max)
-        if primal < tol and dual < tol:
+        if primal < tol:
             converged = True
             break
 
