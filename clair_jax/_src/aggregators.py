@@ -30,10 +30,12 @@ Conventions shared by all rules:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool
 
 from clair_jax._src import fedrot as fedrot_lib
@@ -314,3 +316,372 @@ def fedrot(
         return _broadcast_result(aligned, new_global, p, extra=extra)
 
     return Aggregator("fedrot", aggregate)
+
+
+def truncated_factors(b_cat: Array, a_cat: Array, rank: int) -> LoRAFactors:
+    """Best rank-``rank`` factors of ``b_cat @ a_cat`` (``p x k`` times ``k x q``).
+
+    Returns ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_r^T`` from the truncated SVD of
+    the product, computed through thin QR factorisations of both factors, so the
+    ``p x q`` product is never formed: ``O((p + q) k^2 + k^3)``. Ranks beyond that
+    of the product come out as zero columns/rows.
+    """
+    q_b, r_b = jnp.linalg.qr(b_cat)  # (p, k1), (k1, k)
+    q_a, r_a = jnp.linalg.qr(a_cat.T)  # (q, k2), (k2, k)
+    u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=_HIGHEST), full_matrices=False)
+    u = jnp.matmul(q_b, u, precision=_HIGHEST)
+    v = jnp.matmul(q_a, vt.T, precision=_HIGHEST)
+    k = s.shape[0]
+    if k < rank:  # the product has fewer than `rank` singular values: pad with zeros
+        u = jnp.pad(u, ((0, 0), (0, rank - k)))
+        v = jnp.pad(v, ((0, 0), (0, rank - k)))
+        s = jnp.pad(s, (0, rank - k))
+    root = jnp.sqrt(s[:rank])
+    return LoRAFactors(B=u[:, :rank] * root, A=(v[:, :rank] * root).T)
+
+
+def dense_factors(m: Array, rank: int) -> LoRAFactors:
+    """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    k = s.shape[0]
+    if k < rank:
+        u = jnp.pad(u, ((0, 0), (0, rank - k)))
+        vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
+        s = jnp.pad(s, (0, rank - k))
+    root = jnp.sqrt(s[:rank])
+    return LoRAFactors(B=u[:, :rank] * root, A=root[:, None] * vt[:rank])
+
+
+def flexlora() -> Aggregator:
+    """Exact product averaging re-factorised to rank ``r`` (FlexLoRA style).
+
+    The server forms ``ΔW = Σ_i p_i B_i A_i`` (without building it: through the
+    thin QR factors of ``[p_1 B_1, ..., p_n B_n]`` and ``[A_1; ...; A_n]``) and
+    keeps its best rank-``r`` approximation (Eckart–Young),
+
+    .. math::
+
+        \\bar B = U_r \\Sigma_r^{1/2}, \\qquad \\bar A = \\Sigma_r^{1/2} V_r^\\top,
+        \\qquad \\Delta W = U \\Sigma V^\\top,
+
+    with ``r`` the LoRA rank of the global adapter. The aggregation error is the
+    Frobenius norm of the discarded tail of ``ΔW``'s spectrum. (FlexLoRA also
+    lets clients have different ranks; here all share ``r``.)
+
+    References:
+      J. Bai et al., "Federated Fine-tuning of Large Language Models under
+      Heterogeneous Tasks and Client Resources", arXiv:2402.11505.
+    """
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        new_global = {}
+        for name, f in clients.items():
+            n, rows, r = f.B.shape
+            b_cat = jnp.transpose(f.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
+            a_cat = f.A.reshape(n * r, f.A.shape[2])
+            new_global[name] = truncated_factors(b_cat, a_cat, r)
+        return _broadcast_result(clients, new_global, p)
+
+    return Aggregator("flexlora", aggregate)
+
+
+def ffa_lora(frozen: str = "B") -> Aggregator:
+    """FFA-LoRA: one factor stays frozen at its initial value, the other is averaged.
+
+    FFA-LoRA freezes the randomly initialised fan-in projection and trains only
+    the zero-initialised one, so factor-wise averaging is exact. With the
+    ``nnx.LoRA`` convention of this package (``B = lora_a``, random fan-in
+    ``in x r``; ``A = lora_b``, zero-initialised ``r x out``) that frozen factor
+    is ``B``, the default. (Freezing the zero-initialised factor would keep every
+    update at zero.) The frozen factor of the new global adapter is copied from
+    ``global_``; the trainable one is ``Σ_i p_i (.)_i``. The returned
+    :class:`Aggregator` carries ``frozen_factor`` so the training loop can keep
+    that factor fixed.
+
+    Args:
+      frozen: ``"B"`` (default) or ``"A"``, the factor clients do not train.
+
+    References:
+      Y. Sun, Z. Li, Y. Li, B. Ding, "Improving LoRA in Privacy-preserving
+      Federated Learning", ICLR 2024, arXiv:2403.12313.
+    """
+    validation.check_choice(frozen, "frozen", fedrot_lib.FACTORS)
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        new_global = {}
+        for name, f in clients.items():
+            mean = factorwise_mean(f, p)
+            if frozen == "B":
+                new_global[name] = LoRAFactors(B=global_[name].B, A=mean.A)
+            else:
+                new_global[name] = LoRAFactors(B=mean.B, A=global_[name].A)
+        return _broadcast_result(clients, new_global, p)
+
+    return Aggregator("ffa_lora", aggregate, frozen_factor=frozen)
+
+
+# --- CLAIR -----------------------------------------------------------------------------------
+
+
+def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggregator:
+    """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
+
+    For every module, :func:`clair_jax.clair` runs on the stacked products
+    (``(n, p, q)``; with ``shared_space="row"`` on their transposes, so that the
+    shared subspace is a row space). Each client's refined update ``X̃_i`` is
+    re-factorised to the LoRA rank ``r`` by truncated SVD and sent back to that
+    client (personalised adapters). The global adapter is the rank-``r``
+    factorisation of the weighted mean of the collaborative clients' updates,
+    ``Σ_{i∈Ĉ} p_i X_i / Σ_{i∈Ĉ} p_i`` (all clients if ``Ĉ`` is empty), which is
+    also the weighted mean of their refined updates. A client is ``flagged``
+    when it is not collaborative in at least one module; the per-module sets are
+    in ``diagnostics["flagged/<module>"]``.
+
+    Args:
+      shared_space: ``"column"`` (subspace of ``R^p``, spanned by the ``B``
+        factors) or ``"row"`` (of ``R^q``, spanned by the rows of ``A``).
+      **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``lam_nuc``,
+        ``lam_block``, ``threshold``, ``offset``, ...).
+
+    References:
+      CLAIR, arXiv:2605.21217 (abstract only; see :func:`clair_jax.clair`).
+    """
+    validation.check_choice(shared_space, "shared_space", ("column", "row"))
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        from clair_jax._src.clair import clair  # imported late: clair.py is written alongside
+
+        clients, global_, p = check_adapters(clients, global_, weights)
+        n = _n_clients(clients)
+        new_clients, new_global, diagnostics = {}, {}, {}
+        flagged = jnp.zeros((n,), bool)
+        for name, f in clients.items():
+            r = f.A.shape[1]
+            x = jnp.einsum("npr,nrq->npq", f.B, f.A, precision=_HIGHEST)
+            res = clair(jnp.swapaxes(x, 1, 2) if shared_space == "row" else x, **clair_kwargs)
+            refined = res.refined if shared_space == "column" else jnp.swapaxes(res.refined, 1, 2)
+            collaborative = jnp.asarray(res.collaborative, bool)
+            personal = jax.vmap(partial(dense_factors, rank=r))(refined)
+            new_clients[name] = personal
+            w = jnp.where(collaborative, p, 0.0)
+            w = jnp.where(jnp.sum(w) > 0, w, p)
+            w = w / jnp.sum(w)
+            b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
+            new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
+            flagged = flagged | ~collaborative
+            diagnostics[f"flagged/{name}"] = ~collaborative
+        diagnostics.update(errors(clients, new_global, p))
+        return AggregateResult(new_clients, new_global, flagged, diagnostics)
+
+    return Aggregator("clair", aggregate)
+
+
+# --- Byzantine-robust rules on the flattened factors ------------------------------------------
+
+
+def flatten_clients(clients: Adapters) -> tuple[Array, Callable[[Array], Adapters]]:
+    """Clients' factors as rows ``(n, d)`` and a map from a ``(d,)`` row to an adapter."""
+    leaves, treedef = jax.tree.flatten(clients)
+    n = leaves[0].shape[0]
+    shapes = [leaf.shape[1:] for leaf in leaves]
+    sizes = [int(np.prod(s)) for s in shapes]
+    rows = jnp.concatenate([leaf.reshape(n, -1) for leaf in leaves], axis=1)
+
+    def unflatten(v: Array) -> Adapters:
+        parts, start = [], 0
+        for shape, size in zip(shapes, sizes, strict=True):
+            parts.append(v[start : start + size].reshape(shape))
+            start += size
+        return jax.tree.unflatten(treedef, parts)
+
+    return rows, unflatten
+
+
+def coordinate_median() -> Aggregator:
+    """Coordinate-wise median of the clients' flattened factors (unweighted).
+
+    Every coordinate of ``(B, A)`` over all modules is the median over clients
+    (the mean of the two middle values when ``n`` is even). Flags nobody.
+
+    References:
+      D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+      Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
+    """
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+        return _broadcast_result(clients, unflatten(jnp.median(rows, axis=0)), p)
+
+    return Aggregator("coordinate_median", aggregate)
+
+
+def trimmed_mean(beta: float = 0.1) -> Aggregator:
+    """Coordinate-wise β-trimmed mean of the clients' flattened factors (unweighted).
+
+    For every coordinate the ``k = floor(β n)`` largest and ``k`` smallest values
+    over clients are removed and the remaining ``n - 2k`` averaged. Flags nobody.
+
+    Args:
+      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < n``).
+
+    References:
+      D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+      Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be a number in [0, 0.5), got {beta!r}.")
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+        n = rows.shape[0]
+        k = int(np.floor(beta * n))
+        kept = jnp.sort(rows, axis=0)[k : n - k]
+        return _broadcast_result(clients, unflatten(jnp.mean(kept, axis=0)), p)
+
+    return Aggregator("trimmed_mean", aggregate)
+
+
+def _squared_distances(rows: Array) -> Array:
+    """``(n, n)`` exact squared Euclidean distances, one row at a time (``O(n d)`` memory)."""
+    return jax.lax.map(lambda x: jnp.sum((rows - x) ** 2, axis=1), rows)
+
+
+def krum_scores(rows: Array, f: int) -> Array:
+    """Krum scores: sum of squared distances to the ``n - f - 2`` nearest other clients."""
+    n = rows.shape[0]
+    d = _squared_distances(rows)
+    d = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d)
+    return jnp.sum(jnp.sort(d, axis=1)[:, : n - f - 2], axis=1)
+
+
+def _check_krum(n: int, f: int, m: int) -> None:
+    if n < 2 * f + 3:
+        raise ValueError(f"Krum with f={f} needs n >= 2f + 3 = {2 * f + 3} clients, got n={n}.")
+    if m > n:
+        raise ValueError(f"multi_krum m={m} is larger than the number of clients n={n}.")
+
+
+def multi_krum(f: int, m: int) -> Aggregator:
+    """Multi-Krum: average the ``m`` clients with the lowest Krum scores.
+
+    On the clients' flattened factors ``x_i`` (all modules), the score of client
+    ``i`` is ``Σ_{j ∈ N_i} ||x_i - x_j||^2`` over its ``n - f - 2`` nearest other
+    clients; the ``m`` lowest-scoring clients (ties broken by index) are averaged
+    factor-wise with their weights renormalised, and the others are flagged.
+    ``m = 1`` is Krum. Scores are computed once (Blanchard et al.'s Multi-Krum),
+    not by repeated Krum. Needs ``n >= 2f + 3``. Diagnostics: ``krum/scores``.
+
+    Args:
+      f: assumed number of Byzantine clients, ``f >= 0``.
+      m: number of clients averaged, ``1 <= m <= n``.
+
+    References:
+      P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
+      with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+    """
+    for value, arg, low in ((f, "f", 0), (m, "m", 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}.")
+    f, m = int(f), int(m)
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, _ = flatten_clients(clients)
+        n = rows.shape[0]
+        _check_krum(n, f, m)
+        scores = krum_scores(rows, f)
+        selected = jnp.zeros((n,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True)
+        w = jnp.where(selected, p, 0.0)
+        # All selected weights zero (zero-weight clients): average them equally.
+        w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
+        w = w / jnp.sum(w)
+        new_global = {name: factorwise_mean(fac, w) for name, fac in clients.items()}
+        return _broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
+
+    return Aggregator("krum" if m == 1 else "multi_krum", aggregate)
+
+
+def krum(f: int) -> Aggregator:
+    """Krum: the single client with the lowest Krum score (see :func:`multi_krum`).
+
+    The global adapter is that client's factors; every other client is flagged.
+
+    References:
+      P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
+      with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+    """
+    return multi_krum(f, 1)
+
+
+def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6) -> Aggregator:
+    """Weighted geometric median of the flattened factors by smoothed Weiszfeld (RFA).
+
+    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``) by the iteration
+
+    .. math::
+
+        β_i = \\frac{α_i}{\\max(ν, \\|v - x_i\\|)}, \\qquad
+        v \\leftarrow \\frac{\\sum_i β_i x_i}{\\sum_i β_i},
+
+    from the weighted mean, until ``||Δv|| <= tol · ||v||`` or ``max_iter``
+    iterations. Flags nobody. Diagnostics: ``geometric_median/num_iters``,
+    ``geometric_median/converged`` and the final normalised ``β``
+    (``geometric_median/weights``, small for far-away clients).
+
+    Args:
+      nu: smoothing ``ν > 0`` (guards the division when ``v`` hits a client).
+      max_iter: iteration cap.
+      tol: relative change at which to stop.
+
+    References:
+      K. Pillutla, S. M. Kakade, Z. Harchaoui, "Robust Aggregation for Federated
+      Learning", IEEE Trans. Signal Process. 2022, arXiv:1912.13445.
+    """
+    nu = validation.check_positive_float(nu, "nu")
+    tol = validation.check_positive_float(tol, "tol")
+    max_iter = validation.check_positive_int(max_iter, "max_iter")
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+
+        def beta(v):
+            dist = jnp.sqrt(jnp.sum((rows - v) ** 2, axis=1))
+            return p / jnp.maximum(dist, nu)
+
+        def step(v):
+            b = beta(v)
+            return jnp.einsum("n,nd->d", b / jnp.sum(b), rows, precision=_HIGHEST)
+
+        def cond(state):
+            v, change, it = state
+            return (it < max_iter) & (change > tol * jnp.linalg.norm(v))
+
+        def body(state):
+            v, _, it = state
+            new = step(v)
+            return new, jnp.linalg.norm(new - v), it + 1
+
+        v0 = jnp.einsum("n,nd->d", p, rows, precision=_HIGHEST)
+        init = (v0, jnp.asarray(jnp.inf, rows.dtype), jnp.zeros((), jnp.int32))
+        v, change, it = jax.lax.while_loop(cond, body, init)
+        b = beta(v)
+        extra = {
+            "geometric_median/num_iters": it,
+            "geometric_median/converged": change <= tol * jnp.linalg.norm(v),
+            "geometric_median/weights": b / jnp.sum(b),
+        }
+        return _broadcast_result(clients, unflatten(v), p, extra=extra)
+
+    return Aggregator("geometric_median", aggregate)

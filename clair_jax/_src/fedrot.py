@@ -64,8 +64,7 @@ def alignment_rotations(
         cross = jnp.einsum("nrq,sq->nrs", A, A_ref, precision=_HIGHEST)
     else:  # min_R ||B_i R - B_ref||_F: maximise tr(R^T B_i^T B_ref)
         cross = jnp.einsum("npr,ps->nrs", B, B_ref, precision=_HIGHEST)
-    r = cross.shape[-1]
-    eye = jnp.eye(r, dtype=cross.dtype)
+    eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
     hard = nearest_rotation(cross, allow_reflection)
     # A zero cross term (e.g. a zero reference) makes every rotation optimal: keep I.
     scale = jnp.max(jnp.abs(cross), axis=(1, 2), keepdims=True)
