@@ -4,6 +4,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+import scipy.stats
 
 from clair_jax._src import aggregators as ag
 
@@ -85,3 +87,281 @@ def test_default_dtype_is_kept():
     res = run(ag.fedit(), clients, global_, w)
     assert res.global_["q_proj"].A.dtype == jnp.float32
     assert res.diagnostics["aggregation_error/v_proj"].dtype == jnp.float32
+
+
+# --- FlexLoRA and FFA-LoRA -----------------------------------------------------------------
+
+
+def test_flexlora_is_best_rank_r_approximation_of_product_average(x64):
+    clients, global_, w = make_adapters(3)
+    res = run(ag.flexlora(), clients, global_, w)
+    p = w / w.sum()
+    for name, f in clients.items():
+        r = f.A.shape[1]
+        exact = np.einsum("n,npr,nrq->pq", p, f.B, f.A)
+        u, s, vt = np.linalg.svd(exact)
+        g = res.global_[name]
+        np.testing.assert_allclose(np.asarray(g.B) @ np.asarray(g.A), (u[:, :r] * s[:r]) @ vt[:r])
+        # Balanced factors B = U sqrt(S), A = sqrt(S) V^T.
+        np.testing.assert_allclose(np.asarray(g.B).T @ g.B, np.diag(s[:r]), atol=1e-10)
+        np.testing.assert_allclose(np.asarray(g.A) @ np.asarray(g.A).T, np.diag(s[:r]), atol=1e-10)
+        np.testing.assert_allclose(
+            res.diagnostics[f"aggregation_error/{name}"], np.sqrt(np.sum(s[r:] ** 2)), rtol=1e-9
+        )
+    assert_broadcast(res, 7)
+    assert_errors(res, clients, w)
+
+
+def test_flexlora_rank_above_product_rank_pads_with_zeros(x64):
+    clients, global_, w = make_adapters(4, n=1, shapes={"w": (2, 3, 5)})
+    res = run(ag.flexlora(), clients, global_, w)
+    g, f = res.global_["w"], clients["w"]
+    assert g.B.shape == (2, 3) and g.A.shape == (3, 5)
+    np.testing.assert_allclose(np.asarray(g.B) @ np.asarray(g.A), f.B[0] @ f.A[0], atol=1e-12)
+    np.testing.assert_array_equal(g.B[:, 2], 0.0)
+    assert float(res.diagnostics["aggregation_error/w"]) < 1e-12
+
+
+@pytest.mark.parametrize("frozen", ["B", "A"])
+def test_ffa_lora_averages_the_trainable_factor_exactly(x64, frozen):
+    clients, global_, w = make_adapters(5)
+    p = w / w.sum()
+    # Clients kept the frozen factor at the broadcast value.
+    clients = {
+        name: f._replace(
+            **{frozen: np.broadcast_to(getattr(global_[name], frozen), getattr(f, frozen).shape)}
+        )
+        for name, f in clients.items()
+    }
+    agg = ag.ffa_lora(frozen)
+    assert agg.frozen_factor == frozen
+    res = run(agg, clients, global_, w)
+    trained = "A" if frozen == "B" else "B"
+    for name, f in clients.items():
+        g = res.global_[name]
+        np.testing.assert_array_equal(getattr(g, frozen), getattr(global_[name], frozen))
+        np.testing.assert_allclose(getattr(g, trained), np.tensordot(p, getattr(f, trained), 1))
+        assert float(res.diagnostics[f"aggregation_error/{name}"]) < 1e-12
+    assert_broadcast(res, 7)
+
+
+def test_ffa_lora_default_freezes_nnx_lora_a():
+    """B = nnx lora_a is the randomly initialised factor: the one FFA-LoRA freezes."""
+    assert ag.ffa_lora().frozen_factor == "B"
+    assert ag.fedit().frozen_factor is None
+
+
+# --- Byzantine-robust rules -----------------------------------------------------------------
+
+
+def test_coordinate_median_matches_numpy(x64):
+    for n in (7, 6):  # odd and even
+        clients, global_, w = make_adapters(6, n=n)
+        res = run(ag.coordinate_median(), clients, global_, w)
+        for name, f in clients.items():
+            np.testing.assert_allclose(res.global_[name].B, np.median(f.B, axis=0), rtol=1e-12)
+            np.testing.assert_allclose(res.global_[name].A, np.median(f.A, axis=0), rtol=1e-12)
+        assert_broadcast(res, n)
+        assert_errors(res, clients, w)
+        assert not bool(res.flagged.any())
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.3, 0.45])
+def test_trimmed_mean_matches_scipy(x64, beta):
+    clients, global_, w = make_adapters(7, n=9)
+    res = run(ag.trimmed_mean(beta), clients, global_, w)
+    for name, f in clients.items():
+        np.testing.assert_allclose(res.global_[name].B, scipy.stats.trim_mean(f.B, beta, axis=0))
+        np.testing.assert_allclose(res.global_[name].A, scipy.stats.trim_mean(f.A, beta, axis=0))
+    assert_errors(res, clients, w)
+
+
+def np_flat(clients):
+    return np.concatenate(
+        [np.asarray(x).reshape(len(x), -1) for f in clients.values() for x in (f.B, f.A)], axis=1
+    )
+
+
+def np_krum_scores(x, f):
+    n = len(x)
+    scores = []
+    for i in range(n):
+        d = sorted(np.sum((x[i] - x[j]) ** 2) for j in range(n) if j != i)
+        scores.append(sum(d[: n - f - 2]))
+    return np.array(scores)
+
+
+@pytest.mark.parametrize("f,m", [(1, 1), (2, 1), (2, 3), (0, 9)])
+def test_krum_and_multi_krum_match_numpy(x64, f, m):
+    clients, global_, w = make_adapters(8, n=9)
+    agg = ag.krum(f) if m == 1 else ag.multi_krum(f, m)
+    res = run(agg, clients, global_, w)
+    scores = np_krum_scores(np_flat(clients), f)
+    np.testing.assert_allclose(res.diagnostics["krum/scores"], scores, rtol=1e-10)
+    chosen = np.argsort(scores, kind="stable")[:m]
+    np.testing.assert_array_equal(~np.asarray(res.flagged), np.isin(np.arange(9), chosen))
+    p = w[chosen] / w[chosen].sum()
+    for name, fac in clients.items():
+        np.testing.assert_allclose(res.global_[name].B, np.tensordot(p, fac.B[chosen], 1))
+        np.testing.assert_allclose(res.global_[name].A, np.tensordot(p, fac.A[chosen], 1))
+    assert_broadcast(res, 9)
+    assert_errors(res, clients, w)
+
+
+def np_weiszfeld(x, alpha, nu, iters):
+    v = alpha @ x
+    for _ in range(iters):
+        beta = alpha / np.maximum(nu, np.linalg.norm(x - v, axis=1))
+        v = beta @ x / beta.sum()
+    return v
+
+
+def test_geometric_median_matches_numpy_weiszfeld(x64):
+    clients, global_, w = make_adapters(9, n=8)
+    p = w / w.sum()
+    x = np_flat(clients)
+    # A fixed number of iterations (tol tiny) against the same number in NumPy.
+    res = run(ag.geometric_median(max_iter=7, tol=1e-300), clients, global_, w)
+    assert int(res.diagnostics["geometric_median/num_iters"]) == 7
+    np.testing.assert_allclose(_flat_global(res), np_weiszfeld(x, p, 1e-6, 7), rtol=1e-12)
+    # Converged: the weighted sum of unit vectors toward the clients vanishes.
+    res = run(ag.geometric_median(max_iter=2000, tol=1e-12), clients, global_, w)
+    assert bool(res.diagnostics["geometric_median/converged"])
+    v = _flat_global(res)
+    unit = (x - v) / np.linalg.norm(x - v, axis=1, keepdims=True)
+    assert np.linalg.norm(p @ unit) < 1e-9
+    np.testing.assert_allclose(res.diagnostics["geometric_median/weights"].sum(), 1.0)
+    assert_errors(res, clients, w)
+
+
+def _flat_global(res):
+    return np.concatenate([np.asarray(x).ravel() for f in res.global_.values() for x in (f.B, f.A)])
+
+
+def test_robust_rules_resist_outliers(x64):
+    """9 benign clients near one adapter, 2 sending huge factors."""
+    rng = np.random.default_rng(10)
+    n, n_bad = 11, 2
+    clients, global_, _ = make_adapters(10, n=n, shapes={"w": (6, 2, 4)})
+    benign = {}
+    for name, g in global_.items():
+        B = g.B + 0.01 * rng.normal(size=(n, *g.B.shape))
+        A = g.A + 0.01 * rng.normal(size=(n, *g.A.shape))
+        B[:n_bad] = 100.0 * rng.normal(size=(n_bad, *g.B.shape))
+        A[:n_bad] = -100.0
+        benign[name] = ag.LoRAFactors(B=B, A=A)
+    w = np.ones(n)
+    robust = [
+        ag.coordinate_median(),
+        ag.trimmed_mean(0.2),
+        ag.krum(n_bad),
+        ag.multi_krum(n_bad, 5),
+        ag.geometric_median(),
+    ]
+    for agg in [ag.fedit(), *robust]:
+        res = run(agg, benign, global_, w)
+        dist = max(
+            np.abs(np.asarray(res.global_[k].B) - np.mean(f.B[n_bad:], 0)).max()
+            for k, f in benign.items()
+        )
+        if agg.name == "fedit":
+            assert dist > 1.0
+        else:
+            assert dist < 0.05, agg.name
+        if agg.name in ("krum", "multi_krum"):
+            assert bool(np.all(np.asarray(res.flagged)[:n_bad]))
+
+
+# --- every rule: transforms, dtype, interface -------------------------------------------------
+
+ALL = [
+    ag.local_only,
+    ag.fedit,
+    ag.flexlora,
+    ag.ffa_lora,
+    lambda: ag.fedrot(0.4),
+    ag.coordinate_median,
+    lambda: ag.trimmed_mean(0.2),
+    lambda: ag.krum(1),
+    lambda: ag.multi_krum(1, 3),
+    ag.geometric_median,
+]
+
+
+class TestEveryRule(chex.TestCase):
+    def test_jit_equals_no_jit_and_interface(self):
+        clients, global_, w = make_adapters(11, dtype=np.float32, shapes={"w": (4, 2, 3)})
+        for factory in ALL:
+            agg = factory()
+            assert isinstance(agg, ag.Aggregator) and isinstance(agg.name, str)
+            res = jax.jit(agg.aggregate)(clients, global_, w, jnp.int32(3), KEY)
+            assert isinstance(res, ag.AggregateResult)
+            want = agg.aggregate(clients, global_, w, jnp.int32(3), KEY)
+            chex.assert_trees_all_close(res, want, rtol=1e-5, atol=1e-5)
+            chex.assert_trees_all_equal_structs(res.global_, global_)
+            chex.assert_trees_all_equal_shapes(res.clients, clients)
+            assert res.flagged.shape == (7,) and res.flagged.dtype == jnp.bool_
+            chex.assert_tree_all_finite(res.global_)
+            assert res.diagnostics["aggregation_error/w"].dtype == jnp.float32
+
+    def test_no_recompilation_across_rounds(self):
+        clients, global_, w = make_adapters(12, dtype=np.float32)
+        agg = ag.fedrot(0.4)
+
+        @jax.jit
+        @chex.assert_max_traces(n=1)
+        def aggregate(clients, global_, w, t):
+            return agg.aggregate(clients, global_, w, t, KEY)
+
+        for t in range(3):
+            aggregate(clients, global_, w, jnp.int32(t))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_adapters_are_rejected():
+    clients, global_, w = make_adapters(13)
+    agg = ag.fedit()
+    with pytest.raises(ValueError, match="same modules"):
+        run(agg, clients, {"q_proj": global_["q_proj"]}, w)
+    bad = dict(
+        clients, v_proj=ag.LoRAFactors(B=clients["v_proj"].B[:, :, :2], A=clients["v_proj"].A)
+    )
+    with pytest.raises(ValueError, match=r"module 'v_proj': rank mismatch"):
+        run(agg, bad, global_, w)
+    bad = dict(clients, v_proj=ag.LoRAFactors(B=clients["v_proj"].B[:5], A=clients["v_proj"].A[:5]))
+    with pytest.raises(ValueError, match=r"module 'v_proj' has 5 clients.*other modules 7"):
+        run(agg, bad, global_, w)
+    bad_g = dict(global_, q_proj=ag.LoRAFactors(B=global_["q_proj"].B[:3], A=global_["q_proj"].A))
+    with pytest.raises(ValueError, match=r"module 'q_proj': B of global_ must have shape \(6, 3\)"):
+        run(agg, clients, bad_g, w)
+    with pytest.raises(ValueError, match=r"weights must have shape \(n,\) = \(7,\)"):
+        run(agg, clients, global_, w[:3])
+    with pytest.raises(ValueError, match="weights must not all be zero"):
+        run(agg, clients, global_, np.zeros(7))
+    with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+        run(agg, clients, global_, -w)
+    with pytest.raises(TypeError, match="must be dicts"):
+        run(agg, list(clients.values()), global_, w)
+
+
+def test_bad_configuration_is_rejected():
+    clients, global_, w = make_adapters(14, n=6)
+    with pytest.raises(ValueError, match=r"Krum with f=2 needs n >= 2f \+ 3 = 7 clients, got n=6"):
+        run(ag.krum(2), clients, global_, w)
+    with pytest.raises(ValueError, match="m=7 is larger than the number of clients n=6"):
+        run(ag.multi_krum(1, 7), clients, global_, w)
+    for bad in (0.5, -0.1, "x"):
+        with pytest.raises(ValueError, match=r"beta must be a number in \[0, 0.5\)"):
+            ag.trimmed_mean(bad)
+    with pytest.raises(ValueError, match="f must be an int >= 0"):
+        ag.krum(-1)
+    with pytest.raises(ValueError, match="m must be an int >= 1"):
+        ag.multi_krum(1, 0)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        ag.fedrot(1.2)
+    with pytest.raises(ValueError, match="frozen must be one of"):
+        ag.ffa_lora("C")
+    with pytest.raises(ValueError, match="nu must be finite and > 0"):
+        ag.geometric_median(nu=0.0)

@@ -151,8 +151,7 @@ def test_soft_alignment_is_polar_factor_of_interpolation(x64, strength, factor):
 # --- products, endpoints, the aggregation error -------------------------------------------------
 
 
-@pytest.mark.parametrize("strength", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("factor", ["A", "B"])
+@pytest.mark.parametrize("strength,factor", [(0.4, "A"), (1.0, "B")])
 def test_products_preserved_to_machine_precision(strength, factor):
     for dtype, eps in ((np.float32, 1e-6), (np.float64, 1e-15)):
         with jax.enable_x64(dtype == np.float64):
@@ -236,7 +235,7 @@ class TestTransforms(chex.TestCase):
 
     def test_vmap_over_strength_grid(self):
         A, B, A_ref, B_ref = (np.float32(x) for x in random_factors(12))
-        grid = jnp.linspace(0.0, 1.0, 6)
+        grid = jnp.array([0.0, 0.3, 1.0])
         got = jax.vmap(lambda s: cj.fedrot_align(A, B, A_ref, B_ref, strength=s))(grid)
         for k, s in enumerate(np.asarray(grid)):
             want = cj.fedrot_align(A, B, A_ref, B_ref, strength=float(s))

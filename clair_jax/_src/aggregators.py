@@ -337,7 +337,7 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int) -> LoRAFactors:
         v = jnp.pad(v, ((0, 0), (0, rank - k)))
         s = jnp.pad(s, (0, rank - k))
     root = jnp.sqrt(s[:rank])
-    return LoRAFactors(B=u[:, :rank] * root, A=(v[:, :rank] * root).T)
+    return LoRAFactors(B=u[:, :rank] * root[None, :], A=(v[:, :rank] * root[None, :]).T)
 
 
 def dense_factors(m: Array, rank: int) -> LoRAFactors:
@@ -349,7 +349,7 @@ def dense_factors(m: Array, rank: int) -> LoRAFactors:
         vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
         s = jnp.pad(s, (0, rank - k))
     root = jnp.sqrt(s[:rank])
-    return LoRAFactors(B=u[:, :rank] * root, A=root[:, None] * vt[:rank])
+    return LoRAFactors(B=u[:, :rank] * root[None, :], A=root[:, None] * vt[:rank])
 
 
 def flexlora() -> Aggregator:
@@ -552,7 +552,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
 
 def _squared_distances(rows: Array) -> Array:
     """``(n, n)`` exact squared Euclidean distances, one row at a time (``O(n d)`` memory)."""
-    return jax.lax.map(lambda x: jnp.sum((rows - x) ** 2, axis=1), rows)
+    return jax.lax.map(lambda x: jnp.sum((rows - x[None, :]) ** 2, axis=1), rows)
 
 
 def krum_scores(rows: Array, f: int) -> Array:
@@ -657,7 +657,7 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
         rows, unflatten = flatten_clients(clients)
 
         def beta(v):
-            dist = jnp.sqrt(jnp.sum((rows - v) ** 2, axis=1))
+            dist = jnp.sqrt(jnp.sum((rows - v[None, :]) ** 2, axis=1))
             return p / jnp.maximum(dist, nu)
 
         def step(v):
