@@ -298,3 +298,55 @@ def test_traced_strength_outside_unit_interval_raises_at_run_time():
 def test_aggregation_error_bad_weights(weights, match):
     with pytest.raises(ValueError, match=match):
         cj.aggregation_error(A0, B0, weights)
+
+
+# --- the FedRot-LoRA aggregator ------------------------------------------------------------------
+
+
+def fedrot_round(agg, A, B, A_ref, B_ref, w, t):
+    clients = {"m": cj.LoRAFactors(B=B, A=A)}
+    global_ = {"m": cj.LoRAFactors(B=B_ref, A=A_ref)}
+    return agg.aggregate(clients, global_, w, jnp.int32(t), KEY)
+
+
+@pytest.mark.parametrize(
+    "kwargs,schedule",
+    [
+        ({}, [None, "A", "B", "A"]),
+        ({"alternate": False, "factor": "B"}, [None, "B", "B", "B"]),
+        ({"skip_first_round": False}, ["B", "A", "B", "A"]),
+    ],
+)
+def test_fedrot_aggregator_schedule_and_diagnostics(x64, kwargs, schedule):
+    A, B, a, b = rotated_clients(30, n=6, p=8, r=3, q=5)
+    w = np.random.default_rng(1).uniform(0.5, 2.0, size=6)
+    p = w / w.sum()
+    agg = cj.fedrot(0.6, **kwargs)
+    assert agg.name == "fedrot" and agg.frozen_factor is None
+    for t, factor in enumerate(schedule):
+        res = fedrot_round(agg, A, B, a, b, w, t)
+        if factor is None:
+            A2, B2 = A, B
+        else:
+            A2, B2 = np_align(A, B, a, b, 0.6, factor)
+        g = res.global_["m"]
+        np.testing.assert_allclose(g.A, np.tensordot(p, A2, 1), atol=1e-10)
+        np.testing.assert_allclose(g.B, np.tensordot(p, B2, 1), atol=1e-10)
+        np.testing.assert_allclose(res.clients["m"].A, np.broadcast_to(g.A, A.shape))
+        d = res.diagnostics
+        assert int(d["fedrot/aligned_factor"]) == {None: 0, "A": 1, "B": 2}[factor]
+        np.testing.assert_allclose(d["aggregation_error/m"], np_fedit_error(A2, B2, p), rtol=1e-8)
+        np.testing.assert_allclose(
+            d["aggregation_error_unaligned/m"], np_fedit_error(A, B, p), rtol=1e-10
+        )
+        if factor is not None:
+            assert float(d["aggregation_error/m"]) < 0.5 * float(d["aggregation_error_unaligned/m"])
+
+
+def test_fedrot_aggregator_strength_zero_is_fedit(x64):
+    A, B, a, b = rotated_clients(31, n=5, p=6, r=2, q=4)
+    w = np.ones(5)
+    for t in range(3):
+        rot = fedrot_round(cj.fedrot(0.0), A, B, a, b, w, t)
+        fedit = fedrot_round(cj.fedit(), A, B, a, b, w, t)
+        chex.assert_trees_all_close(rot.global_, fedit.global_, atol=1e-12)

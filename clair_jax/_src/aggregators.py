@@ -275,7 +275,8 @@ def fedrot(
       arXiv:2602.23638.
     """
     validation.check_choice(factor, "factor", fedrot_lib.FACTORS)
-    lam_value = float(fedrot_lib.check_strength(strength, jnp.float32))
+    fedrot_lib.check_strength(strength, jnp.float32)
+    lam_value = float(strength)  # kept in full precision, cast per module
 
     def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
         del key
