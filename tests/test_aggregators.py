@@ -145,9 +145,9 @@ def test_ffa_lora_averages_the_trainable_factor_exactly(x64, frozen):
     assert_broadcast(res, 7)
 
 
-def test_ffa_lora_default_freezes_nnx_lora_a():
-    """B = nnx lora_a is the randomly initialised factor: the one FFA-LoRA freezes."""
-    assert ag.ffa_lora().frozen_factor == "B"
+def test_ffa_lora_default_freezes_the_random_factor_of_the_package_model():
+    """The package's LoRALinear initialises A = lora_b at random and B = lora_a at zero."""
+    assert ag.ffa_lora().frozen_factor == "A"
     assert ag.fedit().frozen_factor is None
 
 

@@ -88,7 +88,8 @@ class Aggregator(NamedTuple):
       aggregate: ``(clients, global_, weights, round_index, key) -> AggregateResult``,
         pure and jittable (``round_index`` is a traced int32 scalar, ``key`` a
         ``jax.random`` key).
-      frozen_factor: ``"A"`` when clients must not train ``A`` (FFA-LoRA), else None.
+      frozen_factor: the factor clients must not train (``"A"`` for :func:`ffa_lora` by
+        default), else None.
     """
 
     name: str
@@ -388,21 +389,22 @@ def flexlora() -> Aggregator:
     return Aggregator("flexlora", aggregate)
 
 
-def ffa_lora(frozen: str = "B") -> Aggregator:
+def ffa_lora(frozen: str = "A") -> Aggregator:
     """FFA-LoRA: one factor stays frozen at its initial value, the other is averaged.
 
-    FFA-LoRA freezes the randomly initialised fan-in projection and trains only
-    the zero-initialised one, so factor-wise averaging is exact. With the
-    ``nnx.LoRA`` convention of this package (``B = lora_a``, random fan-in
-    ``in x r``; ``A = lora_b``, zero-initialised ``r x out``) that frozen factor
-    is ``B``, the default. (Freezing the zero-initialised factor would keep every
-    update at zero.) The frozen factor of the new global adapter is copied from
-    ``global_``; the trainable one is ``Σ_i p_i (.)_i``. The returned
-    :class:`Aggregator` carries ``frozen_factor`` so the training loop can keep
-    that factor fixed.
+    FFA-LoRA freezes the randomly initialised factor and trains only the
+    zero-initialised one, so factor-wise averaging is exact. In this package's
+    model (``clair_jax._src.lora.LoRALinear``) ``A = lora_b`` (``r x out``) is
+    the random one and ``B = lora_a`` (``in x r``) starts at zero, so the
+    default freezes ``A``. Flax's own ``nnx.LoRA`` initialises the other way
+    round (``lora_a`` random, ``lora_b`` zeros): with it pass ``frozen="B"``.
+    (Freezing the zero-initialised factor would keep every update at zero.) The
+    frozen factor of the new global adapter is copied from ``global_``; the
+    trainable one is ``Σ_i p_i (.)_i``. The returned :class:`Aggregator` carries
+    ``frozen_factor`` so the training loop can keep that factor fixed.
 
     Args:
-      frozen: ``"B"`` (default) or ``"A"``, the factor clients do not train.
+      frozen: ``"A"`` (default) or ``"B"``, the factor clients do not train.
 
     References:
       Y. Sun, Z. Li, Y. Li, B. Ding, "Improving LoRA in Privacy-preserving
