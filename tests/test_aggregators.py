@@ -344,6 +344,13 @@ def test_bad_adapters_are_rejected():
         run(agg, clients, global_, -w)
     with pytest.raises(TypeError, match="must be dicts"):
         run(agg, list(clients.values()), global_, w)
+    with pytest.raises(TypeError, match=r"clients\['q_proj'\] must be LoRAFactors\(B, A\)"):
+        run(agg, dict(clients, q_proj=clients["q_proj"].A), global_, w)
+    # A plain {"B": .., "A": ..} dict or (B, A) tuple is accepted.
+    plain = {k: {"B": f.B, "A": f.A} for k, f in clients.items()}
+    chex.assert_trees_all_close(
+        run(agg, plain, global_, w).global_, run(agg, clients, global_, w).global_
+    )
 
 
 def test_bad_configuration_is_rejected():

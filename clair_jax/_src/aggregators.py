@@ -25,6 +25,11 @@ Conventions shared by all rules:
   adapter's update from the exact weighted average of the clients' updates.
 * With Flax NNX ``nnx.LoRA`` (``y = x @ lora_a @ lora_b``) take ``B = lora_a``
   (``in x r``) and ``A = lora_b`` (``r x out``), so ``p = in`` and ``q = out``.
+* The Byzantine-robust rules act on each client's flattened factors (all
+  modules' ``B`` and ``A``, what the client sends), as in their papers. Like
+  FedIT they see factors, not products, so they inherit the rotational
+  ambiguity FedRot-LoRA removes; clients that start every round from the same
+  broadcast adapter stay close in factor space, which is where they apply.
 """
 
 from __future__ import annotations
@@ -126,7 +131,8 @@ def check_adapters(
     n = None
     for name in clients:
         try:
-            (b, a), (b_g, a_g) = clients[name], global_[name]
+            b, a = _factors(clients[name], f"clients[{name!r}]")
+            b_g, a_g = _factors(global_[name], f"global_[{name!r}]")
             a, b, a_g, b_g = fedrot_lib.check_factors(a, b, a_g, b_g, None, " of global_")
         except ValueError as err:
             raise ValueError(f"module {name!r}: {err}") from None
@@ -141,6 +147,14 @@ def check_adapters(
     dtype = jnp.result_type(*[f.A.dtype for f in out_c.values()])
     p = fedrot_lib.check_weights(weights, n, dtype)
     return out_c, out_g, p
+
+
+def _factors(f, where: str) -> tuple:
+    if isinstance(f, Mapping) and set(f) == {"A", "B"}:
+        return f["B"], f["A"]
+    if isinstance(f, tuple) and len(f) == 2:
+        return f[0], f[1]
+    raise TypeError(f"{where} must be LoRAFactors(B, A), got {type(f).__name__}.")
 
 
 def broadcast(global_: Adapters, n: int) -> Adapters:
