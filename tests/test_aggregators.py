@@ -372,3 +372,58 @@ def test_bad_configuration_is_rejected():
         ag.ffa_lora("C")
     with pytest.raises(ValueError, match="nu must be finite and > 0"):
         ag.geometric_median(nu=0.0)
+
+
+# --- CLAIR ----------------------------------------------------------------------------------
+
+
+def np_best_rank(x, r):
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    return (u[..., :, :r] * s[..., None, :r]) @ vt[..., :r, :]
+
+
+@pytest.mark.parametrize("shared_space", ["column", "row"])
+def test_clair_aggregator_on_products(x64, shared_space):
+    pytest.importorskip("clair_jax._src.clair")
+    from clair_jax._src.clair import clair
+
+    rng = np.random.default_rng(15)
+    n, p, r, q = 10, 14, 2, 12
+    u = np.linalg.qr(rng.normal(size=(p if shared_space == "column" else q, r)))[0]
+    shared = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, r, r)))
+    shared += 0.01 * rng.normal(size=shared.shape)
+    free = rng.normal(size=(n, r, q if shared_space == "column" else p))
+    if shared_space == "column":  # B_i = U C_i: shared column space of B_i A_i
+        B, A = shared, free
+    else:  # A_i^T = V C_i: shared row space
+        B, A = np.swapaxes(free, 1, 2), np.swapaxes(shared, 1, 2)
+    outliers = np.zeros(n, bool)
+    outliers[[1, 6]] = True
+    B[outliers] = rng.normal(size=(2, p, r))
+    A[outliers] = rng.normal(size=(2, r, q))
+    w = rng.uniform(0.5, 2.0, size=n)
+    clients = {"w": ag.LoRAFactors(B=B, A=A)}
+    global_ = {"w": ag.LoRAFactors(B=np.zeros((p, r)), A=np.zeros((r, q)))}
+    agg = ag.clair_aggregator(shared_space=shared_space, rank=r)
+    res = jax.jit(agg.aggregate)(clients, global_, w, jnp.int32(0), KEY)
+    np.testing.assert_array_equal(res.flagged, outliers)
+    np.testing.assert_array_equal(res.diagnostics["flagged/w"], outliers)
+    x = np.einsum("npr,nrq->npq", B, A)
+    # Personalised adapters: each client's refined update, re-factorised to rank r.
+    xt = x if shared_space == "column" else np.swapaxes(x, 1, 2)
+    refined = np.asarray(clair(xt, rank=r).refined)
+    refined = refined if shared_space == "column" else np.swapaxes(refined, 1, 2)
+    personal = np.einsum("npr,nrq->npq", res.clients["w"].B, res.clients["w"].A)
+    np.testing.assert_allclose(personal, np_best_rank(refined, r), atol=1e-8)
+    # Global: best rank-r approximation of the weighted mean of the collaborative updates.
+    pc = np.where(outliers, 0.0, w) / w[~outliers].sum()
+    g = res.global_["w"]
+    np.testing.assert_allclose(
+        np.asarray(g.B) @ g.A, np_best_rank(np.tensordot(pc, x, 1), r), atol=1e-10
+    )
+    assert_errors(res, clients, w)
+
+
+def test_clair_aggregator_rejects_bad_space():
+    with pytest.raises(ValueError, match="shared_space must be one of"):
+        ag.clair_aggregator(shared_space="diagonal")

@@ -453,8 +453,8 @@ def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggrega
     re-factorised to the LoRA rank ``r`` by truncated SVD and sent back to that
     client (personalised adapters). The global adapter is the rank-``r``
     factorisation of the weighted mean of the collaborative clients' updates,
-    ``Σ_{i∈Ĉ} p_i X_i / Σ_{i∈Ĉ} p_i`` (all clients if ``Ĉ`` is empty), which is
-    also the weighted mean of their refined updates. A client is ``flagged``
+    ``Σ_{i∈Ĉ} p_i X_i / Σ_{i∈Ĉ} p_i`` (all clients if ``Ĉ`` is empty); with
+    equal weights that is also the mean of their refined updates. A client is ``flagged``
     when it is not collaborative in at least one module; the per-module sets are
     in ``diagnostics["flagged/<module>"]``.
 
