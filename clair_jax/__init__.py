@@ -25,6 +25,8 @@ from clair_jax._src.fedrot import fedrot_align as fedrot_align
 from clair_jax._src.prox import block_soft_threshold as block_soft_threshold
 from clair_jax._src.prox import blocks_to_matrix as blocks_to_matrix
 from clair_jax._src.prox import matrix_to_blocks as matrix_to_blocks
+from clair_jax._src.rpca import RobustPCA as RobustPCA
+from clair_jax._src.rpca import rpca as rpca
 from clair_jax._src.svd import singular_value_threshold as singular_value_threshold
 
 __version__ = "0.1.0"
@@ -50,6 +52,8 @@ __all__ = [
     "block_soft_threshold",
     "blocks_to_matrix",
     "decompose",
+    "RobustPCA",
     "matrix_to_blocks",
+    "rpca",
     "singular_value_threshold",
 ]

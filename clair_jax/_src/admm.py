@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from clair_jax._src import problem, prox
+from clair_jax._src import problem, prox, sparsity
 from clair_jax._src.loop import run_iterations
 
 BALANCE_RATIO = 10.0
@@ -64,10 +64,11 @@ def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
     )
     v = shifted - old_offset - low_rank
     if options.constrained:
-        sparse = prox.block_soft_threshold(v, data.lam_block * data.weights * inv_mu)
+        sparse = sparsity.prox(v, data.lam_block * data.weights * inv_mu, options.sparsity)
         noise = state.noise
     else:
-        sparse = prox.block_soft_threshold(v, data.lam_block * data.weights * (1.0 + mu) * inv_mu)
+        tau = data.lam_block * data.weights * (1.0 + mu) * inv_mu
+        sparse = sparsity.prox(v, tau, options.sparsity)
         noise = mu / (1.0 + mu) * (v - sparse)
     if options.offset:
         offset = jnp.mean(shifted - low_rank - sparse - noise, axis=0)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import admm, fista, problem, validation
+from clair_jax._src import sparsity as sparsity_lib
 from clair_jax._src import svd as svd_lib
 from clair_jax._src.implicit import attach_fixed_point
 
@@ -124,7 +125,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         num_iters=state.num_iters,
         converged=converged,
         residual=residual,
-        objective=problem.objective(data, low_rank, sparse, offset, options.constrained),
+        objective=problem.objective(data, low_rank, sparse, offset, options),
         rank=state.rank,
     )
 
@@ -138,6 +139,7 @@ def decompose(
     constrained: bool = False,
     weights: Float[ArrayLike, " n"] | None = None,
     offset: bool = False,
+    sparsity: str = "block",
     tol: float = 1e-6,
     max_iter: int = 2000,
     svd: str = "auto",
@@ -184,6 +186,11 @@ def decompose(
       constrained: solve the equality-constrained (noiseless) form; needs ``"admm"``.
       weights: ``(n,)`` non-negative per-client weights ``w_i`` (default ones).
       offset: estimate an unpenalised common offset ``c`` (``(p, q)``).
+      sparsity: structure of the sparse part: ``"block"`` (the default above,
+        one group per client), ``"column"`` (one group per column of ``M``:
+        ``sum_i w_i sum_j ||S_i[:, j]||_2``, Outlier Pursuit) or ``"entry"``
+        (``sum_i w_i ||S_i||_1``, Principal Component Pursuit; see
+        :func:`clair_jax.rpca`). ``lam_block`` weighs whichever norm is chosen.
       tol: relative residual at which to stop (see :class:`Decomposition`).
       max_iter: iteration cap (and the number of unrolled steps with
         ``diff="unrolled"``). Reaching it is reported as ``converged=False``.
@@ -232,6 +239,7 @@ def decompose(
     """
     validation.check_choice(method, "method", METHODS)
     validation.check_choice(diff, "diff", DIFF_MODES)
+    validation.check_choice(sparsity, "sparsity", sparsity_lib.SPARSITIES)
     if constrained and method != "admm":
         raise ValueError('constrained=True is solved by method="admm" only.')
     tol = validation.check_positive_float(tol, "tol")
@@ -274,6 +282,7 @@ def decompose(
         rank_cap=rank_cap,
         power_iters=power_iters,
         unrolled=diff == "unrolled",
+        sparsity=sparsity,
     )
     return _solve(options, problem.Data(x, lam_nuc, lam_block, w), init_l, init_s)
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from clair_jax._src import prox, svd
+from clair_jax._src import prox, sparsity, svd
 
 # Step size of the proximal-gradient map: the gradient of
 # (L, S) -> 1/2 ||P(X - L - S)||^2 is Lipschitz with constant ||[P, P]||^2 = 2.
@@ -42,6 +42,7 @@ class Options(NamedTuple):
     rank_cap: int | None
     power_iters: int
     unrolled: bool
+    sparsity: str = "block"
 
 
 class Data(NamedTuple):
@@ -89,7 +90,7 @@ def prox_grad_map(data: Data, low_rank, sparse, options: Options, basis=None):
     """
     r = residual_blocks(data, low_rank, sparse, options.offset)
     new_l, rank, basis = svt_blocks(low_rank + STEP * r, STEP * data.lam_nuc, options, basis)
-    new_s = prox.block_soft_threshold(sparse + STEP * r, STEP * data.lam_block * data.weights)
+    new_s = sparsity.prox(sparse + STEP * r, STEP * data.lam_block * data.weights, options.sparsity)
     return new_l, new_s, rank, basis
 
 
@@ -98,12 +99,12 @@ def optimal_offset(data: Data, low_rank, sparse) -> Array:
     return jnp.mean(data.updates - low_rank - sparse, axis=0)
 
 
-def objective(data: Data, low_rank, sparse, offset, constrained: bool) -> Array:
+def objective(data: Data, low_rank, sparse, offset, options: Options) -> Array:
     """Objective value (the penalty terms only for the constrained form)."""
-    penalty = data.lam_nuc * prox.nuclear_norm(low_rank) + data.lam_block * jnp.sum(
-        data.weights * prox.block_norms(sparse)
+    penalty = data.lam_nuc * prox.nuclear_norm(low_rank) + data.lam_block * sparsity.norm(
+        sparse, data.weights, options.sparsity
     )
-    if constrained:
+    if options.constrained:
         return penalty
     r = data.updates - low_rank - sparse
     if offset is not None:

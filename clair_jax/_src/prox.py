@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from clair_jax._src import sparsity
+
 
 def blocks_to_matrix(x: Float[Array, "n p q"]) -> Float[Array, "p nq"]:
     """``(n, p, q)`` client blocks to the side-by-side matrix ``[X_1 .. X_n]``."""
@@ -27,9 +29,7 @@ def block_norms(x: Float[Array, "n p q"]) -> Float[Array, " n"]:
 
     Differentiable everywhere: at a zero block the gradient is taken as zero.
     """
-    sq = jnp.sum(x * x, axis=(1, 2))
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    return sparsity.group_norms(x, "block")
 
 
 def block_soft_threshold(
@@ -54,11 +54,7 @@ def block_soft_threshold(
       >>> block_soft_threshold(z, 2.0)[:, 0, 0]
       Array([2., 0.], dtype=float32)
     """
-    norms = block_norms(z)
-    tau = jnp.broadcast_to(jnp.asarray(tau, z.dtype), norms.shape)
-    keep = norms > tau
-    scale = jnp.where(keep, 1.0 - tau / jnp.where(keep, norms, 1.0), 0.0)
-    return z * scale[:, None, None]
+    return sparsity.prox(z, tau, "block")
 
 
 def nuclear_norm(x: Float[Array, "n p q"]) -> Array:
