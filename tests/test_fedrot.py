@@ -92,6 +92,9 @@ def test_no_rotation_does_better_brute_force(x64, factor):
     A, B, A_ref, B_ref = random_factors(4, r=3)
     A2, B2 = cj.fedrot_align(A, B, A_ref, B_ref, strength=1.0, factor=factor)
     candidates = haar_rotations(rng, 4000, 3)
+    k = rng.normal(size=(50, 3, 3))
+    k = k - np.swapaxes(k, 1, 2)
+    perturbations = [scipy.linalg.expm(step * k) for step in (1e-3, 1e-1)]
     for i in range(len(A)):
         if factor == "A":
             ours = np.linalg.norm(np.asarray(A2[i]) - A_ref)
@@ -101,10 +104,7 @@ def test_no_rotation_does_better_brute_force(x64, factor):
             others = np.linalg.norm(B[i] @ candidates - B_ref, axis=(1, 2))
         assert ours <= others.min() + 1e-12
         # Local optimality: rotate the solution by exp(eps K) for random skew K.
-        k = rng.normal(size=(50, 3, 3))
-        k = k - np.swapaxes(k, 1, 2)
-        for step in (1e-3, 1e-1):
-            perturb = np.stack([scipy.linalg.expm(step * ki) for ki in k])
+        for perturb in perturbations:
             if factor == "A":
                 moved = np.swapaxes(perturb, 1, 2) @ np.asarray(A2[i])
                 worse = np.linalg.norm(moved - A_ref, axis=(1, 2))
