@@ -4,6 +4,7 @@ Low-rank + block-sparse decomposition of client updates (FISTA and ADMM,
 jitted, vmapped, differentiable), CLAIR, FedRot-LoRA and federated baselines.
 """
 
+from clair_jax import simulate as simulate
 from clair_jax._src.aggregators import AggregateResult as AggregateResult
 from clair_jax._src.aggregators import Aggregator as Aggregator
 from clair_jax._src.aggregators import LoRAFactors as LoRAFactors
@@ -18,10 +19,15 @@ from clair_jax._src.aggregators import krum as krum
 from clair_jax._src.aggregators import local_only as local_only
 from clair_jax._src.aggregators import multi_krum as multi_krum
 from clair_jax._src.aggregators import trimmed_mean as trimmed_mean
+from clair_jax._src.clair import ClairResult as ClairResult
+from clair_jax._src.clair import clair as clair
 from clair_jax._src.decompose import Decomposition as Decomposition
 from clair_jax._src.decompose import decompose as decompose
 from clair_jax._src.fedrot import aggregation_error as aggregation_error
 from clair_jax._src.fedrot import fedrot_align as fedrot_align
+from clair_jax._src.metrics import DetectionMetrics as DetectionMetrics
+from clair_jax._src.metrics import detection_metrics as detection_metrics
+from clair_jax._src.metrics import subspace_distance as subspace_distance
 from clair_jax._src.prox import block_soft_threshold as block_soft_threshold
 from clair_jax._src.prox import blocks_to_matrix as blocks_to_matrix
 from clair_jax._src.prox import matrix_to_blocks as matrix_to_blocks
@@ -56,4 +62,10 @@ __all__ = [
     "matrix_to_blocks",
     "rpca",
     "singular_value_threshold",
+    "ClairResult",
+    "DetectionMetrics",
+    "clair",
+    "detection_metrics",
+    "simulate",
+    "subspace_distance",
 ]
