@@ -75,9 +75,9 @@ def rpca(
       matrix: ``(m, N)`` data matrix ``M``.
       lam: weight of the sparse term; default ``1 / sqrt(max(m, N))``, the
         choice under which Candès et al. prove exact recovery (entry-wise
-        sparsity). With ``sparsity="column"`` there is no universal default;
-        Xu et al. suggest ``3 / (7 sqrt(γ N))`` for a fraction ``γ`` of outlier
-        columns: pass it.
+        sparsity). With ``sparsity="column"`` the right value depends on the
+        fraction and size of the outlier columns: pass one (a λ-grid is one
+        ``jax.vmap`` away); the entry-wise default is used otherwise.
       sparsity: ``"entry"`` (ℓ1, PCP) or ``"column"`` (Outlier Pursuit).
       method: ``"admm"`` (the only solver of the constrained problem).
       tol: relative primal and dual residual at which to stop.
