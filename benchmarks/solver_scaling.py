@@ -54,9 +54,11 @@ def make_problem(seed: int, n: int, p: int, q: int) -> tuple[np.ndarray, dict]:
     bad = rng.choice(n, n // 3, replace=False)
     x[bad] = rng.normal(size=(len(bad), p, q)) * np.sqrt(RANK / p)
     x += NOISE * rng.normal(size=x.shape)
+    # Twice the noise level's spectral / block-norm scale: the rule under which
+    # the penalised optimum has the planted rank and outlier set (tests/reference.py).
     lams = {
-        "lam_nuc": NOISE * (np.sqrt(p) + np.sqrt(n * q)),
-        "lam_block": NOISE * (np.sqrt(p * q) + 2.0 * np.sqrt(np.log(n))),
+        "lam_nuc": 2.0 * NOISE * (np.sqrt(p) + np.sqrt(n * q)),
+        "lam_block": 2.0 * NOISE * np.sqrt(p * q),
     }
     return x, lams
 
@@ -66,13 +68,13 @@ import json, sys, time
 sys.path.insert(0, {here!r})
 from solver_scaling import make_problem
 from numpy_ialm import ialm_decompose, objective
-n, p, q, seeds = {n}, {p}, {q}, {seeds}
+n, p, q, seeds, extra = {n}, {p}, {q}, {seeds}, {extra}
 rows = []
 start = time.perf_counter()
 for seed in seeds:
     x, lams = make_problem(seed, n, p, q)
     t0 = time.perf_counter()
-    out = ialm_decompose(x, **lams, tol={tol}, max_iter=5000)
+    out = ialm_decompose(x, **lams, tol={tol}, max_iter=5000, **extra)
     rows.append(dict(time_s=time.perf_counter() - t0, iters=int(out["num_iters"]),
                      converged=bool(out["converged"]), svd_time_s=out["svd_time"],
                      objective=objective(x, out["low_rank"], out["sparse"], out["offset"], **lams)))
@@ -80,7 +82,16 @@ print(json.dumps(dict(rows=rows, total_s=time.perf_counter() - start)))
 """
 
 
-def run_baseline(n: int, p: int, q: int, seeds) -> dict:
+# The "usual" IALM stops on the primal residual alone while its penalty grows
+# without bound; the converged variant adds the dual test with the penalty capped
+# at 10 mu_0, which is what reaching the optimum (not just feasibility) takes.
+BASELINES = {
+    "numpy-ialm": {},
+    "numpy-ialm-converged": {"dual_tol": TOL, "mu_max_factor": 10.0},
+}
+
+
+def run_baseline(n: int, p: int, q: int, seeds, variant: str = "numpy-ialm") -> dict:
     """Runs the NumPy baseline in a fresh process.
 
     OpenBLAS worker threads keep spinning after a call and steal the cores from
@@ -88,7 +99,13 @@ def run_baseline(n: int, p: int, q: int, seeds) -> dict:
     came out up to 7x slower); a subprocess keeps the two apart.
     """
     code = BASELINE_SCRIPT.format(
-        here=str(Path(__file__).resolve().parent), n=n, p=p, q=q, seeds=list(seeds), tol=TOL
+        here=str(Path(__file__).resolve().parent),
+        n=n,
+        p=p,
+        q=q,
+        seeds=list(seeds),
+        tol=TOL,
+        extra=BASELINES[variant],
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,23 +147,26 @@ def compare_at(n, p, q, repeats, backends, seed=0):
     x = jnp.asarray(x_np)
     ref = jax_solver("admm", "full", None, lams, tol=1e-11, max_iter=20000)(x)
     ref_obj = float(ref.objective)
-    base = run_baseline(n, p, q, [seed])["rows"][0]
-    t_base = base["time_s"]
-    rows = [
-        {
-            "n": n,
-            "p": p,
-            "q": q,
-            "solver": "numpy-ialm",
-            "backend": "numpy-gesdd",
-            "time_s": t_base,
-            "iters": base["iters"],
-            "converged": base["converged"],
-            "objective_gap": rel_gap(base["objective"], ref_obj),
-            "svd_time_s": base["svd_time_s"],
-            "ratio_vs_numpy": 1.0,
-        }
-    ]
+    rows = []
+    for variant in BASELINES:
+        base = run_baseline(n, p, q, [seed], variant)["rows"][0]
+        rows.append(
+            {
+                "n": n,
+                "p": p,
+                "q": q,
+                "solver": variant,
+                "backend": "numpy-gesdd",
+                "time_s": base["time_s"],
+                "iters": base["iters"],
+                "converged": base["converged"],
+                "objective_gap": rel_gap(base["objective"], ref_obj),
+                "svd_time_s": base["svd_time_s"],
+            }
+        )
+    t_base = rows[0]["time_s"]
+    for r in rows:
+        r["ratio_vs_numpy"] = t_base / r["time_s"]
     # One factorisation's time per backend, shared by both methods.
     per_factorisation = {
         backend: factorisation_time((p, n * q), backend, cap, repeats) for backend, cap in backends
@@ -168,9 +188,49 @@ def compare_at(n, p, q, repeats, backends, seed=0):
                     "iters": int(sol.num_iters),
                     "converged": bool(sol.converged),
                     "objective_gap": rel_gap(float(sol.objective), ref_obj),
+                    "factorisation_s": per_factorisation[backend],
                     "svd_floor_s": floor,
                     "floor_fraction": t / floor,
                     "ratio_vs_numpy": t_base / t,
+                }
+            )
+    return rows
+
+
+def equal_accuracy_rows(headline, backends, repeats, seed=0):
+    """Time for each JAX solver to reach the NumPy baseline's objective gap.
+
+    Both sides stop at "tol 1e-6", but not on the same test: the baseline checks
+    the primal residual only, our solvers check primal and dual residuals (a
+    fixed-point residual for FISTA), so at equal ``tol`` ours land orders of
+    magnitude closer to the optimum. Here each solver runs at the loosest
+    ``tol`` in (1e-4, 1e-5, 1e-6) whose objective gap is at or below the
+    baseline's, which compares the two at equal accuracy.
+    """
+    n, p, q = (headline[0][k] for k in ("n", "p", "q"))
+    base = headline[0]
+    x_np, lams = make_problem(seed, n, p, q)
+    x = jnp.asarray(x_np)
+    ref_obj = float(jax_solver("admm", "full", None, lams, tol=1e-11, max_iter=20000)(x).objective)
+    rows = []
+    for method in ("fista", "admm"):
+        for backend, cap in backends:
+            for tol in (1e-4, 1e-5, 1e-6):
+                solve = jax_solver(method, backend, cap, lams, tol=tol)
+                t, sol = timed(lambda s=solve: s(x), repeats)
+                gap = rel_gap(float(sol.objective), ref_obj)
+                if gap <= base["objective_gap"] or tol == 1e-6:
+                    break
+            rows.append(
+                {
+                    "solver": method,
+                    "backend": backend,
+                    "tol": tol,
+                    "iters": int(sol.num_iters),
+                    "time_s": t,
+                    "objective_gap": gap,
+                    "baseline_gap": base["objective_gap"],
+                    "ratio_vs_numpy": base["time_s"] / t,
                 }
             )
     return rows
@@ -263,6 +323,15 @@ def main(argv=None):
     print(f"# machine: {results['machine']}")
     results["headline"] = compare_at(32, 256, 16, args.repeats, backends)
     print_table("Headline: n=32, p=256, q=16, tol 1e-6 (float64)", results["headline"])
+    results["equal_accuracy"] = equal_accuracy_rows(results["headline"], backends, args.repeats)
+    print("\n### Headline at equal accuracy (objective gap <= the NumPy baseline's)\n")
+    print("| solver | backend | tol | iters | time (ms) | objective gap | vs NumPy |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results["equal_accuracy"]:
+        print(
+            f"| {r['solver']} | {r['backend']} | {r['tol']:.0e} | {r['iters']} "
+            f"| {r['time_s'] * 1e3:.1f} | {r['objective_gap']:.1e} | {r['ratio_vs_numpy']:.1f}x |"
+        )
     n_sizes = (8, 32, 128) if quick else (8, 32, 128, 512)
     p_sizes = (64, 256, 1024) if quick else (64, 256, 1024, 4096)
     results["sweep_n"] = [
@@ -276,6 +345,24 @@ def main(argv=None):
             r for q in (4, 64) for r in compare_at(32, 256, q, args.repeats, backends)
         ]
         print_table("Sweep over cols q (n=32, p=256)", results["sweep_q"])
+    print("\n### One factorisation: Gram eigh vs full SVD\n")
+    print("| n | p | q | nq/p | full (ms) | gram (ms) | full/gram |")
+    print("|---|---|---|---|---|---|---|")
+    seen = set()
+    for r in results["headline"] + results["sweep_n"] + results["sweep_p"]:
+        key = (r["n"], r["p"], r["q"])
+        if key in seen or r["solver"] != "fista":
+            continue
+        seen.add(key)
+        by = {
+            x["backend"]: x["factorisation_s"]
+            for x in results["sweep_n"] + results["sweep_p"] + results["headline"]
+            if (x["n"], x["p"], x["q"]) == key and x["solver"] == "fista"
+        }
+        print(
+            f"| {key[0]} | {key[1]} | {key[2]} | {key[0] * key[2] / key[1]:.1f} "
+            f"| {by['full'] * 1e3:.1f} | {by['gram'] * 1e3:.1f} | {by['full'] / by['gram']:.1f}x |"
+        )
     batches = (1, 8, 64) if quick else (1, 4, 16, 64, 256)
     results["batch"] = batch_rows(batches, 32, 256, 16, args.repeats)
     print("\n### vmapped batch of problems (ADMM) vs a Python loop of the NumPy baseline\n")
