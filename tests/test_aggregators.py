@@ -287,19 +287,21 @@ JITTED = [
 
 class TestEveryRule(chex.TestCase):
     def test_jit_equals_no_jit_and_interface(self):
-        clients, global_, w = make_adapters(11, dtype=np.float32, shapes={"w": (4, 2, 3)})
-        for factory in JITTED:
-            agg = factory()
-            assert isinstance(agg, ag.Aggregator) and isinstance(agg.name, str)
-            res = jax.jit(agg.aggregate)(clients, global_, w, jnp.int32(3), KEY)
-            assert isinstance(res, ag.AggregateResult)
-            want = agg.aggregate(clients, global_, w, jnp.int32(3), KEY)
-            chex.assert_trees_all_close(res, want, rtol=1e-5, atol=1e-5)
-            chex.assert_trees_all_equal_structs(res.global_, global_)
-            chex.assert_trees_all_equal_shapes(res.clients, clients)
-            assert res.flagged.shape == (7,) and res.flagged.dtype == jnp.bool_
-            chex.assert_tree_all_finite(res.global_)
-            assert res.diagnostics["aggregation_error/w"].dtype == jnp.float32
+        # float64 and the shapes of the NumPy-reference tests above, so the eager
+        # runs reuse their compiled operations.
+        with jax.enable_x64(True):
+            clients, global_, w = make_adapters(11)
+            for factory in JITTED:
+                agg = factory()
+                assert isinstance(agg, ag.Aggregator) and isinstance(agg.name, str)
+                res = jax.jit(agg.aggregate)(clients, global_, w, jnp.int32(3), KEY)
+                assert isinstance(res, ag.AggregateResult)
+                want = agg.aggregate(clients, global_, w, jnp.int32(3), KEY)
+                chex.assert_trees_all_close(res, want, rtol=1e-10, atol=1e-10)
+                chex.assert_trees_all_equal_structs(res.global_, global_)
+                chex.assert_trees_all_equal_shapes(res.clients, clients)
+                assert res.flagged.shape == (7,) and res.flagged.dtype == jnp.bool_
+                chex.assert_tree_all_finite(res.global_)
 
     def test_no_recompilation_across_rounds(self):
         clients, global_, w = make_adapters(12, dtype=np.float32)
