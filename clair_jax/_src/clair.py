@@ -86,6 +86,10 @@ LAM_NUC_FACTOR = 2.0
 LAM_BLOCK_FACTOR = 2.0
 #: Robust z-score of the detection threshold τ.
 THRESHOLD_Z = 3.5
+#: Smallest spread of the benign scores, relative to their median.
+RELATIVE_SPREAD = 0.1
+#: Re-estimation rounds of the threshold's benign set.
+THRESHOLD_ITERS = 4
 #: σ̂ is kept above this fraction of the root-mean-square entry of the (centred)
 #: updates, so that noiseless data give small positive λ's rather than zero.
 NOISE_FLOOR = 1e-3
@@ -194,10 +198,33 @@ def _off_subspace(x: Array, center: Array, basis: Array) -> Array:
     return r - jnp.einsum("pk,nkq->npq", basis, jnp.einsum("pk,npq->nkq", basis, r))
 
 
-def _threshold(scores, sigma):
-    center = jnp.median(scores)
-    mad = 1.4826 * jnp.median(jnp.abs(scores - center))
-    return center + THRESHOLD_Z * jnp.maximum(mad, sigma / jnp.sqrt(2.0))
+def _masked_median(values: Array, mask: Array) -> Array:
+    return jnp.nanmedian(jnp.where(mask, values, jnp.nan))
+
+
+def _threshold(scores, sigma, iters: int = THRESHOLD_ITERS):
+    """Robust threshold ``τ = m + z max(1.4826 MAD, σ̂ / sqrt(2), ρ m)`` on the scores.
+
+    ``m`` and ``MAD`` are the median and median absolute deviation of the scores
+    of a benign set ``C``. ``C`` starts as the lower half of the scores (benign
+    whenever fewer than half of the clients are contaminated, as contamination
+    raises the score) and is re-estimated as ``{d_i <= τ}`` for ``iters``
+    rounds, so that a large contaminated fraction does not inflate ``m`` and
+    the MAD. The spread is at least ``σ̂ / sqrt(2)`` (the standard deviation of
+    a Gaussian noise block's norm) and ``ρ m``: benign clients' noise levels
+    differ (unequal sample sizes, designs), and a contamination whose
+    off-subspace size is well below the noise's is not worth a flag.
+    """
+
+    def tau_of(keep):
+        center = _masked_median(scores, keep)
+        mad = 1.4826 * _masked_median(jnp.abs(scores - center), keep)
+        spread = jnp.maximum(jnp.maximum(mad, sigma / jnp.sqrt(2.0)), RELATIVE_SPREAD * center)
+        return center + THRESHOLD_Z * spread
+
+    keep = scores <= jnp.median(scores)
+    keep = jax.lax.fori_loop(0, iters - 1, lambda _, k: scores <= tau_of(k), keep)
+    return tau_of(keep)
 
 
 def _top_basis(blocks: Array, width: int) -> tuple[Array, Array]:
