@@ -106,7 +106,7 @@ def subspace_distance(a: Float[ArrayLike, "p r"], b: Float[ArrayLike, "p s"]) ->
         raise ValueError(
             f"a and b must be (p, r) and (p, s) bases, got {tuple(a.shape)} and {tuple(b.shape)}."
         )
-    # ||P_a - P_b||^2 = ||a^T a||^2 + ||b^T b||^2 - 2 ||a^T b||^2, without forming p x p.
+    # ||P_a - P_b||^2 = ||(I - P_b) a||^2 + ||(I - P_a) b||^2 (both r_a + r_b - 2||a^T b||^2),
+    # without forming p x p and without the cancellation of the trace formula.
     cross = a.T @ b
-    sq = jnp.sum((a.T @ a) ** 2) + jnp.sum((b.T @ b) ** 2) - 2.0 * jnp.sum(cross**2)
-    return jnp.sqrt(jnp.maximum(sq, 0.0))
+    return jnp.sqrt(jnp.sum((a - b @ cross.T) ** 2) + jnp.sum((b - a @ cross) ** 2))
