@@ -137,12 +137,8 @@ class _Config(NamedTuple):
     rank: int | None
     max_rank: int
     offset: bool
-    contaminated: str
     refit: bool
     noise_passes: int
-    given_lam_nuc: bool
-    given_lam_block: bool
-    given_threshold: bool
     given_noise: bool
     solver: tuple  # (key, value) pairs passed on to decompose
 
@@ -237,12 +233,11 @@ def _masked_basis(u: Array, rank: Array) -> Array:
     return u * (jnp.arange(u.shape[1]) < rank)[None, :]
 
 
-def _lambdas(cfg: _Config, sigma, lam_nuc, lam_block, n, p, q, dtype):
-    if not cfg.given_lam_nuc:
-        lam_nuc = LAM_NUC_FACTOR * sigma * (np.sqrt(p) + np.sqrt(n * q))
-    if not cfg.given_lam_block:
-        lam_block = LAM_BLOCK_FACTOR * sigma * np.sqrt(p * q)
-    return jnp.asarray(lam_nuc, dtype), jnp.asarray(lam_block, dtype)
+def _lambdas(given, sigma, lam_nuc, lam_block, n, p, q):
+    """The given λ's where ``given``, the noise-scaled rules elsewhere."""
+    rule_nuc = LAM_NUC_FACTOR * sigma * (np.sqrt(p) + np.sqrt(n * q))
+    rule_block = LAM_BLOCK_FACTOR * sigma * np.sqrt(p * q)
+    return jnp.where(given[0], lam_nuc, rule_nuc), jnp.where(given[1], lam_block, rule_block)
 
 
 class _Fit(NamedTuple):
@@ -288,8 +283,18 @@ def _residual_noise(cfg: _Config, x, fit: _Fit, collaborative, floor) -> Array:
     return jnp.maximum(sigma, floor)
 
 
+class _PassState(NamedTuple):
+    sigma: Array  # σ̂ the pass's λ's were set from
+    next_sigma: Array  # σ̂ re-estimated from the pass's residuals
+    solution: Decomposition
+    lams: tuple[Array, Array]
+    fit: _Fit
+    collaborative: Array
+    tau: Array
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
-def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale) -> ClairResult:
+def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -> ClairResult:
     n, p, q = x.shape
     dtype = x.dtype
     solver = dict(cfg.solver)
@@ -299,40 +304,50 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale) -> Clair
     floor = NOISE_FLOOR * jnp.sqrt(jnp.mean(centred**2) / centring)
 
     def solve(sigma, init):
-        lams = _lambdas(cfg, sigma, lam_nuc, lam_block, n, p, q, dtype)
+        lams = _lambdas(given, sigma, lam_nuc, lam_block, n, p, q)
         sol = decompose(
             x, lam_nuc=lams[0], lam_block=lams[1], offset=cfg.offset, init=init, **solver
         )
         return sol, lams
 
     def detect(scores, sigma):
-        tau = threshold if cfg.given_threshold else _threshold(scores, sigma)
-        return scores <= tau, jnp.asarray(tau, dtype)
+        tau = jnp.where(given[2], threshold, _threshold(scores, sigma))
+        return scores <= tau, tau
 
-    init = (jnp.zeros_like(x), jnp.zeros_like(x))
+    def one_pass(_, state: _PassState) -> _PassState:
+        sigma = state.next_sigma
+        sol, lams = solve(sigma, (state.solution.low_rank, state.solution.sparse))
+        fit = _fit_from_decomposition(cfg, x, sol, lams[0], width)
+        collaborative, tau = detect(fit.scores, sigma)
+        if cfg.given_noise:
+            next_sigma = sigma
+        else:
+            # The lower half of the scores is benign whenever fewer than half of
+            # the clients are contaminated, even while σ (hence τ) is too large.
+            lower = collaborative & (fit.scores <= jnp.median(fit.scores))
+            next_sigma = _residual_noise(cfg, x, fit, lower, floor)
+        return _PassState(sigma, next_sigma, sol, lams, fit, collaborative, tau)
+
     if cfg.given_noise:
         sigma = jnp.maximum(noise_scale, floor)
     else:
         sigma = _spectral_noise_scale(centred, p, n * q) / np.sqrt(centring)
         sigma = jnp.maximum(sigma, floor)
-
-        def one_pass(_, carry):
-            sigma, low_rank, sparse = carry
-            sol, lams = solve(sigma, (low_rank, sparse))
-            fit = _fit_from_decomposition(cfg, x, sol, lams[0], width)
-            # The lower half of the scores is benign whenever fewer than half of
-            # the clients are contaminated, even while σ (hence τ) is too large.
-            collaborative, _ = detect(fit.scores, sigma)
-            collaborative = collaborative & (fit.scores <= jnp.median(fit.scores))
-            return _residual_noise(cfg, x, fit, collaborative, floor), sol.low_rank, sol.sparse
-
-        if cfg.noise_passes > 0:
-            sigma, *init = jax.lax.fori_loop(0, cfg.noise_passes, one_pass, (sigma, *init))
-
-    sol, (lam_nuc_used, lam_block_used) = solve(sigma, tuple(init))
-    fit = _fit_from_decomposition(cfg, x, sol, lam_nuc_used, width)
-    sigma_hat = sigma
-    collaborative, tau = detect(fit.scores, sigma_hat)
+    zeros = jnp.zeros_like(x)
+    shapes = jax.eval_shape(lambda: solve(sigma, (zeros, zeros)))
+    solution, lams = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    empty_fit = _Fit(
+        jnp.zeros((), jnp.int32), jnp.zeros((p, width), dtype), zeros[0], jnp.zeros((n,), dtype)
+    )
+    state = _PassState(
+        sigma, sigma, solution, lams, empty_fit, jnp.zeros((n,), bool), jnp.zeros((), dtype)
+    )
+    # noise_passes decompositions to refine σ̂, then the final one (all warm-started).
+    passes = 1 if cfg.given_noise else cfg.noise_passes + 1
+    state = jax.lax.fori_loop(0, passes, one_pass, state)
+    sol, fit, collaborative, tau = state.solution, state.fit, state.collaborative, state.tau
+    lam_nuc_used, lam_block_used = state.lams
+    sigma_hat = state.sigma
     if cfg.refit:
         fit = _refit(cfg, x, fit.rank, collaborative, width)
         if not cfg.given_noise:
@@ -349,10 +364,6 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale) -> Clair
     basis = fit.basis
     inside = jnp.einsum("pk,nkq->npq", basis, jnp.einsum("pk,npq->nkq", basis, x - consensus[None]))
     refined = consensus[None] + inside
-    if cfg.contaminated == "consensus":
-        refined = jnp.where(collaborative[:, None, None], refined, consensus[None])
-    elif cfg.contaminated == "local":
-        refined = jnp.where(collaborative[:, None, None], refined, x)
     return ClairResult(
         basis=basis,
         rank=fit.rank,
@@ -492,12 +503,8 @@ def clair(
         rank=rank,
         max_rank=max_rank,
         offset=bool(offset),
-        contaminated=contaminated,
         refit=bool(refit),
         noise_passes=noise_passes,
-        given_lam_nuc=lam_nuc is not None,
-        given_lam_block=lam_block is not None,
-        given_threshold=threshold is not None,
         given_noise=noise_scale is not None,
         solver=(
             ("method", method),
@@ -511,14 +518,21 @@ def clair(
     validation.check_choice(method, "method", ("fista", "admm"))
     validation.check_positive_float(tol, "tol")
     validation.check_positive_int(max_iter, "max_iter")
-    return _clair(
+    given = jnp.array([lam_nuc is not None, lam_block is not None, threshold is not None])
+    res = _clair(
         cfg,
         x,
         scalars["lam_nuc"],
         scalars["lam_block"],
         scalars["threshold"],
         scalars["noise_scale"],
+        given,
     )
+    if contaminated == "refine":
+        return res
+    keep = res.collaborative[:, None, None]
+    other = res.consensus[None] if contaminated == "consensus" else x
+    return res._replace(refined=jnp.where(keep, res.refined, other))
 
 
 def _check_rank(value, name: str, full: int, shape) -> int:

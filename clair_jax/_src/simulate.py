@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import validation
@@ -143,14 +144,21 @@ def _orthonormal(key, p: int, r: int, dtype) -> Array:
     return jnp.linalg.qr(jax.random.normal(key, (p, r), dtype))[0]
 
 
-def _kind_codes(key, n: int, count: int, kinds: tuple[str, ...]) -> Array:
-    """Contaminated positions from the key; kinds assigned in turn along them."""
-    order = jax.random.permutation(key, n)
-    per_position = jnp.array(
-        [KIND_NAMES.index(kinds[j % len(kinds)]) for j in range(count)] + [0] * (n - count),
-        jnp.int32,
-    )
-    return jnp.zeros((n,), jnp.int32).at[order].set(per_position)
+def _per_position(n: int, count: int, kinds: tuple[str, ...]) -> np.ndarray:
+    """Kind code of the ``j``-th position of the random order: kinds in turn, then benign."""
+    codes = [KIND_NAMES.index(kinds[j % len(kinds)]) for j in range(count)]
+    return np.array(codes + [0] * (n - count), np.int32)
+
+
+def _normals(key, shapes, dtype) -> list[Array]:
+    """Independent standard normal arrays of the given shapes, from one draw."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    flat = jax.random.normal(key, (sum(sizes),), dtype)
+    out, start = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out
 
 
 class _Model(NamedTuple):
@@ -161,20 +169,23 @@ class _Model(NamedTuple):
     coordinated: Array
 
 
-def _draw_model(key, n, p, q, rank, spread, heterogeneity, offset_scale, dtype) -> _Model:
-    k_u, k_v, k_het, k_w0, k_dense, k_u2, k_v2 = jax.random.split(key, 7)
-    basis = _orthonormal(k_u, p, rank, dtype)
-    coef = spread * jax.random.normal(k_v, (n, q, rank), dtype)
-    shared = jnp.einsum("pr,nqr->npq", basis, coef)
-    g = heterogeneity * jax.random.normal(k_het, (n, p, q), dtype)
+def _draw_model(normals, rank, spread, heterogeneity, offset_scale) -> _Model:
+    g_u, coef, g, w0, dense, g_u2, coef2 = normals
+    n, p, q = g.shape
+    basis = jnp.linalg.qr(g_u)[0]
+    shared = jnp.einsum("pr,nqr->npq", basis, spread * coef)
+    g = heterogeneity * g
     off_subspace = g - jnp.einsum("pr,nrq->npq", basis, jnp.einsum("pr,npq->nrq", basis, g))
-    w0 = offset_scale / jnp.sqrt(p) * jax.random.normal(k_w0, (p, q), dtype)
+    w0 = offset_scale / jnp.sqrt(p) * w0
     parameters = w0[None] + shared + off_subspace
-    dense = w0[None] + spread * jnp.sqrt(rank / p) * jax.random.normal(k_dense, (n, p, q), dtype)
-    other_basis = _orthonormal(k_u2, p, rank, dtype)
-    other_coef = spread * jax.random.normal(k_v2, (n, q, rank), dtype)
-    coordinated = w0[None] + jnp.einsum("pr,nqr->npq", other_basis, other_coef)
+    dense = w0[None] + spread * jnp.sqrt(rank / p) * dense
+    other_basis = jnp.linalg.qr(g_u2)[0]
+    coordinated = w0[None] + jnp.einsum("pr,nqr->npq", other_basis, spread * coef2)
     return _Model(basis, w0, parameters, dense, coordinated)
+
+
+def _model_shapes(n, p, q, rank):
+    return [(p, rank), (n, q, rank), (n, p, q), (p, q), (n, p, q), (p, rank), (n, q, rank)]
 
 
 def _select(kind: Array, choices: dict[str, Array], default: Array) -> Array:
@@ -184,17 +195,18 @@ def _select(kind: Array, choices: dict[str, Array], default: Array) -> Array:
     return out
 
 
-@partial(jax.jit, static_argnames=("n", "p", "q", "rank", "fraction", "kind", "dtype"))
+@partial(jax.jit, static_argnames=("n", "p", "q", "rank", "dtype"))
 def _updates(
-    key, noise, spread, heterogeneity, offset_scale, attack_scale, noise_factor,
-    *, n, p, q, rank, fraction, kind, dtype,
+    key, per_position, noise, spread, heterogeneity, offset_scale, attack_scale, noise_factor,
+    *, n, p, q, rank, dtype,
 ):  # fmt: skip
-    count = int(round(fraction * n))
-    k_model, k_pick, k_noise = jax.random.split(key, 3)
-    model = _draw_model(k_model, n, p, q, rank, spread, heterogeneity, offset_scale, dtype)
-    codes = _kind_codes(k_pick, n, count, kind)
+    k_normal, k_pick = jax.random.split(key)
+    *normals, err = _normals(k_normal, _model_shapes(n, p, q, rank) + [(n, p, q)], dtype)
+    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale)
+    order = jnp.argsort(jax.random.uniform(k_pick, (n,)))
+    codes = jnp.zeros((n,), jnp.int32).at[order].set(per_position)
     w0 = model.offset[None]
-    err = noise * jax.random.normal(k_noise, (n, p, q), dtype)
+    err = noise * err
     honest = model.parameters + err
     updates = _select(
         codes,
@@ -268,7 +280,6 @@ def shared_subspace_updates(
       True
     """
     count = _check_sizes(n, p, q, rank, fraction)
-    del count
     kinds = _kinds(kind, UPDATE_KINDS)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
     floats = _float_args(
@@ -280,28 +291,27 @@ def shared_subspace_updates(
         attack_scale=attack_scale,
         noise_factor=noise_factor,
     )
-    return _updates(
-        key, *floats, n=n, p=p, q=q, rank=rank, fraction=float(fraction), kind=kinds, dtype=dtype
-    )
+    per_position = _per_position(n, count, kinds)
+    return _updates(key, per_position, *floats, n=n, p=p, q=q, rank=rank, dtype=dtype)
 
 
-@partial(jax.jit, static_argnames=("n", "p", "q", "rank", "samples", "fraction", "kind", "dtype"))
+@partial(jax.jit, static_argnames=("n", "p", "q", "rank", "samples", "dtype"))
 def _regression(
-    key, noise, spread, heterogeneity, offset_scale, attack_scale,
-    *, n, p, q, rank, samples, fraction, kind, dtype,
+    key, per_position, noise, spread, heterogeneity, offset_scale, attack_scale,
+    *, n, p, q, rank, samples, dtype,
 ):  # fmt: skip
-    count = int(round(fraction * n))
-    k_model, k_pick, k_x, k_eps, k_perm = jax.random.split(key, 5)
-    model = _draw_model(k_model, n, p, q, rank, spread, heterogeneity, offset_scale, dtype)
-    codes = _kind_codes(k_pick, n, count, kind)
+    k_normal, k_uniform = jax.random.split(key)
+    shapes = _model_shapes(n, p, q, rank) + [(n, samples, p), (n, samples, q)]
+    *normals, x, eps = _normals(k_normal, shapes, dtype)
+    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale)
+    uniform = jax.random.uniform(k_uniform, (n, samples + 1), dtype)
+    codes = jnp.zeros((n,), jnp.int32).at[jnp.argsort(uniform[:, 0])].set(per_position)
     generating = _select(
         codes, {"dense": model.dense, "subspace": model.coordinated}, model.parameters
     )
-    x = jax.random.normal(k_x, (n, samples, p), dtype)
-    y = jnp.einsum("nmp,npq->nmq", x, generating)
-    y = y + noise * jax.random.normal(k_eps, (n, samples, q), dtype)
+    y = jnp.einsum("nmp,npq->nmq", x, generating) + noise * eps
     base = jnp.einsum("nmp,pq->nmq", x, model.offset)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, samples))(jax.random.split(k_perm, n))
+    perms = jnp.argsort(uniform[:, 1:], axis=1)
     shuffled = jnp.take_along_axis(y, perms[:, :, None], axis=1)
     responses = _select(
         codes,
@@ -371,7 +381,7 @@ def linear_regression(
       >>> least_squares(data.features, data.responses).shape
       (6, 5, 2)
     """
-    _check_sizes(n, p, q, rank, fraction, samples)
+    count = _check_sizes(n, p, q, rank, fraction, samples)
     kinds = _kinds(kind, REGRESSION_KINDS)
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
     floats = _float_args(
@@ -382,17 +392,9 @@ def linear_regression(
         offset_scale=offset_scale,
         attack_scale=attack_scale,
     )
+    per_position = _per_position(n, count, kinds)
     return _regression(
-        key,
-        *floats,
-        n=n,
-        p=p,
-        q=q,
-        rank=rank,
-        samples=samples,
-        fraction=float(fraction),
-        kind=kinds,
-        dtype=dtype,
+        key, per_position, *floats, n=n, p=p, q=q, rank=rank, samples=samples, dtype=dtype
     )
 
 
