@@ -398,10 +398,8 @@ def test_clair_aggregator_on_products(x64):
     w = rng.uniform(0.5, 2.0, size=n)
     clients = {"w": ag.LoRAFactors(B=B, A=A)}
     global_ = {"w": ag.LoRAFactors(B=np.zeros((p, r)), A=np.zeros((r, q)))}
-    agg = ag.clair_aggregator(rank=r)
-    res = agg.aggregate(clients, global_, w, jnp.int32(0), KEY)
-    res_jit = jax.jit(agg.aggregate)(clients, global_, w, jnp.int32(0), KEY)
-    chex.assert_trees_all_close(res_jit, res, atol=1e-9)
+    # Jitted here; the row-space run below is eager.
+    res = jax.jit(ag.clair_aggregator(rank=r).aggregate)(clients, global_, w, jnp.int32(0), KEY)
     np.testing.assert_array_equal(res.flagged, outliers)
     np.testing.assert_array_equal(res.diagnostics["flagged/w"], outliers)
     x = np.einsum("npr,nrq->npq", B, A)
