@@ -28,8 +28,8 @@ from the key) is contaminated. The kinds (``kind``, one name or a tuple of names
 assigned in turn to the contaminated clients):
 
 * ``"dense"``: a model with no shared structure, ``W_0 + G_i`` with ``G_i``
-  i.i.d. Gaussian scaled to the benign updates' size
-  (``E||G_i||_F = spread * sqrt(r q)``).
+  i.i.d. Gaussian of size ``E||G_i||_F = dense_scale * sqrt(r q)`` (the size of
+  a benign update ``U V_i^T`` at ``spread = 1``; independent of ``spread``).
 * ``"sign_flip"``: the client's own (noisy) update reflected about the base,
   ``W_0 - (X_i - W_0)``. It stays in ``W_0 + span(U)``, so no method based on
   the shared subspace can tell it from a benign client; in turn it only
@@ -169,7 +169,7 @@ class _Model(NamedTuple):
     coordinated: Array
 
 
-def _draw_model(normals, rank, spread, heterogeneity, offset_scale) -> _Model:
+def _draw_model(normals, rank, spread, heterogeneity, offset_scale, dense_scale) -> _Model:
     g_u, coef, g, w0, dense, g_u2, coef2 = normals
     n, p, q = g.shape
     basis = jnp.linalg.qr(g_u)[0]
@@ -178,7 +178,7 @@ def _draw_model(normals, rank, spread, heterogeneity, offset_scale) -> _Model:
     off_subspace = g - jnp.einsum("pr,nrq->npq", basis, jnp.einsum("pr,npq->nrq", basis, g))
     w0 = offset_scale / jnp.sqrt(p) * w0
     parameters = w0[None] + shared + off_subspace
-    dense = w0[None] + spread * jnp.sqrt(rank / p) * dense
+    dense = w0[None] + dense_scale * jnp.sqrt(rank / p) * dense
     other_basis = jnp.linalg.qr(g_u2)[0]
     coordinated = w0[None] + jnp.einsum("pr,nqr->npq", other_basis, spread * coef2)
     return _Model(basis, w0, parameters, dense, coordinated)
@@ -197,12 +197,12 @@ def _select(kind: Array, choices: dict[str, Array], default: Array) -> Array:
 
 @partial(jax.jit, static_argnames=("n", "p", "q", "rank", "dtype"))
 def _updates(
-    key, per_position, noise, spread, heterogeneity, offset_scale, attack_scale, noise_factor,
-    *, n, p, q, rank, dtype,
+    key, per_position, noise, spread, heterogeneity, offset_scale, dense_scale, attack_scale,
+    noise_factor, *, n, p, q, rank, dtype,
 ):  # fmt: skip
     k_normal, k_pick = jax.random.split(key)
     *normals, err = _normals(k_normal, _model_shapes(n, p, q, rank) + [(n, p, q)], dtype)
-    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale)
+    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale, dense_scale)
     order = jnp.argsort(jax.random.uniform(k_pick, (n,)))
     codes = jnp.zeros((n,), jnp.int32).at[order].set(per_position)
     w0 = model.offset[None]
@@ -235,6 +235,7 @@ def shared_subspace_updates(
     spread: float | Float[ArrayLike, ""] = 1.0,
     heterogeneity: float | Float[ArrayLike, ""] = 0.0,
     offset_scale: float | Float[ArrayLike, ""] = 0.0,
+    dense_scale: float | Float[ArrayLike, ""] = 1.0,
     attack_scale: float | Float[ArrayLike, ""] = 5.0,
     noise_factor: float | Float[ArrayLike, ""] = 5.0,
     dtype=None,
@@ -258,6 +259,7 @@ def shared_subspace_updates(
       spread: standard deviation of the client-specific coefficients ``V_i``.
       heterogeneity: standard deviation of the off-subspace deviations ``Δ_i``.
       offset_scale: column norm of the common offset ``W_0`` (0: no offset).
+      dense_scale: size of ``"dense"`` contamination, in units of ``sqrt(r q)``.
       attack_scale: multiplier of ``"scaled"`` contamination.
       noise_factor: noise multiplier of ``"noise"`` contamination.
       dtype: floating dtype (default: JAX's default float).
@@ -288,6 +290,7 @@ def shared_subspace_updates(
         spread=spread,
         heterogeneity=heterogeneity,
         offset_scale=offset_scale,
+        dense_scale=dense_scale,
         attack_scale=attack_scale,
         noise_factor=noise_factor,
     )
@@ -297,13 +300,13 @@ def shared_subspace_updates(
 
 @partial(jax.jit, static_argnames=("n", "p", "q", "rank", "samples", "dtype"))
 def _regression(
-    key, per_position, noise, spread, heterogeneity, offset_scale, attack_scale,
+    key, per_position, noise, spread, heterogeneity, offset_scale, dense_scale, attack_scale,
     *, n, p, q, rank, samples, dtype,
 ):  # fmt: skip
     k_normal, k_uniform = jax.random.split(key)
     shapes = _model_shapes(n, p, q, rank) + [(n, samples, p), (n, samples, q)]
     *normals, x, eps = _normals(k_normal, shapes, dtype)
-    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale)
+    model = _draw_model(normals, rank, spread, heterogeneity, offset_scale, dense_scale)
     uniform = jax.random.uniform(k_uniform, (n, samples + 1), dtype)
     codes = jnp.zeros((n,), jnp.int32).at[jnp.argsort(uniform[:, 0])].set(per_position)
     generating = _select(
@@ -341,6 +344,7 @@ def linear_regression(
     spread: float | Float[ArrayLike, ""] = 1.0,
     heterogeneity: float | Float[ArrayLike, ""] = 0.0,
     offset_scale: float | Float[ArrayLike, ""] = 1.0,
+    dense_scale: float | Float[ArrayLike, ""] = 1.0,
     attack_scale: float | Float[ArrayLike, ""] = 5.0,
     dtype=None,
 ) -> RegressionFederation:
@@ -366,6 +370,7 @@ def linear_regression(
       spread: standard deviation of the client-specific coefficients ``V_i``.
       heterogeneity: standard deviation of the off-subspace deviations ``Δ_i``.
       offset_scale: column norm of the common offset ``W_0``.
+      dense_scale: size of the ``"dense"`` clients' models, in units of ``sqrt(r q)``.
       attack_scale: multiplier of ``"scaled"`` poisoning.
       dtype: floating dtype (default: JAX's default float).
 
@@ -390,6 +395,7 @@ def linear_regression(
         spread=spread,
         heterogeneity=heterogeneity,
         offset_scale=offset_scale,
+        dense_scale=dense_scale,
         attack_scale=attack_scale,
     )
     per_position = _per_position(n, count, kinds)
@@ -403,7 +409,14 @@ def _float_args(dtype, **values) -> list[Array]:
     for name, value in values.items():
         arr = validation.as_float_array(value, name, dtype)
         validation.check_scalar(arr, name)
-        if name in ("noise", "spread", "heterogeneity", "offset_scale", "noise_factor"):
+        if name in (
+            "noise",
+            "spread",
+            "heterogeneity",
+            "offset_scale",
+            "dense_scale",
+            "noise_factor",
+        ):
             arr = validation.check_nonnegative(arr, name)
         else:
             arr = validation.check_finite(arr, name)
