@@ -63,7 +63,7 @@ def test_update_kinds_behave_as_documented():
     assert np.linalg.norm(off_subspace(fed.basis, x[c] - w0), axis=(1, 2)).mean() > 1.0
     # Its size does not follow the benign spread, only dense_scale.
     small = updates(seed=3, kind="dense", spread=0.1, dense_scale=2.0, **base)
-    norms = np.linalg.norm(np.asarray(small.updates - small.offset)[c], axis=(1, 2))
+    norms = np.linalg.norm((np.asarray(small.updates) - np.asarray(small.offset))[c], axis=(1, 2))
     assert 0.7 * 2 * np.sqrt(6) < norms.mean() < 1.3 * 2 * np.sqrt(6)
 
     noisy = {"noise": 0.1, **base}
