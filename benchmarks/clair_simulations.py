@@ -156,11 +156,11 @@ def regression_trial(key, *, n, p, q, rank, samples, fraction, kind, noise=1.0,
     }
 
 
-def updates_trial(key, noise, *, n, p, q, rank, fraction, kind="dense"):
+def updates_trial(key, noise, *, n, p, q, rank, fraction, kind="dense", noise_scale=None):
     fed = cj.simulate.shared_subspace_updates(
         key, n=n, p=p, q=q, rank=rank, fraction=fraction, kind=kind, noise=noise
     )
-    res = cj.clair(fed.updates)
+    res = cj.clair(fed.updates, noise_scale=noise_scale)
     exact_set = jnp.all(res.collaborative == ~fed.contaminated)
     subspace = cj.subspace_distance(fed.basis, res.basis)
     return {
@@ -192,37 +192,47 @@ def _summ(values):
 
 
 def phase_transition(cfg, log):
+    """Noiseless exact recovery, with σ estimated (defaults) and with σ = 0 given."""
     n, p, q = 40, 32, 4
     ranks, fractions, seeds = cfg["phase_ranks"], cfg["phase_fractions"], cfg["phase_seeds"]
-    success = np.zeros((len(ranks), len(fractions)))
+    variants = {"estimated": None, "known": 0.0}
+    success = {v: np.zeros((len(ranks), len(fractions))) for v in variants}
     cells = []
-    for i, rank in enumerate(ranks):
-        for j, fraction in enumerate(fractions):
-            run = jax.vmap(
-                partial(updates_trial, noise=0.0, n=n, p=p, q=q, rank=rank, fraction=fraction)
+    for variant, noise_scale in variants.items():
+        for i, rank in enumerate(ranks):
+            for j, fraction in enumerate(fractions):
+                run = jax.vmap(partial(updates_trial, noise=0.0, n=n, p=p, q=q, rank=rank,
+                                       fraction=fraction, noise_scale=noise_scale))  # fmt: skip
+                out = _np(run(_keys(10_000 + 100 * i + j, seeds)))
+                ok = (out["subspace"] < 1e-3) & (out["rank_ok"] > 0) & (out["exact_set"] > 0)
+                success[variant][i, j] = ok.mean()
+                cells.append({
+                    "noise_scale": variant, "rank": rank, "fraction": fraction,
+                    "success": float(ok.mean()), "subspace_max": float(out["subspace"].max()),
+                    "f1": _summ(out["detection"]["f1"]),
+                })  # fmt: skip
+            log(
+                f"phase (σ {variant}) rank {rank}: "
+                + " ".join(f"{s:.2f}" for s in success[variant][i])
             )
-            out = _np(run(_keys(10_000 + 100 * i + j, seeds)))
-            ok = (out["subspace"] < 1e-3) & (out["rank_ok"] > 0) & (out["exact_set"] > 0)
-            success[i, j] = ok.mean()
-            cells.append({
-                "rank": rank, "fraction": fraction, "success": float(ok.mean()),
-                "subspace_max": float(out["subspace"].max()),
-                "f1": _summ(out["detection"]["f1"]),
-            })  # fmt: skip
-        log(f"phase rank {rank}: " + " ".join(f"{s:.2f}" for s in success[i]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    im = ax.imshow(success, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
-    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-    ax.set_xlabel("contaminated fraction")
-    ax.set_ylabel("rank r of the shared subspace")
-    ax.set_title(f"Exact recovery, noiseless (n={n}, p={p}, q={q}, {seeds} seeds)")
-    fig.colorbar(im, label="success rate")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "clair_phase_transition.png", dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, variant in zip(axes, variants, strict=True):
+        im = ax.imshow(
+            success[variant], origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto"
+        )
+        ax.set_xticks(range(len(fractions)), [f"{f:.0%}" for f in fractions])
+        ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_xlabel("contaminated fraction")
+        ax.set_ylabel("rank r of the shared subspace")
+        label = "defaults (σ estimated)" if variant == "estimated" else "noise_scale=0 given"
+        ax.set_title(f"{label}", fontsize=10)
+    fig.suptitle(f"Exact recovery, noiseless, dense contamination (n={n}, p={p}, q={q}, "
+                 f"{seeds} seeds)")  # fmt: skip
+    fig.colorbar(im, ax=axes, label="success rate")
+    fig.savefig(RESULTS / "clair_phase_transition.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return {"n": n, "p": p, "q": q, "seeds": seeds, "ranks": ranks, "fractions": fractions,
-            "success": success.tolist(), "cells": cells}  # fmt: skip
+            "success": {v: success[v].tolist() for v in variants}, "cells": cells}  # fmt: skip
 
 
 def noise_stability(cfg, log):
@@ -327,9 +337,12 @@ def refinement(cfg, log):
                 for c in grid[-len(cfg["fractions"]) :]
             )
         )
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 4), sharey=False)
-    axes = np.atleast_1d(axes)
-    for ax, (_, het, spread) in zip(axes, settings, strict=True):
+    cols = (len(settings) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(4 * cols, 7.5), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(settings) :]:
+        ax.axis("off")
+    for ax, (_, het, spread) in zip(axes, settings, strict=False):
         cells = [c for c in grid if c["heterogeneity"] == het and c["spread"] == spread]
         fr = [c["fraction"] for c in cells]
         for m in METHODS:
@@ -458,10 +471,13 @@ def markdown(results) -> str:
     out += ["", f"## Noiseless exact recovery (n={ph['n']}, p={ph['p']}, q={ph['q']}, "
             f"{ph['seeds']} seeds; success = rank, subspace to 1e-3 and contaminated set exact)",
             ""]  # fmt: skip
-    out.append("| rank \\ fraction | " + " | ".join(f"{f:.0%}" for f in ph["fractions"]) + " |")
-    out.append("|---|" + "---|" * len(ph["fractions"]))
-    for rank, row in zip(ph["ranks"], ph["success"], strict=True):
-        out.append(f"| {rank} | " + " | ".join(f"{s:.2f}" for s in row) + " |")
+    for variant, label in (("estimated", "defaults (σ estimated)"), ("known", "σ = 0 given")):
+        out += [f"{label}:", ""]
+        out.append("| rank \\ fraction | " + " | ".join(f"{f:.0%}" for f in ph["fractions"]) + " |")
+        out.append("|---|" + "---|" * len(ph["fractions"]))
+        for rank, row in zip(ph["ranks"], ph["success"][variant], strict=True):
+            out.append(f"| {rank} | " + " | ".join(f"{s:.2f}" for s in row) + " |")
+        out.append("")
     ns = results["noise"]
     out += ["", f"## Stable recovery (n=40, p=64, q=16, r=3, 30% dense; fitted log-log slope "
             f"{ns['slope']:.2f})", "", "| noise | subspace err | err / noise | F1 | rank ok |",

@@ -16,10 +16,15 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    error, starts from the median singular value of ``M`` (of ``M`` centred over
    clients with an offset), matched to the median of the Marchenko–Pastur law
    (Gavish & Donoho 2014). Contaminated blocks and the low-rank part only
-   inflate that median, so ``σ̂_0`` errs upwards. Each of ``noise_passes``
-   passes then decomposes with the λ's of ``σ̂`` and re-estimates ``σ̂`` from
-   the off-subspace residuals ``d_i`` (step 4), whose median is robust to up to
-   half the clients being contaminated.
+   inflate that median, so ``σ̂_0`` errs upwards. Each pass then decomposes
+   with the λ's of ``σ̂`` (warm-started) and re-estimates ``σ̂`` the same way
+   from the off-subspace residuals ``(I - Û Û^T)(X_i - c)`` of the clients
+   whose score (step 4) is below both ``τ`` and the median score, a
+   ``(p - r̂) x |C| q`` noise matrix whenever fewer than half of the clients are
+   contaminated. At most ``noise_passes`` such passes precede the final
+   decomposition; they stop early once ``σ̂`` moves by less than 5%. ``σ̂`` is
+   kept above ``10^-3`` times the root-mean-square entry of ``M``, so that
+   noiseless data get small positive λ's.
 2. **Decomposition.** Penalised block Outlier Pursuit with
    ``λ_* = 2 σ̂ (sqrt(p) + sqrt(nq))`` (twice the spectral norm of a ``p x nq``
    noise matrix, so noise does not enter ``L``) and ``λ_S = 2 σ̂ sqrt(pq)``
@@ -27,24 +32,31 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
 3. **Rank and subspace.** ``r̂`` = number of singular values of
    ``Z = M - c - Ŝ`` above ``λ_*``: the rank of ``L̂ = SVT_{λ_*}(Z)`` (the
    nuclear-norm threshold rule). ``Û`` = its top ``r̂`` left singular vectors;
-   with ``refit=True`` (default) ``Û`` is recomputed from the collaborative
-   clients only (step 4) without shrinkage: the SVD of ``[X_j - c̄]_{j ∈ Ĉ}``
-   with ``c̄ = mean_{j∈Ĉ} X_j`` (with an offset). This is the least-squares
-   refit on the detected support (as post-lasso refits the lasso's support):
-   exact in the noiseless case, unbiased by the thresholds otherwise.
+   with ``refit=True`` (default) ``Û`` is then recomputed from the
+   collaborative clients only (step 4) without shrinkage: the top ``r̂`` left
+   singular vectors of ``[X_j - c̄]_{j ∈ Ĉ}``, with ``c̄ = mean_{j∈Ĉ} X_j``
+   when there is an offset. This is the least-squares refit on the detected
+   support (as post-lasso refits the lasso's support): exact in the noiseless
+   case, free of the thresholds' shrinkage otherwise.
 4. **Detection.** The score of client ``i`` is its off-subspace residual
    ``d_i = ||(I - Û Û^T)(X_i - c)||_F``: about ``σ sqrt((p - r) q)`` for a
    benign client, larger for one off the shared structure. It is the
    decomposition's block residual ``||X_i - c - L̂_i||_F`` (which equals
-   ``||Ŝ_i||_F + λ_S`` on flagged blocks) without the shrinkage of ``L̂``,
-   whose share varies from client to client. The collaborative set is
-   ``Ĉ = {i : d_i <= τ}``, with ``τ = med(d) + 3.5 max(1.4826 MAD(d), σ̂ / sqrt(2))``:
-   a robust z-score of 3.5 on the scores, whose noise scale is the larger of
-   their median absolute deviation and the spread ``σ / sqrt(2)`` that a
-   Gaussian noise block's norm has. (DESIGN.md thresholds ``||Ŝ_i||_F``; the
-   decomposition's own block norms are returned as ``block_norms``.) With
-   ``refit=True`` detection runs twice: on the decomposition's subspace, then
-   on the refitted one.
+   ``||Ŝ_i||_F + λ_S`` on the blocks the decomposition flags) without the
+   shrinkage of ``L̂``, whose share varies from client to client. The
+   collaborative set is ``Ĉ = {i : d_i <= τ}`` with
+   ``τ = m + 3.5 max(1.4826 MAD, σ̂ / sqrt(2), 0.1 m)``, ``m`` and ``MAD`` the
+   median and median absolute deviation of the scores of a benign set that
+   starts as the lower half of the scores and is re-estimated as
+   ``{d_i <= τ}`` (4 rounds): a robust z-score of 3.5, whose spread is at
+   least that of a Gaussian noise block's norm (``σ / sqrt(2)``) and 10% of
+   the typical score (benign clients' noise levels differ; a contamination
+   well below the noise is not worth a flag). DESIGN.md thresholds
+   ``||Ŝ_i||_F`` instead; the decomposition's own block norms are returned as
+   ``block_norms`` (``benchmarks/clair_simulations.py`` reports both rules).
+   With ``refit=True`` detection runs twice: on the decomposition's subspace,
+   then on the refitted one, with ``σ̂`` re-estimated from the collaborative
+   clients' residuals.
 5. **Refinement.** ``X̃_i = P_Û X_i + (I - P_Û) X̄_Ĉ`` with
    ``X̄_Ĉ = mean_{j ∈ Ĉ} X_j``: client-specific variation inside the shared
    subspace is kept, the off-subspace error averaged over the collaborative
@@ -93,6 +105,8 @@ THRESHOLD_ITERS = 4
 #: σ̂ is kept above this fraction of the root-mean-square entry of the (centred)
 #: updates, so that noiseless data give small positive λ's rather than zero.
 NOISE_FLOOR = 1e-3
+#: The noise passes stop once a pass changes σ̂ by less than this fraction.
+NOISE_RTOL = 0.05
 
 
 class ClairResult(NamedTuple):
@@ -108,8 +122,10 @@ class ClairResult(NamedTuple):
       consensus: ``(p, q)`` mean update of the collaborative clients ``X̄_Ĉ``.
       scores: ``(n,)`` detection scores ``d_i = ||(I - Û Û^T)(X_i - c)||_F``.
       threshold: the threshold ``τ`` applied to ``scores``.
-      noise_scale: ``σ̂``, the noise level the λ's were set from (the given
-        ``noise_scale``, or the estimate; see the module docstring).
+      noise_scale: ``σ̂``: the given ``noise_scale``, or the final estimate
+        (with ``refit=True`` from the collaborative clients' residuals about the
+        refitted subspace, otherwise the one the last decomposition's λ's were
+        set from; see the module docstring).
       lam_nuc: ``λ_*`` used in the decomposition.
       lam_block: ``λ_S`` used in the decomposition.
       block_norms: ``(n,)`` ``||Ŝ_i||_F`` of the decomposition (non-zero = the
@@ -291,6 +307,7 @@ class _PassState(NamedTuple):
     fit: _Fit
     collaborative: Array
     tau: Array
+    count: Array  # passes run
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -314,7 +331,7 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
         tau = jnp.where(given[2], threshold, _threshold(scores, sigma))
         return scores <= tau, tau
 
-    def one_pass(_, state: _PassState) -> _PassState:
+    def one_pass(state: _PassState) -> _PassState:
         sigma = state.next_sigma
         sol, lams = solve(sigma, (state.solution.low_rank, state.solution.sparse))
         fit = _fit_from_decomposition(cfg, x, sol, lams[0], width)
@@ -326,7 +343,7 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
             # the clients are contaminated, even while σ (hence τ) is too large.
             lower = collaborative & (fit.scores <= jnp.median(fit.scores))
             next_sigma = _residual_noise(cfg, x, fit, lower, floor)
-        return _PassState(sigma, next_sigma, sol, lams, fit, collaborative, tau)
+        return _PassState(sigma, next_sigma, sol, lams, fit, collaborative, tau, state.count + 1)
 
     if cfg.given_noise:
         sigma = jnp.maximum(noise_scale, floor)
@@ -340,11 +357,24 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
         jnp.zeros((), jnp.int32), jnp.zeros((p, width), dtype), zeros[0], jnp.zeros((n,), dtype)
     )
     state = _PassState(
-        sigma, sigma, solution, lams, empty_fit, jnp.zeros((n,), bool), jnp.zeros((), dtype)
+        sigma,
+        sigma,
+        solution,
+        lams,
+        empty_fit,
+        jnp.zeros((n,), bool),
+        jnp.zeros((), dtype),
+        jnp.zeros((), jnp.int32),
     )
-    # noise_passes decompositions to refine σ̂, then the final one (all warm-started).
-    passes = 1 if cfg.given_noise else cfg.noise_passes + 1
-    state = jax.lax.fori_loop(0, passes, one_pass, state)
+    # Up to noise_passes decompositions refine σ̂ before the final one (all
+    # warm-started); stop as soon as a pass leaves σ̂ within NOISE_RTOL.
+    max_passes = 1 if cfg.given_noise else cfg.noise_passes + 1
+
+    def more(state: _PassState):
+        moved = jnp.abs(state.next_sigma - state.sigma) > NOISE_RTOL * state.sigma
+        return (state.count < 1) | ((state.count < max_passes) & moved)
+
+    state = jax.lax.while_loop(more, one_pass, state)
     sol, fit, collaborative, tau = state.solution, state.fit, state.collaborative, state.tau
     lam_nuc_used, lam_block_used = state.lams
     sigma_hat = state.sigma
@@ -392,7 +422,7 @@ def clair(
     offset: bool = False,
     contaminated: str = "consensus",
     refit: bool = True,
-    noise_passes: int = 1,
+    noise_passes: int = 4,
     method: str = "fista",
     tol: float = 1e-6,
     max_iter: int = 2000,
@@ -435,7 +465,8 @@ def clair(
         collaborative mean), ``"refine"`` (the same refinement as the others) or
         ``"local"`` (their own update, unchanged).
       refit: recompute the basis (and offset) on the collaborative set.
-      noise_passes: decompositions used to refine ``σ̂`` before the final one.
+      noise_passes: at most this many decompositions refine ``σ̂`` before the
+        final one; the passes stop once ``σ̂`` changes by less than 5%.
       method: ``"fista"`` or ``"admm"``, see :func:`clair_jax.decompose`.
       tol: relative tolerance of the decomposition.
       max_iter: iteration cap of each decomposition.
