@@ -528,7 +528,7 @@ def markdown(results) -> str:
 
 CONFIGS = {
     "quick": {
-        "phase_ranks": [1, 2, 4, 6, 8, 12],
+        "phase_ranks": [2, 4, 6, 8, 12],
         "phase_fractions": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
         "phase_seeds": 3,
         "noise_levels": [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1],
@@ -539,7 +539,7 @@ CONFIGS = {
         "spread": [0.02, 0.1, 1.0],
         "fractions": [0.0, 0.15, 0.3, 0.45],
         "clients": [5, 10, 40],
-        "client_samples": [80, 128, 512, 2048],
+        "client_samples": [80, 512, 2048],
         "client_heterogeneity": 0.02,
         "target_seeds": 20,
     },
