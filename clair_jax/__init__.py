@@ -4,10 +4,30 @@ Low-rank + block-sparse decomposition of client updates (FISTA and ADMM,
 jitted, vmapped, differentiable), CLAIR, FedRot-LoRA and federated baselines.
 """
 
+from clair_jax import data as data
 from clair_jax import simulate as simulate
 from clair_jax._src.aggregators import AggregateResult as AggregateResult
 from clair_jax._src.aggregators import Aggregator as Aggregator
 from clair_jax._src.aggregators import LoRAFactors as LoRAFactors
+from clair_jax._src.federated import Evaluation as Evaluation
+from clair_jax._src.federated import RoundMetrics as RoundMetrics
+from clair_jax._src.federated import ServerState as ServerState
+from clair_jax._src.federated import evaluate_clients as evaluate_clients
+from clair_jax._src.federated import init_server_state as init_server_state
+from clair_jax._src.federated import load_checkpoint as load_checkpoint
+from clair_jax._src.federated import local_train as local_train
+from clair_jax._src.federated import make_round as make_round
+from clair_jax._src.federated import run_rounds as run_rounds
+from clair_jax._src.federated import save_checkpoint as save_checkpoint
+from clair_jax._src.lora import LoRALinear as LoRALinear
+from clair_jax._src.lora import LoRATransformer as LoRATransformer
+from clair_jax._src.lora import TransformerConfig as TransformerConfig
+from clair_jax._src.lora import adapters_to_lora_state as adapters_to_lora_state
+from clair_jax._src.lora import apply_lora as apply_lora
+from clair_jax._src.lora import lora_state_to_adapters as lora_state_to_adapters
+from clair_jax._src.lora import merge_adapters as merge_adapters
+from clair_jax._src.lora import merge_lora as merge_lora
+from clair_jax._src.lora import split_lora as split_lora
 from clair_jax._src.aggregators import clair_aggregator as clair_aggregator
 from clair_jax._src.aggregators import coordinate_median as coordinate_median
 from clair_jax._src.aggregators import fedit as fedit
@@ -68,4 +88,24 @@ __all__ = [
     "detection_metrics",
     "simulate",
     "subspace_distance",
+    "Evaluation",
+    "LoRALinear",
+    "LoRATransformer",
+    "RoundMetrics",
+    "ServerState",
+    "TransformerConfig",
+    "adapters_to_lora_state",
+    "apply_lora",
+    "data",
+    "evaluate_clients",
+    "init_server_state",
+    "load_checkpoint",
+    "local_train",
+    "lora_state_to_adapters",
+    "make_round",
+    "merge_adapters",
+    "merge_lora",
+    "run_rounds",
+    "save_checkpoint",
+    "split_lora",
 ]

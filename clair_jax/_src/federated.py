@@ -1,0 +1,533 @@
+"""Pure functional federated LoRA rounds, evaluation, and checkpoint/resume.
+
+The server state is a pytree of arrays (:class:`ServerState`): the global
+adapter, every client's adapter (stacked on a leading client axis) and
+counters. A round is a pure function
+
+``round(server_state, client_data, key) -> (server_state, metrics)``
+
+built by :func:`make_round` from a static model description (the NNX
+``graphdef``), the frozen base parameters (shared by every client, never
+updated) and an :class:`~clair_jax._src.aggregators.Aggregator`. In a round:
+
+1. a subset of ``participation`` clients is sampled from ``key`` (all clients
+   by default);
+2. each participant trains its adapter from its current one with an ``optax``
+   optimiser for ``local_steps`` minibatch steps (a ``lax.scan``); the client
+   axis is ``jax.vmap``-ed (``client_map="loop"`` runs a Python loop over a
+   jitted single-client trainer instead, for comparison);
+3. the attack model of :class:`~clair_jax._src.data.ClientData` is applied to
+   what clients send: ``sent_i = start_i + s_i (trained_i - start_i)`` factor
+   by factor (``s_i = update_scale``: 1 honest, ``> 1`` scaled, ``< 0`` sign
+   flipped), and clients marked ``coordinated`` all send
+   ``start_i + mean_{j coordinated} s_j (trained_j - start_j)``;
+4. the aggregator combines the participants' adapters into the next global
+   adapter and the adapters participants start the next round from.
+
+Clients that did not take part keep their adapter, except under a broadcast
+rule (one whose per-client output equals its global adapter for every
+participant, e.g. FedIT), where they receive the new global adapter too.
+With an aggregator whose ``frozen_factor`` is ``"A"`` (FFA-LoRA) clients
+train ``B`` only.
+
+:func:`run_rounds` drives many rounds with a progress bar, deriving round
+``t``'s key as ``fold_in(key, t)`` and checkpointing the state after every
+round (atomically, with ``numpy.savez``), so that a crash loses at most the
+round in flight and a resumed run is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from clair_jax._src import lora, validation
+from clair_jax._src.aggregators import Adapters, Aggregator, LoRAFactors
+from clair_jax._src.data import ClientData
+from clair_jax._src.progress import ProgressBar
+
+CLIENT_MAPS = ("vmap", "loop")
+
+
+class ServerState(NamedTuple):
+    """Everything the server carries from one round to the next (arrays only).
+
+    Attributes:
+      round: int32 scalar, rounds completed.
+      global_: the global adapter (unstacked ``Adapters``).
+      clients: ``(n, ...)`` the adapter each client starts its next round from.
+      flag_counts: ``(n,)`` int32, rounds in which each client was flagged.
+      participation_counts: ``(n,)`` int32, rounds each client took part in.
+    """
+
+    round: Int[Array, ""]
+    global_: Adapters
+    clients: Adapters
+    flag_counts: Int[Array, " n"]
+    participation_counts: Int[Array, " n"]
+
+
+class RoundMetrics(NamedTuple):
+    """What a round reports.
+
+    Attributes:
+      participants: ``(k,)`` int32 indices of the clients that took part (sorted).
+      local_losses: ``(k, local_steps)`` each participant's minibatch loss per step.
+      flagged: ``(n,)`` bool, clients the aggregator flagged this round.
+      diagnostics: the aggregator's diagnostics.
+    """
+
+    participants: Int[Array, " k"]
+    local_losses: Float[Array, "k s"]
+    flagged: Bool[Array, " n"]
+    diagnostics: dict[str, Array]
+
+
+class Evaluation(NamedTuple):
+    """Per-client held-out metrics over the masked positions.
+
+    Attributes:
+      accuracy: ``(n,)`` token accuracy (argmax of the logits).
+      loss: ``(n,)`` mean cross-entropy.
+    """
+
+    accuracy: Float[Array, " n"]
+    loss: Float[Array, " n"]
+
+
+def init_server_state(adapters: Adapters, num_clients: int) -> ServerState:
+    """The state before round 0: every client starts from the initial ``adapters``.
+
+    Args:
+      adapters: unstacked initial adapters (e.g. from :func:`clair_jax._src.lora.split_lora`).
+      num_clients: ``n``.
+    """
+    n = validation.check_positive_int(num_clients, "num_clients")
+    clients = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), adapters)
+    return ServerState(
+        round=jnp.zeros((), jnp.int32),
+        global_=dict(adapters),
+        clients=clients,
+        flag_counts=jnp.zeros((n,), jnp.int32),
+        participation_counts=jnp.zeros((n,), jnp.int32),
+    )
+
+
+# --- losses and local training -----------------------------------------------------------
+
+
+def masked_cross_entropy(
+    logits: Float[Array, "... t v"], targets: Int[Array, "... t"], mask: Float[Array, "... t"]
+) -> Float[Array, ""]:
+    """``Σ mask * CE(logits, targets) / Σ mask`` (0 when the mask is empty)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _partition(adapters: Adapters, frozen_factor: str | None):
+    """Trainable and fixed parts of the adapters (``frozen_factor`` is not trained)."""
+    if frozen_factor is None:
+        return adapters, None
+    if frozen_factor == "A":
+        return {k: f.B for k, f in adapters.items()}, {k: f.A for k, f in adapters.items()}
+    return {k: f.A for k, f in adapters.items()}, {k: f.B for k, f in adapters.items()}
+
+
+def _combine(trainable, fixed, frozen_factor: str | None) -> Adapters:
+    if frozen_factor is None:
+        return trainable
+    if frozen_factor == "A":
+        return {k: LoRAFactors(B=trainable[k], A=fixed[k]) for k in trainable}
+    return {k: LoRAFactors(B=fixed[k], A=trainable[k]) for k in trainable}
+
+
+def local_train(
+    graphdef: nnx.GraphDef,
+    base: Mapping,
+    adapters: Adapters,
+    inputs: Int[Array, "m t"],
+    targets: Int[Array, "m t"],
+    mask: Float[Array, "m t"],
+    key: PRNGKeyArray,
+    *,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    batch_size: int,
+    frozen_factor: str | None = None,
+) -> tuple[Adapters, Float[Array, " s"]]:
+    """One client's local fine-tuning of its adapters (base frozen), a pure function.
+
+    ``steps`` optimiser steps, each on ``batch_size`` of the client's ``m``
+    examples drawn without replacement from ``key`` (all of them when
+    ``batch_size >= m``), minimising :func:`masked_cross_entropy`. The optimiser
+    state starts fresh. Gradients reach only the adapter factors; the factor
+    named ``frozen_factor`` stays fixed.
+
+    Returns:
+      The trained adapters and the ``(steps,)`` minibatch losses (before each step).
+    """
+    m = inputs.shape[0]
+    trainable, fixed = _partition(adapters, frozen_factor)
+    opt_state = optimizer.init(trainable)
+
+    def loss_fn(params, batch):
+        x, y, w = batch
+        logits = lora.apply_lora(graphdef, base, _combine(params, fixed, frozen_factor), x)
+        return masked_cross_entropy(logits, y, w)
+
+    def step(carry, step_key):
+        params, opt_state = carry
+        if batch_size >= m:
+            batch = (inputs, targets, mask)
+        else:
+            idx = jax.random.choice(step_key, m, (batch_size,), replace=False)
+            batch = (inputs[idx], targets[idx], mask[idx])
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (trainable, _), losses = jax.lax.scan(
+        step, (trainable, opt_state), jax.random.split(key, steps)
+    )
+    return _combine(trainable, fixed, frozen_factor), losses
+
+
+def evaluate_clients(
+    graphdef: nnx.GraphDef, base: Mapping, adapters: Adapters, data: ClientData
+) -> Evaluation:
+    """Held-out accuracy and loss of each client's adapter on its own data (vmapped).
+
+    Args:
+      graphdef: the model's static part.
+      base: frozen base parameters.
+      adapters: ``(n, ...)`` stacked adapters, one per client.
+      data: :class:`ClientData` with ``n`` clients.
+    """
+
+    def one(adapters_i, x, y, w):
+        logits = lora.apply_lora(graphdef, base, adapters_i, x)
+        correct = (jnp.argmax(logits, axis=-1) == y).astype(w.dtype)
+        accuracy = jnp.sum(w * correct) / jnp.maximum(jnp.sum(w), 1.0)
+        return accuracy, masked_cross_entropy(logits, y, w)
+
+    accuracy, loss = jax.vmap(one)(adapters, data.inputs, data.targets, data.mask)
+    return Evaluation(accuracy, loss)
+
+
+# --- the round ---------------------------------------------------------------------------
+
+
+def _take(tree, idx):
+    return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _attack(start: Adapters, trained: Adapters, scale, coordinated) -> Adapters:
+    """What clients send under the attack model (see the module docstring)."""
+
+    def sent(x0, x1):
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        delta = scale.reshape(shape).astype(x0.dtype) * (x1 - x0)
+        group = coordinated.reshape(shape)
+        count = jnp.maximum(jnp.sum(coordinated), 1).astype(x0.dtype)
+        common = jnp.sum(jnp.where(group, delta, 0.0), axis=0, keepdims=True) / count
+        return x0 + jnp.where(group, common, delta)
+
+    return jax.tree.map(sent, start, trained)
+
+
+def _is_broadcast(result_clients: Adapters, result_global: Adapters) -> Bool[Array, ""]:
+    same = jax.tree.map(lambda c, g: jnp.all(c == g[None]), result_clients, result_global)
+    return jnp.all(jnp.stack(jax.tree.leaves(same)))
+
+
+def _num_participants(participation, n: int) -> int:
+    if participation is None:
+        return n
+    k = validation.check_positive_int(participation, "participation")
+    if k > n:
+        raise ValueError(f"participation ({k}) must not exceed the number of clients ({n}).")
+    return k
+
+
+def make_round(
+    graphdef: nnx.GraphDef,
+    base: Mapping,
+    aggregator: Aggregator,
+    *,
+    local_steps: int = 10,
+    batch_size: int = 8,
+    optimizer: optax.GradientTransformation | None = None,
+    participation: int | None = None,
+    client_map: str = "vmap",
+    jit: bool = True,
+) -> Callable[[ServerState, ClientData, PRNGKeyArray], tuple[ServerState, RoundMetrics]]:
+    """Builds ``round(server_state, client_data, key) -> (server_state, metrics)``.
+
+    Args:
+      graphdef: static part of the model (from :func:`clair_jax._src.lora.split_lora`).
+      base: frozen base parameters, shared by every client (passed to the jitted
+        function as an argument, not baked in as a constant).
+      aggregator: the server rule (:class:`~clair_jax._src.aggregators.Aggregator`).
+      local_steps: optimiser steps per client per round.
+      batch_size: examples per local step.
+      optimizer: the local ``optax`` optimiser, re-initialised every round
+        (default ``optax.adam(1e-2)``).
+      participation: clients sampled per round (uniformly without replacement
+        from the round's key); ``None`` for all.
+      client_map: ``"vmap"`` (clients batched) or ``"loop"`` (a Python loop over
+        a jitted single-client trainer; the round is then not jittable as a
+        whole, and is meant for comparison).
+      jit: compile the round with ``jax.jit`` (with ``client_map="vmap"``).
+
+    Returns:
+      The round function. Its metrics are a :class:`RoundMetrics`.
+
+    Examples:
+      >>> import jax
+      >>> from flax import nnx
+      >>> import clair_jax as cj
+      >>> config = cj.TransformerConfig(vocab_size=8, max_len=6, width=8, num_heads=2,
+      ...                               mlp_width=8, num_layers=1, lora_rank=2)
+      >>> graphdef, base, adapters = cj.split_lora(cj.LoRATransformer(config, rngs=nnx.Rngs(0)))
+      >>> fed = cj.data.make_federation(jax.random.key(1), cj.data.FederationConfig(
+      ...     num_clients=4, vocab_size=8, length=3, shared_tokens=2, specific_tokens=1))
+      >>> round_fn = cj.make_round(graphdef, base, cj.fedit(), local_steps=2, batch_size=4)
+      >>> state, metrics = round_fn(cj.init_server_state(adapters, 4), fed.train,
+      ...                           jax.random.key(2))
+      >>> int(state.round), metrics.local_losses.shape
+      (1, (4, 2))
+    """
+    if not isinstance(aggregator, Aggregator):
+        raise TypeError(f"aggregator must be an Aggregator, got {type(aggregator).__name__}.")
+    validation.check_choice(client_map, "client_map", CLIENT_MAPS)
+    local_steps = validation.check_positive_int(local_steps, "local_steps")
+    batch_size = validation.check_positive_int(batch_size, "batch_size")
+    if participation is not None:
+        validation.check_positive_int(participation, "participation")
+    if aggregator.frozen_factor not in (None, "A", "B"):
+        raise ValueError(
+            f"aggregator.frozen_factor must be None, 'A' or 'B', got {aggregator.frozen_factor!r}."
+        )
+    optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+    train_kwargs = dict(
+        optimizer=optimizer,
+        steps=local_steps,
+        batch_size=batch_size,
+        frozen_factor=aggregator.frozen_factor,
+    )
+
+    def train_one(base, start, x, y, w, key):
+        return local_train(graphdef, base, start, x, y, w, key, **train_kwargs)
+
+    def select(state: ServerState, data: ClientData, key):
+        n = state.flag_counts.shape[0]
+        if data.inputs.shape[0] != n:
+            raise ValueError(
+                f"client_data has {data.inputs.shape[0]} clients (inputs "
+                f"{tuple(data.inputs.shape)}), the server state {n}."
+            )
+        k = _num_participants(participation, n)
+        k_sample, k_train, k_agg = jax.random.split(key, 3)
+        if k == n:
+            idx = jnp.arange(n, dtype=jnp.int32)
+        else:
+            idx = jnp.sort(jax.random.choice(k_sample, n, (k,), replace=False)).astype(jnp.int32)
+        train_keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(idx)
+        return idx, train_keys, k_agg
+
+    def finish(state: ServerState, data: ClientData, idx, start, trained, losses, k_agg):
+        n = state.flag_counts.shape[0]
+        sent = _attack(start, trained, data.update_scale[idx], data.coordinated[idx])
+        result = aggregator.aggregate(sent, state.global_, data.weight[idx], state.round, k_agg)
+        result_clients = jax.tree.map(jnp.asarray, dict(result.clients))
+        new_global = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.global_.items()}
+        if idx.shape[0] == n:
+            clients = result_clients
+        else:
+            broadcast = _is_broadcast(result_clients, new_global)
+            kept = jax.tree.map(
+                lambda old, g: jnp.where(broadcast, jnp.broadcast_to(g, old.shape), old),
+                state.clients,
+                new_global,
+            )
+            clients = jax.tree.map(lambda c, r: c.at[idx].set(r), kept, result_clients)
+        flagged = jnp.zeros((n,), bool).at[idx].set(jnp.asarray(result.flagged, bool))
+        new_state = ServerState(
+            round=state.round + 1,
+            global_=new_global,
+            clients=clients,
+            flag_counts=state.flag_counts + flagged.astype(jnp.int32),
+            participation_counts=state.participation_counts.at[idx].add(1),
+        )
+        return new_state, RoundMetrics(idx, losses, flagged, dict(result.diagnostics))
+
+    def vmapped_round(base, state, data, key):
+        idx, train_keys, k_agg = select(state, data, key)
+        start = _take(state.clients, idx)
+        trained, losses = jax.vmap(train_one, in_axes=(None, 0, 0, 0, 0, 0))(
+            base, start, data.inputs[idx], data.targets[idx], data.mask[idx], train_keys
+        )
+        return finish(state, data, idx, start, trained, losses, k_agg)
+
+    if client_map == "vmap":
+        compiled = jax.jit(vmapped_round) if jit else vmapped_round
+
+        def round_fn(state: ServerState, client_data: ClientData, key: PRNGKeyArray):
+            return compiled(base, state, client_data, key)
+
+        return round_fn
+
+    train_jit = jax.jit(train_one)
+    select_jit = jax.jit(select)
+    finish_jit = jax.jit(finish)
+
+    def looped_round(state: ServerState, client_data: ClientData, key: PRNGKeyArray):
+        idx, train_keys, k_agg = select_jit(state, client_data, key)
+        start = _take(state.clients, idx)
+        outs = []
+        for j, i in enumerate(np.asarray(idx)):
+            outs.append(
+                train_jit(
+                    base,
+                    _take(state.clients, i),
+                    client_data.inputs[i],
+                    client_data.targets[i],
+                    client_data.mask[i],
+                    train_keys[j],
+                )
+            )
+        trained = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outs])
+        losses = jnp.stack([o[1] for o in outs])
+        return finish_jit(state, client_data, idx, start, trained, losses, k_agg)
+
+    return looped_round
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
+    """Saves a pytree of arrays (e.g. a :class:`ServerState`) with ``numpy.savez``.
+
+    The file is written to a temporary name in the same directory and renamed
+    over ``path``, so a crash never leaves a half-written checkpoint.
+
+    Args:
+      path: destination file (conventionally ``*.npz``).
+      tree: a pytree whose leaves are arrays (no PRNG key arrays).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    arrays = _flat_arrays(tree)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
+    """Loads a checkpoint written by :func:`save_checkpoint` into the structure of ``like``.
+
+    Args:
+      path: the checkpoint file.
+      like: a pytree with the expected structure, shapes and dtypes (e.g. the
+        initial state); its values are not used.
+
+    Raises:
+      ValueError: the file's entries, shapes or dtypes differ from ``like``'s.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    with np.load(os.fspath(path)) as stored:
+        names = set(stored.files)
+        expected = [jax.tree_util.keystr(p) for p, _ in leaves]
+        if names != set(expected):
+            missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} does not match the expected structure: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}."
+            )
+        out = []
+        for name, (_, leaf) in zip(expected, leaves, strict=True):
+            value = stored[name]
+            leaf = np.asarray(leaf)
+            if value.shape != leaf.shape or value.dtype != leaf.dtype:
+                raise ValueError(
+                    f"checkpoint entry {name}: stored {value.shape} {value.dtype}, expected "
+                    f"{leaf.shape} {leaf.dtype}."
+                )
+            out.append(jnp.asarray(value))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
+
+
+def run_rounds(
+    round_fn: Callable,
+    state: ServerState,
+    client_data: ClientData,
+    key: PRNGKeyArray,
+    num_rounds: int,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    progress: bool | None = None,
+    desc: str = "rounds",
+    callback: Callable[[ServerState, RoundMetrics], Any] | None = None,
+) -> tuple[ServerState, list[RoundMetrics]]:
+    """Runs rounds until ``num_rounds`` are done, checkpointing after each one.
+
+    Round ``t`` uses the key ``jax.random.fold_in(key, t)``, so the result
+    depends only on ``key`` and the initial state, whether the run was
+    interrupted or not. If ``checkpoint`` exists it is loaded first (its
+    structure must match ``state``) and the run resumes after its last
+    completed round.
+
+    Args:
+      round_fn: from :func:`make_round`.
+      state: the initial state (:func:`init_server_state`).
+      client_data: the clients' training data.
+      key: ``jax.random`` key of the whole run.
+      num_rounds: total rounds (including those already in the checkpoint).
+      checkpoint: file to resume from and to save to after every round.
+      progress: show a text progress bar (``None``: only on a terminal).
+      desc: the progress bar's label.
+      callback: called as ``callback(state, metrics)`` after every round run
+        (and after its checkpoint is written), e.g. to evaluate the clients.
+
+    Returns:
+      The final state and the metrics of the rounds run by this call.
+    """
+    num_rounds = int(num_rounds)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint, like=state)
+    history = []
+    start = int(state.round)
+    with ProgressBar(max(num_rounds - start, 0), desc=desc, enabled=progress) as bar:
+        for t in range(start, num_rounds):
+            state, metrics = round_fn(state, client_data, jax.random.fold_in(key, t))
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, state)
+            history.append(jax.device_get(metrics))
+            if callback is not None:
+                callback(state, metrics)
+            bar.update(loss=float(np.mean(metrics.local_losses[:, -1])))
+    return state, history
