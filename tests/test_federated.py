@@ -1,0 +1,296 @@
+"""Federated rounds: jit == no-jit == Python loop, keys, participation, attacks, checkpoints."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import clair_jax as cj
+from clair_jax import data
+
+N = 6
+CONFIG = cj.TransformerConfig(
+    vocab_size=8, max_len=6, num_layers=1, width=8, num_heads=2, mlp_width=8, lora_rank=2
+)
+FED = data.FederationConfig(
+    num_clients=N,
+    contaminated_fraction=0.0,
+    vocab_size=8,
+    length=3,
+    train_examples=4,
+    test_examples=5,
+    shared_tokens=2,
+    specific_tokens=1,
+)
+
+
+@functools.cache
+def _round(name, participation=None, client_map="vmap", jit=True):
+    graphdef, base, _, _ = _setup_cache()
+    aggregator = {"fedit": cj.fedit, "local_only": cj.local_only, "ffa_lora": cj.ffa_lora}[name]()
+    return cj.make_round(
+        graphdef,
+        base,
+        aggregator,
+        local_steps=2,
+        batch_size=3,
+        optimizer=optax.adam(0.05),
+        participation=participation,
+        client_map=client_map,
+        jit=jit,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _setup_cache():
+    graphdef, base, adapters = cj.split_lora(cj.LoRATransformer(CONFIG, rngs=nnx.Rngs(0)))
+    fed = data.make_federation(jax.random.key(1), FED)
+    return graphdef, base, adapters, fed
+
+
+@pytest.fixture
+def parts():
+    return _setup_cache()
+
+
+def trees_equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b)))
+
+
+def state_after(round_fn, adapters, train, keys):
+    state = cj.init_server_state(adapters, N)
+    for k in keys:
+        state, metrics = round_fn(state, train, jax.random.key(k))
+    return state, metrics
+
+
+# --- transforms and keys -----------------------------------------------------------------
+
+
+def test_jit_matches_no_jit_and_python_loop(parts):
+    _, _, adapters, fed = parts
+    jitted, _ = state_after(_round("fedit"), adapters, fed.train, [0, 1])
+    eager, _ = state_after(_round("fedit", jit=False), adapters, fed.train, [0, 1])
+    looped, metrics = state_after(_round("fedit", client_map="loop"), adapters, fed.train, [0, 1])
+    for other in (eager, looped):
+        jax.tree.map(
+            lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), jitted, other
+        )
+    assert int(jitted.round) == 2 and metrics.local_losses.shape == (N, 2)
+    # The adapters moved away from their initial value.
+    assert not trees_equal(jitted.global_, adapters)
+
+
+def test_round_is_a_function_of_the_key(parts):
+    _, _, adapters, fed = parts
+    round_fn = _round("fedit")
+    a, _ = state_after(round_fn, adapters, fed.train, [3])
+    b, _ = state_after(round_fn, adapters, fed.train, [3])
+    c, _ = state_after(round_fn, adapters, fed.train, [4])
+    assert trees_equal(a, b)
+    assert not trees_equal(a.global_, c.global_)
+
+
+def test_fedit_round_averages_the_local_updates(parts):
+    # Same start, same key: FedIT's global adapter is the weighted mean of the adapters
+    # local-only training leaves on the clients, and every client gets it back.
+    _, _, adapters, fed = parts
+    train = fed.train._replace(weight=jnp.arange(1.0, N + 1.0))
+    local, _ = state_after(_round("local_only"), adapters, train, [7])
+    fedit, _ = state_after(_round("fedit"), adapters, train, [7])
+    p = np.arange(1.0, N + 1.0) / np.sum(np.arange(1.0, N + 1.0))
+    for name, f in local.clients.items():
+        for factor in ("B", "A"):
+            mean = np.einsum("n,n...->...", p, np.asarray(getattr(f, factor)))
+            np.testing.assert_allclose(getattr(fedit.global_[name], factor), mean, atol=1e-6)
+            np.testing.assert_array_equal(
+                getattr(fedit.clients[name], factor),
+                np.broadcast_to(getattr(fedit.global_[name], factor), (N, *mean.shape)),
+            )
+
+
+# --- local training ----------------------------------------------------------------------
+
+
+def test_local_train_sgd_step_is_the_gradient_step(parts):
+    graphdef, base, adapters, fed = parts
+    x, y, w = fed.train.inputs[0], fed.train.targets[0], fed.train.mask[0]
+    start = jax.tree.map(lambda a: a + 0.1, adapters)  # B != 0 so every factor gets a gradient
+    trained, losses = cj.local_train(
+        graphdef,
+        base,
+        start,
+        x,
+        y,
+        w,
+        jax.random.key(0),
+        optimizer=optax.sgd(0.5),
+        steps=1,
+        batch_size=100,  # more than m: the full local data set
+    )
+
+    def loss(adapters):  # written independently, through the NNX model
+        model = cj.merge_lora(graphdef, base, adapters)
+        ce = optax.softmax_cross_entropy_with_integer_labels(model(x), y)
+        return jnp.sum(w * ce) / jnp.sum(w)
+
+    value, grads = jax.value_and_grad(loss)(start)
+    np.testing.assert_allclose(losses[0], value, rtol=1e-6)
+    expected = jax.tree.map(lambda a, g: a - 0.5 * g, start, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), trained, expected)
+
+
+def test_local_train_reduces_the_loss_and_honours_the_frozen_factor(parts):
+    graphdef, base, adapters, fed = parts
+    args = (fed.train.inputs[1], fed.train.targets[1], fed.train.mask[1], jax.random.key(2))
+    kwargs = dict(optimizer=optax.adam(0.05), steps=25, batch_size=4)
+    trained, losses = cj.local_train(graphdef, base, adapters, *args, **kwargs)
+    assert float(losses[-1]) < 0.5 * float(losses[0])
+    frozen, _ = cj.local_train(graphdef, base, adapters, *args, frozen_factor="A", **kwargs)
+    for name, f in frozen.items():
+        np.testing.assert_array_equal(f.A, adapters[name].A)
+        assert np.any(np.asarray(f.B) != np.asarray(adapters[name].B))
+
+
+def test_ffa_round_never_changes_A(parts):
+    _, _, adapters, fed = parts
+    state, _ = state_after(_round("ffa_lora"), adapters, fed.train, [0, 1])
+    for name, f in state.clients.items():
+        np.testing.assert_array_equal(f.A, np.broadcast_to(adapters[name].A, f.A.shape))
+        assert np.any(np.asarray(f.B) != 0)
+
+
+# --- participation and attacks -----------------------------------------------------------
+
+
+def test_partial_participation(parts):
+    _, _, adapters, fed = parts
+    state0 = cj.init_server_state(adapters, N)
+    # Personalised rule: non-participants keep their adapter bit for bit.
+    local = _round("local_only", participation=3)
+    seen = set()
+    state = state0
+    for k in range(4):
+        new, metrics = local(state, fed.train, jax.random.key(k))
+        idx = np.asarray(metrics.participants)
+        assert len(set(idx)) == 3 and list(idx) == sorted(idx)
+        seen.add(tuple(idx))
+        others = np.setdiff1d(np.arange(N), idx)
+        for name in adapters:
+            kept = new.clients[name].B[others]
+            np.testing.assert_array_equal(kept, state.clients[name].B[others])
+            assert np.any(np.asarray(new.clients[name].B[idx]) != 0)
+        assert metrics.local_losses.shape == (3, 2)
+        state = new
+    assert len(seen) > 1  # different keys sample different subsets
+    np.testing.assert_array_equal(state.participation_counts.sum(), 12)
+    # Broadcast rule: everybody, participant or not, gets the new global adapter.
+    new, metrics = _round("fedit", participation=2)(state0, fed.train, jax.random.key(9))
+    for name, f in new.clients.items():
+        np.testing.assert_array_equal(f.B, np.broadcast_to(new.global_[name].B, f.B.shape))
+    np.testing.assert_array_equal(
+        new.participation_counts, np.isin(np.arange(N), np.asarray(metrics.participants))
+    )
+
+
+def test_attack_model(parts):
+    _, _, adapters, fed = parts
+    round_fn = _round("local_only")  # local-only returns what clients sent
+    honest, _ = state_after(round_fn, adapters, fed.train, [5])
+    scale = jnp.array([1.0, 3.0, -1.0, 1.0, 2.0, 2.0])
+    coordinated = jnp.array([False, False, False, False, True, True])
+    attacked_data = fed.train._replace(update_scale=scale, coordinated=coordinated)
+    attacked, _ = state_after(round_fn, adapters, attacked_data, [5])
+    for name, f in honest.clients.items():
+        for factor in ("B", "A"):
+            start = np.asarray(getattr(adapters[name], factor))
+            delta = np.asarray(getattr(f, factor)) - start
+            sent = np.asarray(getattr(attacked.clients[name], factor))
+            for i in range(4):
+                np.testing.assert_allclose(sent[i], start + float(scale[i]) * delta[i], atol=1e-6)
+            common = start + 2.0 * (delta[4] + delta[5]) / 2
+            np.testing.assert_allclose(sent[4], common, atol=1e-6)
+            np.testing.assert_allclose(sent[5], common, atol=1e-6)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+
+
+def test_evaluate_clients_against_numpy(parts):
+    graphdef, base, adapters, fed = parts
+    state, _ = state_after(_round("local_only"), adapters, fed.train, [0])
+    ev = cj.evaluate_clients(graphdef, base, state.clients, fed.test)
+    for i in range(N):
+        client = jax.tree.map(lambda x, i=i: x[i], state.clients)
+        logits = np.asarray(cj.apply_lora(graphdef, base, client, fed.test.inputs[i]), np.float64)
+        y, w = np.asarray(fed.test.targets[i]), np.asarray(fed.test.mask[i])
+        logp = logits - logits.max(-1, keepdims=True)
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+        ce = -np.take_along_axis(logp, y[..., None], -1)[..., 0]
+        np.testing.assert_allclose(ev.loss[i], (w * ce).sum() / w.sum(), rtol=1e-5)
+        acc = (w * (logits.argmax(-1) == y)).sum() / w.sum()
+        np.testing.assert_allclose(ev.accuracy[i], acc, rtol=1e-6)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(parts, tmp_path):
+    _, _, adapters, fed = parts
+    round_fn = _round("fedit")
+    key = jax.random.key(11)
+    init = cj.init_server_state(adapters, N)
+    full, history = cj.run_rounds(round_fn, init, fed.train, key, 3, progress=False)
+    assert len(history) == 3 and int(full.round) == 3
+
+    path = tmp_path / "ckpt" / "state.npz"
+    part, _ = cj.run_rounds(round_fn, init, fed.train, key, 1, checkpoint=path, progress=False)
+    assert int(part.round) == 1 and path.exists()
+    # A fresh process would start again from the initial state: the checkpoint wins.
+    resumed, history = cj.run_rounds(
+        round_fn, init, fed.train, key, 3, checkpoint=path, progress=False
+    )
+    assert len(history) == 2
+    assert trees_equal(resumed, full)
+    assert trees_equal(cj.load_checkpoint(path, like=init), full)
+    assert os.listdir(path.parent) == ["state.npz"]  # no temporary files left behind
+    # Nothing left to do: the state comes back unchanged.
+    again, history = cj.run_rounds(round_fn, init, fed.train, key, 3, checkpoint=path)
+    assert history == [] and trees_equal(again, full)
+
+
+def test_checkpoint_mismatch_is_an_error(parts, tmp_path):
+    _, _, adapters, _ = parts
+    path = tmp_path / "state.npz"
+    cj.save_checkpoint(path, cj.init_server_state(adapters, N))
+    with pytest.raises(ValueError, match="expected"):
+        cj.load_checkpoint(path, like=cj.init_server_state(adapters, N + 1))
+    with pytest.raises(ValueError, match="structure"):
+        cj.load_checkpoint(path, like={"other": jnp.zeros(3)})
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_round_arguments(parts):
+    graphdef, base, adapters, fed = parts
+    with pytest.raises(TypeError, match="Aggregator"):
+        cj.make_round(graphdef, base, lambda *a: None)
+    with pytest.raises(ValueError, match="local_steps"):
+        cj.make_round(graphdef, base, cj.fedit(), local_steps=0)
+    with pytest.raises(ValueError, match="client_map"):
+        cj.make_round(graphdef, base, cj.fedit(), client_map="pmap")
+    state = cj.init_server_state(adapters, N)
+    too_many = cj.make_round(graphdef, base, cj.fedit(), participation=N + 1)
+    with pytest.raises(ValueError, match="participation"):
+        too_many(state, fed.train, jax.random.key(0))
+    short = jax.tree.map(lambda x: x[: N - 1], fed.train)
+    with pytest.raises(ValueError, match="client_data has 5 clients"):
+        _round("fedit")(state, short, jax.random.key(0))
+    with pytest.raises(ValueError, match="num_clients"):
+        cj.init_server_state(adapters, 0)
