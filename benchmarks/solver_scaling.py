@@ -42,6 +42,7 @@ import clair_jax as cj  # noqa: E402
 from clair_jax._src import svd as svd_lib  # noqa: E402
 
 TOL = 1e-6
+SECTIONS = ("headline", "n", "p", "q", "batch", "cvxpy")
 NOISE = 0.01
 RANK = 3
 
@@ -305,8 +306,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller sweeps (a few minutes)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections must be a subset of {SECTIONS}, got {args.sections!r}")
     backends = (("full", None), ("gram", None), ("rank_capped", 16))
     results = {
         "machine": {
@@ -319,11 +328,69 @@ def main(argv=None):
         },
         "tol": TOL,
         "quick": quick,
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
     }
     print(f"# machine: {results['machine']}")
-    results["headline"] = compare_at(32, 256, 16, args.repeats, backends)
+    if "headline" in sections:
+        headline(results, backends, args.repeats)
+    n_sizes = (8, 32, 128) if quick else (8, 32, 128, 512)
+    p_sizes = (64, 256, 1024) if quick else (64, 256, 1024, 4096)
+    if "n" in sections:
+        results["sweep_n"] = [
+            r for n in n_sizes for r in compare_at(n, 256, 16, args.repeats, backends)
+        ]
+        print_table("Sweep over clients n (p=256, q=16)", results["sweep_n"])
+    if "p" in sections:
+        results["sweep_p"] = [
+            r for p in p_sizes for r in compare_at(32, p, 16, args.repeats, backends)
+        ]
+        print_table("Sweep over rows p (n=32, q=16)", results["sweep_p"])
+    if "q" in sections and not quick:
+        results["sweep_q"] = [
+            r for q in (4, 64) for r in compare_at(32, 256, q, args.repeats, backends)
+        ]
+        print_table("Sweep over cols q (n=32, p=256)", results["sweep_q"])
+    sweeps = ("headline", "sweep_n", "sweep_p", "sweep_q")
+    compared = [r for k in sweeps for r in results.get(k, [])]
+    print_factorisations(compared)
+    if "batch" in sections:
+        batches = (1, 8, 64) if quick else (1, 4, 16, 64, 256)
+        results["batch"] = batch_rows(batches, 32, 256, 16, args.repeats)
+        print("\n### vmapped batch of problems (ADMM) vs a Python loop of the NumPy baseline\n")
+        print("| batch | backend | NumPy loop (s) | JAX vmap (s) | speed-up | all converged |")
+        print("|---|---|---|---|---|---|")
+        for r in results["batch"]:
+            print(
+                f"| {r['batch']} | {r['backend']} | {r['numpy_loop_s']:.2f} "
+                f"| {r['jax_vmap_s']:.2f} | {r['ratio']:.1f}x | {r['all_converged']} |"
+            )
+    if "cvxpy" in sections:
+        results["cvxpy"] = cvxpy_rows(((8, 16, 4), (16, 32, 4)), args.repeats)
+        print("\n### cvxpy (CLARABEL) on small sizes\n")
+        print("| n | p | q | solver | cvxpy (s) | JAX (s) | speed-up | objective gap |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in results["cvxpy"]:
+            print(
+                f"| {r['n']} | {r['p']} | {r['q']} | {r['solver']} | {r['cvxpy_s']:.2f} "
+                f"| {r['jax_s'] * 1e3:.1f} ms | {r['ratio']:.0f}x "
+                f"| {r['objective_gap_vs_cvxpy']:.1e} |"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = (
+        "solver_scaling"
+        if sections == set(SECTIONS)
+        else "solver_scaling_" + "_".join(k for k in SECTIONS if k in sections)
+    )
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / f"{name}.png")
+    print(f"\nwrote {out / name}.json and {out / name}.png")
+
+
+def headline(results, backends, repeats):
+    results["headline"] = compare_at(32, 256, 16, repeats, backends)
     print_table("Headline: n=32, p=256, q=16, tol 1e-6 (float64)", results["headline"])
-    results["equal_accuracy"] = equal_accuracy_rows(results["headline"], backends, args.repeats)
+    results["equal_accuracy"] = equal_accuracy_rows(results["headline"], backends, repeats)
     print("\n### Headline at equal accuracy (objective gap <= the NumPy baseline's)\n")
     print("| solver | backend | tol | iters | time (ms) | objective gap | vs NumPy |")
     print("|---|---|---|---|---|---|---|")
@@ -332,62 +399,28 @@ def main(argv=None):
             f"| {r['solver']} | {r['backend']} | {r['tol']:.0e} | {r['iters']} "
             f"| {r['time_s'] * 1e3:.1f} | {r['objective_gap']:.1e} | {r['ratio_vs_numpy']:.1f}x |"
         )
-    n_sizes = (8, 32, 128) if quick else (8, 32, 128, 512)
-    p_sizes = (64, 256, 1024) if quick else (64, 256, 1024, 4096)
-    results["sweep_n"] = [
-        r for n in n_sizes for r in compare_at(n, 256, 16, args.repeats, backends)
-    ]
-    print_table("Sweep over clients n (p=256, q=16)", results["sweep_n"])
-    results["sweep_p"] = [r for p in p_sizes for r in compare_at(32, p, 16, args.repeats, backends)]
-    print_table("Sweep over rows p (n=32, q=16)", results["sweep_p"])
-    if not quick:
-        results["sweep_q"] = [
-            r for q in (4, 64) for r in compare_at(32, 256, q, args.repeats, backends)
-        ]
-        print_table("Sweep over cols q (n=32, p=256)", results["sweep_q"])
+
+
+def print_factorisations(rows):
+    """One factorisation's time, Gram eigh vs full SVD, per problem size measured."""
     print("\n### One factorisation: Gram eigh vs full SVD\n")
     print("| n | p | q | nq/p | full (ms) | gram (ms) | full/gram |")
     print("|---|---|---|---|---|---|---|")
     seen = set()
-    for r in results["headline"] + results["sweep_n"] + results["sweep_p"]:
+    for r in rows:
         key = (r["n"], r["p"], r["q"])
         if key in seen or r["solver"] != "fista":
             continue
         seen.add(key)
         by = {
             x["backend"]: x["factorisation_s"]
-            for x in results["sweep_n"] + results["sweep_p"] + results["headline"]
+            for x in rows
             if (x["n"], x["p"], x["q"]) == key and x["solver"] == "fista"
         }
         print(
             f"| {key[0]} | {key[1]} | {key[2]} | {key[0] * key[2] / key[1]:.1f} "
             f"| {by['full'] * 1e3:.1f} | {by['gram'] * 1e3:.1f} | {by['full'] / by['gram']:.1f}x |"
         )
-    batches = (1, 8, 64) if quick else (1, 4, 16, 64, 256)
-    results["batch"] = batch_rows(batches, 32, 256, 16, args.repeats)
-    print("\n### vmapped batch of problems (ADMM) vs a Python loop of the NumPy baseline\n")
-    print("| batch | backend | NumPy loop (s) | JAX vmap (s) | speed-up | all converged |")
-    print("|---|---|---|---|---|---|")
-    for r in results["batch"]:
-        print(
-            f"| {r['batch']} | {r['backend']} | {r['numpy_loop_s']:.2f} | {r['jax_vmap_s']:.2f} "
-            f"| {r['ratio']:.1f}x | {r['all_converged']} |"
-        )
-    results["cvxpy"] = cvxpy_rows(((8, 16, 4), (16, 32, 4)), args.repeats)
-    print("\n### cvxpy (CLARABEL) on small sizes\n")
-    print("| n | p | q | solver | cvxpy (s) | JAX (s) | speed-up | objective gap |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results["cvxpy"]:
-        print(
-            f"| {r['n']} | {r['p']} | {r['q']} | {r['solver']} | {r['cvxpy_s']:.2f} "
-            f"| {r['jax_s'] * 1e3:.1f} ms | {r['ratio']:.0f}x "
-            f"| {r['objective_gap_vs_cvxpy']:.1e} |"
-        )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "solver_scaling.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "solver_scaling.png")
-    print(f"\nwrote {out / 'solver_scaling.json'} and {out / 'solver_scaling.png'}")
 
 
 def print_table(title, rows):
@@ -414,7 +447,7 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, var in ((axes[0], "sweep_n", "n"), (axes[1], "sweep_p", "p")):
-        rows = results[key]
+        rows = results.get(key, [])
         series = sorted({(r["solver"], r["backend"]) for r in rows})
         for solver, backend in series:
             pts = [
@@ -427,6 +460,10 @@ def plot(results, path):
         ax.set_ylabel("time to tol 1e-6 (s)")
         ax.legend(fontsize=7)
     ax = axes[2]
+    if "batch" not in results:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        return
     for backend in ("auto", "rank_capped"):
         pts = [(r["batch"], r["jax_vmap_s"]) for r in results["batch"] if r["backend"] == backend]
         ax.loglog(*zip(*pts, strict=True), marker="o", label=f"JAX vmap ADMM/{backend}")
