@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool
 
+from clair_jax._src import batching, validation
 from clair_jax._src import fedrot as fedrot_lib
-from clair_jax._src import validation
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -483,7 +483,7 @@ def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggrega
             res = clair(jnp.swapaxes(x, 1, 2) if shared_space == "row" else x, **clair_kwargs)
             refined = res.refined if shared_space == "column" else jnp.swapaxes(res.refined, 1, 2)
             collaborative = jnp.asarray(res.collaborative, bool)
-            personal = jax.vmap(partial(dense_factors, rank=r))(refined)
+            personal = batching.map_matrices(partial(dense_factors, rank=r), refined)
             new_clients[name] = personal
             w = jnp.where(collaborative, p, 0.0)
             w = jnp.where(jnp.sum(w) > 0, w, p)

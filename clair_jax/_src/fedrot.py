@@ -21,12 +21,14 @@ and the soft alignment, alternation and round-0 skip follow the project notes
 
 from __future__ import annotations
 
+from functools import partial
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from clair_jax._src import validation
+from clair_jax._src import batching, validation
 
 FACTORS = ("A", "B")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -65,11 +67,13 @@ def alignment_rotations(
     else:  # min_R ||B_i R - B_ref||_F: maximise tr(R^T B_i^T B_ref)
         cross = jnp.einsum("npr,ps->nrs", B, B_ref, precision=_HIGHEST)
     eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
-    hard = nearest_rotation(cross, allow_reflection)
+    # One client at a time on CPU (see clair_jax._src.batching: jaxlib 0.10 hang).
+    polar = partial(nearest_rotation, allow_reflection=allow_reflection)
+    hard = batching.map_matrices(polar, cross)
     # A zero cross term (e.g. a zero reference) makes every rotation optimal: keep I.
     scale = jnp.max(jnp.abs(cross), axis=(1, 2), keepdims=True)
     hard = jnp.where(scale > 0, hard, eye)
-    soft = nearest_rotation((1 - strength) * eye + strength * hard, allow_reflection)
+    soft = batching.map_matrices(polar, (1 - strength) * eye + strength * hard)
     return soft
 
 
