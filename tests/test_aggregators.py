@@ -403,16 +403,17 @@ def test_clair_aggregator_on_products(x64):
     np.testing.assert_array_equal(res.flagged, outliers)
     np.testing.assert_array_equal(res.diagnostics["flagged/w"], outliers)
     x = np.einsum("npr,nrq->npq", B, A)
-    # Personalised adapters: each client's refined update, re-factorised to rank r.
-    refined = np.asarray(clair(x, rank=r).refined)
-    personal = np.einsum("npr,nrq->npq", res.clients["w"].B, res.clients["w"].A)
-    np.testing.assert_allclose(personal, np_best_rank(refined, r), atol=1e-8)
     # Global: best rank-r approximation of the weighted mean of the collaborative updates.
     pc = np.where(outliers, 0.0, w) / w[~outliers].sum()
     g = res.global_["w"]
-    np.testing.assert_allclose(
-        np.asarray(g.B) @ g.A, np_best_rank(np.tensordot(pc, x, 1), r), atol=1e-10
-    )
+    global_update = np_best_rank(np.tensordot(pc, x, 1), r)
+    np.testing.assert_allclose(np.asarray(g.B) @ g.A, global_update, atol=1e-10)
+    # Personalised adapters: each collaborative client's refined update, re-factorised
+    # to rank r; the flagged clients get the global adapter.
+    refined = np.asarray(clair(x, rank=r).refined)
+    expected = np.where(outliers[:, None, None], global_update[None], np_best_rank(refined, r))
+    personal = np.einsum("npr,nrq->npq", res.clients["w"].B, res.clients["w"].A)
+    np.testing.assert_allclose(personal, expected, atol=1e-8)
     assert_errors(res, clients, w)
 
     # Shared row space: the same clients transposed (B' = A^T, A' = B^T) give the

@@ -451,7 +451,9 @@ def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggrega
     (``(n, p, q)``; with ``shared_space="row"`` on their transposes, so that the
     shared subspace is a row space). Each client's refined update ``X̃_i`` is
     re-factorised to the LoRA rank ``r`` by truncated SVD and sent back to that
-    client (personalised adapters). The global adapter is the rank-``r``
+    client (personalised adapters); flagged clients get the global adapter
+    instead, so their next update is again measured from the consensus. The
+    global adapter is the rank-``r``
     factorisation of the weighted mean of the collaborative clients' updates,
     ``Σ_{i∈Ĉ} p_i X_i / Σ_{i∈Ĉ} p_i`` (all clients if ``Ĉ`` is empty); with
     equal weights that is also the mean of their refined updates. A client is ``flagged``
@@ -484,14 +486,23 @@ def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggrega
             refined = res.refined if shared_space == "column" else jnp.swapaxes(res.refined, 1, 2)
             collaborative = jnp.asarray(res.collaborative, bool)
             personal = batching.map_matrices(partial(dense_factors, rank=r), refined)
-            new_clients[name] = personal
             w = jnp.where(collaborative, p, 0.0)
             w = jnp.where(jnp.sum(w) > 0, w, p)
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
             new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
+            new_clients[name] = personal
             flagged = flagged | ~collaborative
             diagnostics[f"flagged/{name}"] = ~collaborative
+        # Flagged clients get the global adapter, not a refinement of their own update.
+        keep = ~flagged[:, None, None]
+        new_clients = {
+            name: LoRAFactors(
+                B=jnp.where(keep, f.B, new_global[name].B[None]),
+                A=jnp.where(keep, f.A, new_global[name].A[None]),
+            )
+            for name, f in new_clients.items()
+        }
         diagnostics.update(errors(clients, new_global, p))
         return AggregateResult(new_clients, new_global, flagged, diagnostics)
 

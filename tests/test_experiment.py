@@ -1,0 +1,107 @@
+"""The text-copying experiment end to end on a tiny configuration, and its pieces."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from clair_jax._src import lora
+from clair_jax.experiments import text_copy
+
+TINY = [
+    "--clients", "6",
+    "--layers", "1",
+    "--rounds", "2",
+    "--local-steps", "2",
+    "--pretrain-steps", "20",
+    "--test-examples", "8",
+    "--no-progress",
+]  # fmt: skip
+
+
+def test_detection_counts_majority_flags():
+    # Client 0 flagged in 2 of 3 rounds (majority), client 1 in 1 of 3, client 2
+    # in 1 of 2 (not a majority), client 3 never took part.
+    d = text_copy.detection([2, 1, 1, 0], [3, 3, 2, 0], [True, True, False, False])
+    assert d["flagged"] == [True, False, False, False]
+    assert d["precision"] == 1.0 and d["recall"] == 0.5
+    assert d["f1"] == pytest.approx(2 / 3)
+    nothing = text_copy.detection([0, 0], [1, 1], [True, False])
+    assert nothing["precision"] is None and nothing["f1"] == 0.0
+    clean = text_copy.detection([0, 0], [1, 1], [False, False])
+    assert clean["f1"] is None
+
+
+def test_parse_args_defaults_and_errors(capsys):
+    quick = text_copy.parse_args(["--quick"])
+    assert quick.clients == text_copy.QUICK["clients"] >= 20
+    assert quick.fraction == 0.3 and quick.methods == list(text_copy.METHODS)
+    assert text_copy.parse_args(["--methods", "clair, fedit"]).methods == ["clair", "fedit"]
+    with pytest.raises(SystemExit):
+        text_copy.parse_args(["--methods", "fedit,nope"])
+    assert "unknown methods" in capsys.readouterr().err
+
+
+def test_unknown_method_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown method"):
+        text_copy.make_aggregator("nope", participants=4, fraction=0.25)
+
+
+def test_pretrain_cache_round_trip(tmp_path):
+    config = lora.TransformerConfig(vocab_size=16, max_len=8, lora_rank=2)
+    _, base, _, info = text_copy.pretrain(
+        config, length=4, steps=5, cache_dir=str(tmp_path), progress=False
+    )
+    assert not info["loaded"] and np.isfinite(info["loss"])
+    _, again, _, info2 = text_copy.pretrain(
+        config, length=4, steps=5, cache_dir=str(tmp_path), progress=False
+    )
+    assert info2["loaded"] and info2["cache_file"] == info["cache_file"]
+    for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Another setting is another cache entry.
+    _, _, _, info3 = text_copy.pretrain(
+        config, length=4, steps=6, cache_dir=str(tmp_path), progress=False
+    )
+    assert not info3["loaded"] and info3["cache_file"] != info["cache_file"]
+    with pytest.raises(ValueError, match="max_len"):
+        text_copy.pretrain(config, length=5, steps=1, cache_dir=None)
+
+
+def test_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    argv = TINY + [
+        "--methods", "local_only,fedit,clair",
+        "--cache-dir", str(tmp_path / "cache"),
+        "--out", str(out_dir),
+    ]  # fmt: skip
+    text_copy.main(argv)
+    printed = capsys.readouterr().out
+    assert "| method | benign acc" in printed and "| clair |" in printed
+    result = json.loads((out_dir / "text_copy.json").read_text())
+    assert list(result["methods"]) == ["local_only", "fedit", "clair"]
+    truth = np.asarray(result["contaminated"])
+    assert truth.sum() == 2  # 30% of 6, rounded
+    for name, r in result["methods"].items():
+        assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"])
+        assert len(r["curve"]) == 2 and len(r["accuracy_per_client"]) == 6
+        assert len(r["detection"]["flagged"]) == 6, name
+    # Local-only and FedIT never flag anybody.
+    assert result["methods"]["fedit"]["detection"]["num_flagged"] == 0
+    assert set(result["gaps"]) == {"clair_minus_local_only", "clair_minus_fedit"}
+    assert (out_dir / "text_copy.png").stat().st_size > 0
+
+
+def test_runs_are_deterministic_and_checkpoints_resume(tmp_path):
+    common = TINY + ["--methods", "fedit", "--cache-dir", str(tmp_path / "cache")]
+    first = text_copy.run(text_copy.parse_args(common))
+    ckpt = str(tmp_path / "ckpt")
+    second = text_copy.run(text_copy.parse_args(common + ["--checkpoint-dir", ckpt]))
+    # Resuming from a finished checkpoint runs no more rounds and gives the same state.
+    third = text_copy.run(text_copy.parse_args(common + ["--checkpoint-dir", ckpt]))
+    for other in (second, third):
+        np.testing.assert_array_equal(
+            first["methods"]["fedit"]["accuracy_per_client"],
+            other["methods"]["fedit"]["accuracy_per_client"],
+        )
