@@ -53,6 +53,12 @@ from clair_jax._src.prox import blocks_to_matrix as blocks_to_matrix
 from clair_jax._src.prox import matrix_to_blocks as matrix_to_blocks
 from clair_jax._src.rpca import RobustPCA as RobustPCA
 from clair_jax._src.rpca import rpca as rpca
+from clair_jax._src.sharding import client_mesh as client_mesh
+from clair_jax._src.sharding import client_sharding as client_sharding
+from clair_jax._src.sharding import make_sharded_round as make_sharded_round
+from clair_jax._src.sharding import replicate as replicate
+from clair_jax._src.sharding import shard_batch as shard_batch
+from clair_jax._src.sharding import shard_clients as shard_clients
 from clair_jax._src.svd import singular_value_threshold as singular_value_threshold
 
 __version__ = "0.1.0"
@@ -108,4 +114,10 @@ __all__ = [
     "run_rounds",
     "save_checkpoint",
     "split_lora",
+    "client_mesh",
+    "client_sharding",
+    "make_sharded_round",
+    "replicate",
+    "shard_batch",
+    "shard_clients",
 ]

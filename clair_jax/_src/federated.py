@@ -269,6 +269,7 @@ def make_round(
     participation: int | None = None,
     client_map: str = "vmap",
     jit: bool = True,
+    client_sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[[ServerState, ClientData, PRNGKeyArray], tuple[ServerState, RoundMetrics]]:
     """Builds ``round(server_state, client_data, key) -> (server_state, metrics)``.
 
@@ -287,6 +288,12 @@ def make_round(
         a jitted single-client trainer; the round is then not jittable as a
         whole, and is meant for comparison).
       jit: compile the round with ``jax.jit`` (with ``client_map="vmap"``).
+      client_sharding: a sharding of arrays along their leading (client) axis,
+        e.g. ``NamedSharding(mesh, P("clients"))`` (with ``client_map="vmap"``).
+        The participants' data, adapters and keys, their trained adapters and
+        the per-client fields of the new state are constrained to it, so local
+        training runs sharded over the mesh and GSPMD inserts the collectives
+        of the aggregation. See :func:`clair_jax.make_sharded_round`.
 
     Returns:
       The round function. Its metrics are a :class:`RoundMetrics`.
@@ -313,6 +320,8 @@ def make_round(
     batch_size = validation.check_positive_int(batch_size, "batch_size")
     if participation is not None:
         validation.check_positive_int(participation, "participation")
+    if client_sharding is not None and client_map != "vmap":
+        raise ValueError(f"client_sharding needs client_map='vmap', got {client_map!r}.")
     if aggregator.frozen_factor not in (None, "A", "B"):
         raise ValueError(
             f"aggregator.frozen_factor must be None, 'A' or 'B', got {aggregator.frozen_factor!r}."
@@ -370,13 +379,28 @@ def make_round(
         )
         return new_state, RoundMetrics(idx, losses, flagged, dict(result.diagnostics))
 
+    def constrain(tree):
+        if client_sharding is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, client_sharding), tree)
+
     def vmapped_round(base, state, data, key):
         idx, train_keys, k_agg = select(state, data, key)
         start = _take(state.clients, idx)
-        trained, losses = jax.vmap(train_one, in_axes=(None, 0, 0, 0, 0, 0))(
-            base, start, data.inputs[idx], data.targets[idx], data.mask[idx], train_keys
+        per_client = constrain(
+            (start, data.inputs[idx], data.targets[idx], data.mask[idx], train_keys)
         )
-        return finish(state, data, idx, start, trained, losses, k_agg)
+        trained, losses = constrain(
+            jax.vmap(train_one, in_axes=(None, 0, 0, 0, 0, 0))(base, *per_client)
+        )
+        new_state, metrics = finish(state, data, idx, start, trained, losses, k_agg)
+        if client_sharding is not None:
+            new_state = new_state._replace(
+                clients=constrain(new_state.clients),
+                flag_counts=constrain(new_state.flag_counts),
+                participation_counts=constrain(new_state.participation_counts),
+            )
+        return new_state, metrics
 
     if client_map == "vmap":
         compiled = jax.jit(vmapped_round) if jit else vmapped_round
