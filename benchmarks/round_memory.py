@@ -155,14 +155,16 @@ def memory_sweep(args) -> dict:
             f"{fit['intercept_bytes'] / 2**20:6.1f} MiB, max relative deviation from the line "
             f"{fit['max_relative_deviation']:.2e}"
         )
-    per_client_state = sum(x.nbytes for x in jax.tree.leaves(cj.init_server_state(adapters, 1)))
+    state_bytes = [
+        sum(x.nbytes for x in jax.tree.leaves(cj.init_server_state(adapters, k))) for k in (1, 2)
+    ]
     return {
         "results": rows,
         "linear_fits": fits,
         "memory_stats_available": has_stats,
         "sizes": {
             "adapter_bytes_per_client": int(sum(x.nbytes for x in jax.tree.leaves(adapters))),
-            "state_bytes_per_client": int(per_client_state),
+            "state_bytes_per_client": int(state_bytes[1] - state_bytes[0]),
             "base_bytes": int(sum(x.nbytes for x in jax.tree.leaves(base))),
         },
         "model": config._asdict(),
