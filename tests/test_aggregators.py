@@ -431,3 +431,107 @@ def test_clair_aggregator_on_products(x64):
 def test_clair_aggregator_rejects_bad_space():
     with pytest.raises(ValueError, match="shared_space must be one of"):
         ag.clair_aggregator(shared_space="diagonal")
+
+
+def np_threshold(scores, z=3.5, rho=0.1, iters=4):
+    """NumPy version of CLAIR's robust threshold with no noise term."""
+
+    def tau_of(keep):
+        m = np.median(scores[keep])
+        spread = max(1.4826 * np.median(np.abs(scores[keep] - m)), rho * m)
+        return m + z * spread
+
+    keep = scores <= np.median(scores)
+    for _ in range(iters - 1):
+        keep = scores <= tau_of(keep)
+    return tau_of(keep)
+
+
+def test_clair_aggregator_on_round_updates_with_client_detection(x64):
+    """``measure="update"`` + ``detection="client"`` against a NumPy reference.
+
+    Clients start from different adapters. Benign round updates lie in a shared
+    column space in all three modules; clients 2 and 7 send random updates in
+    every module; benign client 4 sends a random update in module ``"c"`` only:
+    module-level detection flags it, the pooled client score does not.
+    """
+    from clair_jax._src.clair import clair
+
+    rng = np.random.default_rng(3)
+    n, r = 10, 2
+    shapes = {"a": (12, 10), "b": (9, 14), "c": (11, 11)}
+    outliers = np.zeros(n, bool)
+    outliers[[2, 7]] = True
+    clients, start = {}, {}
+    for name, (p, q) in shapes.items():
+        u = np.linalg.qr(rng.normal(size=(p, r)))[0]
+        B0 = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, r, r)))
+        A0 = rng.normal(size=(n, r, q))
+        B1 = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, r, r))) + 1e-3 * rng.normal(
+            size=(n, p, r)
+        )
+        A1 = A0 + 0.1 * rng.normal(size=(n, r, q))
+        bad = outliers | ((np.arange(n) == 4) & (name == "c"))
+        B1[bad] = rng.normal(size=(int(bad.sum()), p, r))
+        clients[name] = ag.LoRAFactors(B=B1, A=A1)
+        start[name] = ag.LoRAFactors(B=B0, A=A0)
+    global_ = {
+        k: ag.LoRAFactors(B=np.zeros((p, r)), A=np.zeros((r, q))) for k, (p, q) in shapes.items()
+    }
+    w = rng.uniform(0.5, 2.0, size=n)
+
+    module_rule = ag.clair_aggregator(rank=r, measure="update")
+    assert module_rule.uses_start
+    res_module = module_rule.aggregate(clients, global_, w, jnp.int32(0), KEY, start=start)
+    expected_module = outliers.copy()
+    expected_module[4] = True
+    np.testing.assert_array_equal(res_module.flagged, expected_module)
+
+    client_rule = jax.jit(
+        ag.clair_aggregator(rank=r, measure="update", detection="client").aggregate
+    )
+    res = client_rule(clients, global_, w, jnp.int32(0), KEY, start=start)
+    np.testing.assert_array_equal(res.flagged, outliers)
+
+    # NumPy reference of the pooling, the refinement and the re-factorisation.
+    fits = {}
+    for name, f in clients.items():
+        origin = np.einsum("npr,nrq->npq", start[name].B, start[name].A)
+        x = np.einsum("npr,nrq->npq", f.B, f.A) - origin
+        fits[name] = (x, origin, clair(x, rank=r))
+    scores = np.stack([np.asarray(c.scores) for _, _, c in fits.values()])
+    pooled = np.median(scores / np.median(scores, axis=1, keepdims=True), axis=0)
+    np.testing.assert_allclose(res.diagnostics["client_scores"], pooled, rtol=1e-10)
+    np.testing.assert_allclose(
+        res.diagnostics["client_threshold"], np_threshold(pooled), rtol=1e-10
+    )
+    keep = ~outliers
+    pc = np.where(keep, w, 0.0) / w[keep].sum()
+    for name, (x, origin, c) in fits.items():
+        consensus = x[keep].mean(axis=0)
+        u = np.asarray(c.basis)
+        refined = consensus + np.einsum("pk,kj,njq->npq", u, u.T, x - consensus)
+        own = np.einsum("npr,nrq->npq", start[name].B, start[name].A)
+        expected = np.where(keep[:, None, None], np_best_rank(origin + refined, r), own)
+        got = np.einsum("npr,nrq->npq", res.clients[name].B, res.clients[name].A)
+        np.testing.assert_allclose(got, expected, atol=1e-8)
+        product = np.einsum("npr,nrq->npq", clients[name].B, clients[name].A)
+        g = res.global_[name]
+        np.testing.assert_allclose(
+            np.asarray(g.B) @ g.A, np_best_rank(np.tensordot(pc, product, 1), r), atol=1e-10
+        )
+    assert_errors(res, clients, w)
+
+
+def test_clair_aggregator_update_measure_needs_a_matching_start():
+    clients, global_, w = make_adapters(0)
+    rule = ag.clair_aggregator(rank=1, measure="update")
+    with pytest.raises(ValueError, match="needs start="):
+        rule.aggregate(clients, global_, w, jnp.int32(0), KEY)
+    other, _, _ = make_adapters(1, n=5)
+    with pytest.raises(ValueError):
+        rule.aggregate(clients, global_, w, jnp.int32(0), KEY, start=other)
+    with pytest.raises(ValueError, match="measure must be one of"):
+        ag.clair_aggregator(measure="delta")
+    with pytest.raises(ValueError, match="detection must be one of"):
+        ag.clair_aggregator(detection="global")

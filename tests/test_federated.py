@@ -294,3 +294,30 @@ def test_bad_round_arguments(parts):
         _round("fedit")(state, short, jax.random.key(0))
     with pytest.raises(ValueError, match="num_clients"):
         cj.init_server_state(adapters, 0)
+
+
+def test_aggregator_with_uses_start_receives_the_round_start(parts):
+    # A rule that discards every round (clients keep their start) leaves the clients
+    # where they were; the start it receives is the participants' adapters.
+    graphdef, base, adapters, fed = parts
+    seen = {}
+
+    def keep_start(clients, global_, weights, round_index, key, start):
+        seen["start"] = start
+        n = weights.shape[0]
+        return cj.AggregateResult(start, global_, jnp.zeros((n,), bool), {})
+
+    rule = cj.Aggregator("keep_start", keep_start, uses_start=True)
+    round_fn = cj.make_round(
+        graphdef, base, rule, local_steps=2, batch_size=3, participation=4, jit=False
+    )
+    state = cj.init_server_state(adapters, N)
+    state = state._replace(
+        clients=jax.tree.map(
+            lambda x: x + 0.01 * jnp.arange(N).reshape((N,) + (1,) * (x.ndim - 1)), state.clients
+        )
+    )
+    new_state, metrics = round_fn(state, fed.train, jax.random.key(5))
+    assert trees_equal(new_state.clients, state.clients)
+    idx = np.asarray(metrics.participants)
+    assert trees_equal(seen["start"], jax.tree.map(lambda x: x[idx], state.clients))

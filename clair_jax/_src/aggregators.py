@@ -95,11 +95,16 @@ class Aggregator(NamedTuple):
         ``jax.random`` key).
       frozen_factor: the factor clients must not train (``"A"`` for :func:`ffa_lora` by
         default), else None.
+      uses_start: when True the round also passes ``start=`` (the adapters the
+        clients started the round from, stacked like ``clients``), so that the
+        rule can measure each client's round update ``B_i A_i - B_i^0 A_i^0``
+        (:func:`clair_aggregator` with ``measure="update"``).
     """
 
     name: str
     aggregate: Callable[..., AggregateResult]
     frozen_factor: str | None = None
+    uses_start: bool = False
 
 
 # --- shared helpers ------------------------------------------------------------------------
@@ -444,69 +449,159 @@ def ffa_lora(frozen: str = "A") -> Aggregator:
 # --- CLAIR -----------------------------------------------------------------------------------
 
 
-def clair_aggregator(*, shared_space: str = "column", **clair_kwargs) -> Aggregator:
+def clair_aggregator(
+    *,
+    shared_space: str = "column",
+    measure: str = "adapter",
+    detection: str = "module",
+    **clair_kwargs,
+) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
 
-    For every module, :func:`clair_jax.clair` runs on the stacked products
-    (``(n, p, q)``; with ``shared_space="row"`` on their transposes, so that the
-    shared subspace is a row space). Each client's refined update ``X̃_i`` is
-    re-factorised to the LoRA rank ``r`` by truncated SVD and sent back to that
-    client (personalised adapters); flagged clients get the global adapter
-    instead, so their next update is again measured from the consensus. The
-    global adapter is the rank-``r``
-    factorisation of the weighted mean of the collaborative clients' updates,
-    ``Σ_{i∈Ĉ} p_i X_i / Σ_{i∈Ĉ} p_i`` (all clients if ``Ĉ`` is empty); with
-    equal weights that is also the mean of their refined updates. A client is ``flagged``
-    when it is not collaborative in at least one module; the per-module sets are
-    in ``diagnostics["flagged/<module>"]``.
+    For every module, :func:`clair_jax.clair` runs on the stacked matrices
+    ``X_i`` (``(n, p, q)``; with ``shared_space="row"`` on their transposes, so
+    that the shared subspace is a row space):
+
+    * ``measure="adapter"``: ``X_i = B_i A_i``, the whole adapter a client sends;
+    * ``measure="update"``: ``X_i = B_i A_i - B_i^0 A_i^0``, the client's update
+      in this round from the adapter ``(B_i^0, A_i^0)`` it started from (the
+      round passes ``start=``). Clients that start from different, personalised
+      adapters are then compared on what they learnt this round only.
+
+    Which clients are collaborative (``Ĉ``):
+
+    * ``detection="module"``: per module, CLAIR's own set; a client is flagged
+      when it is not collaborative in at least one module.
+    * ``detection="client"``: a client's data are contaminated or not as a
+      whole, so the evidence is pooled over the ``K`` modules: with ``d_ik``
+      the CLAIR score of client ``i`` in module ``k`` and ``m_k`` their median
+      over clients, the client score is ``z_i = median_k d_ik / m_k`` (about 1
+      for a benign client; the median over modules ignores one module where a
+      benign client happens to stand out), thresholded by CLAIR's robust rule
+      (``τ = m + 3.5 max(1.4826 MAD, 0.1 m)`` on a re-estimated benign set).
+      The same ``Ĉ`` is then used in every module.
+
+    Each collaborative client's refined update (:func:`clair_jax.clair`'s
+    refinement on the module's subspace ``Û``, ``X̃_i = X̄_Ĉ + P_Û (X_i - X̄_Ĉ)``;
+    plus ``B_i^0 A_i^0`` for ``"update"``) is re-factorised to the LoRA rank
+    ``r`` by truncated SVD and sent back to that client (personalised adapters).
+    A flagged client's round is discarded: with ``"adapter"`` it gets the global
+    adapter (its next adapter is again measured against the consensus), with
+    ``"update"`` it keeps the adapter it started the round from. The global
+    adapter is the rank-``r`` factorisation of the weighted mean of the
+    collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
+    clients if ``Ĉ`` is empty). Diagnostics: per module ``"flagged/<module>"``
+    (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``; with
+    ``detection="client"`` also ``"client_scores"`` and ``"client_threshold"``.
 
     Args:
       shared_space: ``"column"`` (subspace of ``R^p``, spanned by the ``B``
         factors) or ``"row"`` (of ``R^q``, spanned by the rows of ``A``).
+      measure: ``"adapter"`` or ``"update"`` (see above).
+      detection: ``"module"`` or ``"client"`` (see above).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``lam_nuc``,
         ``lam_block``, ``threshold``, ``offset``, ...).
+
+    Raises:
+      ValueError: an unknown ``shared_space``, ``measure`` or ``detection``; at
+        aggregation, ``measure="update"`` without ``start`` or with a ``start``
+        unlike ``clients``.
 
     References:
       CLAIR, arXiv:2605.21217 (abstract only; see :func:`clair_jax.clair`).
     """
     validation.check_choice(shared_space, "shared_space", ("column", "row"))
+    validation.check_choice(measure, "measure", ("adapter", "update"))
+    validation.check_choice(detection, "detection", ("module", "client"))
+    row = shared_space == "row"
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
         del round_index, key
-        from clair_jax._src.clair import clair  # imported late: clair.py is written alongside
+        from clair_jax._src import clair as clair_lib  # imported late: clair imports decompose
 
         clients, global_, p = check_adapters(clients, global_, weights)
+        if measure == "update":
+            if start is None:
+                raise ValueError('measure="update" needs start= (the adapters of the round start).')
+            start, _, _ = check_adapters(start, global_, weights)
+            if jax.tree.structure(start) != jax.tree.structure(clients) or any(
+                start[k].B.shape != f.B.shape or start[k].A.shape != f.A.shape
+                for k, f in clients.items()
+            ):
+                raise ValueError("start must have the modules and factor shapes of clients.")
         n = _n_clients(clients)
-        new_clients, new_global, diagnostics = {}, {}, {}
+        diagnostics, fits = {}, {}
         flagged = jnp.zeros((n,), bool)
         for name, f in clients.items():
+            product = jnp.einsum("npr,nrq->npq", f.B, f.A, precision=_HIGHEST)
+            origin = jnp.zeros_like(product)
+            if measure == "update":
+                f0 = start[name]
+                origin = jnp.einsum("npr,nrq->npq", f0.B, f0.A, precision=_HIGHEST)
+            x = product - origin
+            x = jnp.swapaxes(x, 1, 2) if row else x
+            res = clair_lib.clair(x, **clair_kwargs)
+            fits[name] = (x, origin, res)
+            flagged = flagged | ~res.collaborative
+            diagnostics[f"flagged/{name}"] = ~res.collaborative
+            diagnostics[f"scores/{name}"] = res.scores
+            diagnostics[f"threshold/{name}"] = res.threshold
+        if detection == "client":
+            scores = jnp.stack([res.scores for _, _, res in fits.values()])  # (K, n)
+            typical = jnp.median(scores, axis=1, keepdims=True)
+            relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
+            client_scores = jnp.median(relative, axis=0)
+            client_threshold = clair_lib._threshold(client_scores, jnp.zeros((), scores.dtype))
+            flagged = client_scores > client_threshold
+            diagnostics["client_scores"] = client_scores
+            diagnostics["client_threshold"] = client_threshold
+        collaborative = ~flagged
+        new_clients, new_global = {}, {}
+        for name, (x, origin, res) in fits.items():
+            f = clients[name]
             r = f.A.shape[1]
-            x = jnp.einsum("npr,nrq->npq", f.B, f.A, precision=_HIGHEST)
-            res = clair(jnp.swapaxes(x, 1, 2) if shared_space == "row" else x, **clair_kwargs)
-            refined = res.refined if shared_space == "column" else jnp.swapaxes(res.refined, 1, 2)
-            collaborative = jnp.asarray(res.collaborative, bool)
-            personal = batching.map_matrices(partial(dense_factors, rank=r), refined)
+            if detection == "client":
+                weight = collaborative.astype(x.dtype)
+                count = jnp.sum(weight)
+                consensus = jnp.where(
+                    count > 0,
+                    jnp.einsum("n,npq->pq", weight, x) / jnp.maximum(count, 1.0),
+                    jnp.mean(x, axis=0),
+                )
+                u = res.basis
+                inside = jnp.einsum(
+                    "pk,nkq->npq", u, jnp.einsum("pk,npq->nkq", u, x - consensus[None])
+                )
+                refined = consensus[None] + inside
+            else:
+                refined = res.refined
+            refined = jnp.swapaxes(refined, 1, 2) if row else refined
+            new_clients[name] = batching.map_matrices(
+                partial(dense_factors, rank=r), origin + refined
+            )
             w = jnp.where(collaborative, p, 0.0)
             w = jnp.where(jnp.sum(w) > 0, w, p)
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
             new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
-            new_clients[name] = personal
-            flagged = flagged | ~collaborative
-            diagnostics[f"flagged/{name}"] = ~collaborative
-        # Flagged clients get the global adapter, not a refinement of their own update.
-        keep = ~flagged[:, None, None]
+        # Flagged clients' rounds are discarded: they get the global adapter
+        # ("adapter") or keep the adapter they started the round from ("update").
+        keep = collaborative[:, None, None]
+        if measure == "update":
+            fallback = {name: start[name] for name in new_clients}
+        else:
+            fallback = {name: LoRAFactors(g.B[None], g.A[None]) for name, g in new_global.items()}
         new_clients = {
             name: LoRAFactors(
-                B=jnp.where(keep, f.B, new_global[name].B[None]),
-                A=jnp.where(keep, f.A, new_global[name].A[None]),
+                B=jnp.where(keep, f.B, fallback[name].B),
+                A=jnp.where(keep, f.A, fallback[name].A),
             )
             for name, f in new_clients.items()
         }
         diagnostics.update(errors(clients, new_global, p))
         return AggregateResult(new_clients, new_global, flagged, diagnostics)
 
-    return Aggregator("clair", aggregate)
+    return Aggregator("clair", aggregate, uses_start=measure == "update")
 
 
 # --- Byzantine-robust rules on the flattened factors ------------------------------------------

@@ -356,7 +356,11 @@ def make_round(
     def finish(state: ServerState, data: ClientData, idx, start, trained, losses, k_agg):
         n = state.flag_counts.shape[0]
         sent = _attack(start, trained, data.update_scale[idx], data.coordinated[idx])
-        result = aggregator.aggregate(sent, state.global_, data.weight[idx], state.round, k_agg)
+        args = (sent, state.global_, data.weight[idx], state.round, k_agg)
+        if aggregator.uses_start:
+            result = aggregator.aggregate(*args, start=start)
+        else:
+            result = aggregator.aggregate(*args)
         result_clients = jax.tree.map(jnp.asarray, dict(result.clients))
         new_global = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.global_.items()}
         if idx.shape[0] == n:

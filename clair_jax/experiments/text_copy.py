@@ -171,7 +171,14 @@ def pretrain(
 # --- methods ----------------------------------------------------------------------------
 
 
-def make_aggregator(name: str, *, participants: int, fraction: float) -> agg_lib.Aggregator:
+def make_aggregator(
+    name: str,
+    *,
+    participants: int,
+    fraction: float,
+    clair_measure: str = "adapter",
+    clair_detection: str = "module",
+) -> agg_lib.Aggregator:
     """The rule ``name`` with the experiment's settings.
 
     The Byzantine rules get the contaminated fraction as their assumed attacker
@@ -194,7 +201,9 @@ def make_aggregator(name: str, *, participants: int, fraction: float) -> agg_lib
         "krum": lambda: agg_lib.krum(f),
         "multi_krum": lambda: agg_lib.multi_krum(f, max(participants - f, 1)),
         "geometric_median": agg_lib.geometric_median,
-        "clair": lambda: agg_lib.clair_aggregator(offset=True),
+        "clair": lambda: agg_lib.clair_aggregator(
+            offset=True, measure=clair_measure, detection=clair_detection
+        ),
     }
     if name not in factories:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}.")
@@ -230,6 +239,9 @@ def detection(flag_counts, participation_counts, truth) -> dict[str, float | Non
 
 # --- the experiment ---------------------------------------------------------------------
 
+#: Local optimiser name -> (optax factory, default learning rate).
+OPTIMIZERS = {"adam": (optax.adam, 1e-2), "sgd": (optax.sgd, 0.3)}
+
 QUICK = {
     "clients": 20,
     "rounds": 6,
@@ -264,9 +276,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(METHODS)} (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0, help="federation and training seed")
-    parser.add_argument("--local-steps", type=int, help="local Adam steps per round")
+    parser.add_argument("--local-steps", type=int, help="local optimiser steps per round")
     parser.add_argument("--batch-size", type=int, default=8, help="local minibatch size")
-    parser.add_argument("--lr", type=float, default=1e-2, help="local learning rate")
+    parser.add_argument(
+        "--optimizer", default="adam", choices=sorted(OPTIMIZERS), help="local optimiser"
+    )
+    parser.add_argument("--lr", type=float, help="local learning rate (adam 0.01, sgd 0.3)")
+    parser.add_argument(
+        "--clair-measure",
+        default="adapter",
+        choices=("adapter", "update"),
+        help="CLAIR on the clients' adapters or on their round updates",
+    )
+    parser.add_argument(
+        "--clair-detection",
+        default="module",
+        choices=("module", "client"),
+        help="flag per module (any) or on the client score pooled over modules",
+    )
     parser.add_argument("--train-examples", type=int, default=6, help="sequences per client")
     parser.add_argument("--test-examples", type=int, default=64, help="held-out per client")
     parser.add_argument("--participation", type=int, help="clients sampled per round (all)")
@@ -284,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bar.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
+    if args.lr is None:
+        args.lr = OPTIMIZERS[args.optimizer][1]
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -362,7 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     truth = np.asarray(fed.contaminated)
     benign = ~truth
     participants = args.participation or args.clients
-    optimizer = optax.adam(args.lr)
+    optimizer = OPTIMIZERS[args.optimizer][0](args.lr)
     evaluate = jax.jit(federated.evaluate_clients, static_argnums=0)
     base_eval = evaluate(
         graphdef, base, federated.init_server_state(adapters, args.clients).clients, fed.test
@@ -381,7 +410,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ).hexdigest()[:12]
     results = {}
     for name in args.methods:
-        aggregator = make_aggregator(name, participants=participants, fraction=args.fraction)
+        aggregator = make_aggregator(
+            name,
+            participants=participants,
+            fraction=args.fraction,
+            clair_measure=args.clair_measure,
+            clair_detection=args.clair_detection,
+        )
         round_fn = federated.make_round(
             graphdef,
             base,
