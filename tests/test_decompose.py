@@ -150,11 +150,36 @@ def test_svd_backends_agree(x64, method):
         np.testing.assert_allclose(other.sparse, full.sparse, atol=1e-7)
 
 
-def test_binding_rank_cap_is_not_reported_as_converged(x64):
+@pytest.mark.parametrize("method", ["fista", "admm"])
+def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
+    # The minimiser has rank 11 > cap 4: the capped solve stops at a wrong fixed
+    # point and continues exactly, reaching the full-SVD minimiser (also in a vmap
+    # batch where the other problem's cap does not bind).
     prob = reference.make_problem(8, n=16, p=24, q=4, rank=2, n_outliers=5, noise=0.02)
-    sol = cj.decompose(prob["updates"], lam_nuc=0.5, lam_block=0.8, rank_cap=4, tol=1e-8)
-    assert int(sol.rank) == 4 and float(sol.residual) < 1e-8
-    assert not bool(sol.converged)
+    kw = {"lam_block": 0.8, "tol": 1e-9, "method": method, "max_iter": 5000}
+    full = cj.decompose(prob["updates"], lam_nuc=0.5, svd="full", **kw)
+    capped = cj.decompose(prob["updates"], lam_nuc=0.5, rank_cap=4, **kw)
+    assert int(full.rank) > 4 and bool(capped.converged)
+    assert int(capped.rank) == int(full.rank)
+    np.testing.assert_allclose(capped.low_rank, full.low_rank, atol=1e-6)
+    np.testing.assert_allclose(capped.sparse, full.sparse, atol=1e-6)
+
+    batch = jax.vmap(lambda lam: cj.decompose(prob["updates"], lam_nuc=lam, rank_cap=4, **kw))(
+        jnp.array([0.5, 3.0])
+    )
+    alone = cj.decompose(prob["updates"], lam_nuc=3.0, rank_cap=4, **kw)
+    assert int(alone.rank) < 4
+    np.testing.assert_allclose(batch.low_rank[0], full.low_rank, atol=1e-6)
+    np.testing.assert_allclose(batch.low_rank[1], alone.low_rank, atol=1e-9)
+    assert int(batch.num_iters[1]) == int(alone.num_iters)
+
+
+def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):
+    prob = reference.make_problem(8, n=16, p=24, q=4, rank=2, n_outliers=5, noise=0.02)
+    sol = cj.decompose(
+        prob["updates"], lam_nuc=0.5, lam_block=0.8, rank_cap=4, diff="unrolled", max_iter=300
+    )
+    assert int(sol.rank) == 4 and not bool(sol.converged)
 
 
 def test_float32_by_default_and_float64_with_x64():

@@ -89,8 +89,13 @@ def initial_penalty(data: problem.Data) -> Array:
     return jnp.where(sigma > 0, 1.25 / jnp.where(sigma > 0, sigma, 1.0), 1.0)
 
 
-def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
-    """Runs ADMM from ``(init_l, init_s)``; returns the final :class:`AdmmState`."""
+def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
+    """Runs ADMM from ``(init_l, init_s)``; returns the final :class:`AdmmState`.
+
+    ``skip`` (traced bool, optional): when True no iteration runs (the loop
+    starts in the stopped state), also for one element of a ``vmap`` batch.
+    """
+    start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
     scale = problem.data_scale(data)
     dtype = data.updates.dtype
 
@@ -135,8 +140,8 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
         dual=init_n,
         mu=initial_penalty(data).astype(dtype),
         num_iters=jnp.zeros((), jnp.int32),
-        primal_residual=jnp.full((), jnp.inf, dtype),
-        dual_residual=jnp.full((), jnp.inf, dtype),
+        primal_residual=jnp.asarray(start_residual, dtype),
+        dual_residual=jnp.asarray(start_residual, dtype),
         rank=jnp.zeros((), jnp.int32),
         basis=basis,
     )

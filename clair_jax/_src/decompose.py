@@ -27,7 +27,8 @@ class Decomposition(NamedTuple):
       offset: ``(p, q)`` common offset ``c``, or ``None`` when ``offset=False``.
       num_iters: int32, iterations run.
       converged: bool, whether the residual fell below ``tol`` within ``max_iter``
-        (and, for ``svd="rank_capped"``, the rank stayed below ``rank_cap``).
+        (for ``svd="rank_capped"`` with ``diff="unrolled"``, also that the rank
+        stayed below ``rank_cap``).
       residual: final relative residual (FISTA: fixed-point residual; ADMM:
         ``max(primal, dual)``), both relative to ``||X||_F``.
       objective: objective value at the returned point.
@@ -83,17 +84,25 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     # The fixed-point map used for implicit differentiation never needs the
     # warm-started basis: it factorises exactly.
     exact = options._replace(
-        backend=svd_lib.select_backend((p, n * q))
+        backend=svd_lib.select_backend((p, n * q), dtype=dtype)
         if options.backend == "rank_capped"
         else options.backend
     )
 
+    solver = fista if options.method == "fista" else admm
+    state = solver.solve(inner, options, init_l, init_s, basis)
+    if options.backend == "rank_capped" and not options.unrolled:
+        # A full cap means singular values beyond it may exceed the threshold: the
+        # fixed point reached need not be the minimiser. Carry on from it with the
+        # exact factorisation (no iteration at all when the cap did not bind).
+        saturated = state.rank >= options.rank_cap
+        more = solver.solve(inner, exact, state.low_rank, state.sparse, None, skip=~saturated)
+        more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
+        state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
     if options.method == "fista":
-        state = fista.solve(inner, options, init_l, init_s, basis)
         low_rank, sparse, residual = state.low_rank, state.sparse, state.residual
         dual = mu = offset = None
     else:
-        state = admm.solve(inner, options, init_l, init_s, basis)
         low_rank, sparse, offset = state.low_rank, state.sparse, state.offset
         dual, mu = state.dual, state.mu
         residual = jnp.maximum(state.primal_residual, state.dual_residual)
@@ -110,9 +119,8 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
                 partial(_prox_grad_fixed_point, exact), (low_rank, sparse), data
             )
     converged = residual < options.tol
-    if options.backend == "rank_capped":
-        # A full cap means singular values beyond it may exceed the threshold:
-        # the fixed point reached need not be the minimiser.
+    if options.backend == "rank_capped" and options.unrolled:
+        # Unrolled solves have no exact continuation: a full cap is not converged.
         converged = jnp.logical_and(converged, state.rank < options.rank_cap)
     if not options.offset:
         offset = None
@@ -198,8 +206,12 @@ def decompose(
         ``"full"``, ``"gram"`` or ``"rank_capped"`` (see ``clair_jax._src.svd``).
       rank_cap: number of singular triplets kept by ``"rank_capped"``; giving it
         with ``svd="auto"`` selects that backend. If the thresholded rank
-        reaches ``rank_cap`` the cap may be binding and ``converged`` is False:
-        raise the cap.
+        reaches ``rank_cap`` the cap may be binding: the solve then continues
+        from where it stopped with the exact factorisation (``"full"``, or
+        ``"gram"`` where ``"auto"`` would pick it; up to ``max_iter`` more
+        iterations, counted in ``num_iters``), so the result is the minimiser
+        whatever the cap. With ``diff="unrolled"`` there is no continuation and
+        a binding cap is reported as ``converged=False``.
       power_iters: subspace iterations per solver iteration for ``"rank_capped"``.
       init: warm start, ``(low_rank, sparse)`` or a previous :class:`Decomposition`.
       diff: ``"implicit"`` or ``"unrolled"``.

@@ -46,8 +46,13 @@ class FistaState(NamedTuple):
     basis: Array | None
 
 
-def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
-    """Runs FISTA from ``(init_l, init_s)``; returns the final :class:`FistaState`."""
+def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
+    """Runs FISTA from ``(init_l, init_s)``; returns the final :class:`FistaState`.
+
+    ``skip`` (traced bool, optional): when True no iteration runs (the loop
+    starts in the stopped state), also for one element of a ``vmap`` batch.
+    """
+    start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
     scale = problem.data_scale(data)
     dtype = data.updates.dtype
 
@@ -81,7 +86,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis):
         y_sparse=init_s,
         t=jnp.ones((), dtype),
         num_iters=jnp.zeros((), jnp.int32),
-        residual=jnp.full((), jnp.inf, dtype),
+        residual=jnp.asarray(start_residual, dtype),
         rank=jnp.zeros((), jnp.int32),
         basis=basis,
     )
