@@ -9,6 +9,7 @@ from jax.test_util import check_grads
 
 import clair_jax as cj
 from clair_jax._src import decompose as decompose_module
+from clair_jax._src import svd
 
 from . import reference
 
@@ -315,3 +316,16 @@ def test_gradient_of_objective_wrt_lambda_is_the_penalty(x64):
     sol = cj.decompose(x, lam_nuc=1.0, lam_block=1.0, tol=1e-12, max_iter=20000)
     nuclear = np.linalg.svd(np.asarray(cj.blocks_to_matrix(sol.low_rank)), compute_uv=False).sum()
     np.testing.assert_allclose(float(grad), nuclear, rtol=1e-6)
+
+
+def test_auto_caps_the_rank_of_large_matrices_and_matches_full_svd(x64):
+    # M is 128 x 128: "auto" runs the rank-capped factorisation (off TPU) and lands
+    # on the full-SVD minimiser.
+    prob = reference.make_problem(9, n=8, p=128, q=16, rank=3, n_outliers=2, noise=0.01)
+    assert svd.auto_rank_cap((128, 128)) in (None, svd.AUTO_RANK_CAP)
+    kw = {"lam_nuc": 2.0, "lam_block": 2.0, "tol": 1e-9, "max_iter": 5000}
+    auto = cj.decompose(prob["updates"], **kw)
+    full = cj.decompose(prob["updates"], svd="full", **kw)
+    assert bool(auto.converged) and int(auto.rank) == int(full.rank)
+    np.testing.assert_allclose(auto.low_rank, full.low_rank, atol=1e-6)
+    np.testing.assert_allclose(auto.sparse, full.sparse, atol=1e-6)

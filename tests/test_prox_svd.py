@@ -78,6 +78,13 @@ def test_auto_backend_by_shape_and_dtype(shape, expected):
     assert svd.select_backend(shape, rank_cap=5) == "rank_capped"
 
 
+def test_auto_rank_cap_only_for_large_matrices_and_auto():
+    cap = svd.auto_rank_cap((128, 4096))
+    assert cap == (None if jax.default_backend() == "tpu" else svd.AUTO_RANK_CAP)
+    assert svd.auto_rank_cap((127, 4096)) is None
+    assert svd.auto_rank_cap((256, 512), "full") is None
+
+
 def test_backend_errors():
     with pytest.raises(ValueError, match="svd must be one of"):
         svd.select_backend((4, 4), "lapack")

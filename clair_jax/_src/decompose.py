@@ -204,6 +204,9 @@ def decompose(
         ``diff="unrolled"``). Reaching it is reported as ``converged=False``.
       svd: factorisation backend for singular value thresholding: ``"auto"``,
         ``"full"``, ``"gram"`` or ``"rank_capped"`` (see ``clair_jax._src.svd``).
+        ``"auto"`` caps the rank at 16 for matrices ``M`` (``p x nq``) whose
+        smaller side is at least 128 (off TPU, not with ``diff="unrolled"``),
+        continuing exactly if the cap binds; it picks an exact backend otherwise.
       rank_cap: number of singular triplets kept by ``"rank_capped"``; giving it
         with ``svd="auto"`` selects that backend. If the thresholded rank
         reaches ``rank_cap`` the cap may be binding: the solve then continues
@@ -267,6 +270,9 @@ def decompose(
     if min(x.shape) < 1:
         raise ValueError(f"updates must be non-empty, got shape {tuple(x.shape)}.")
     n, p, q = x.shape
+    svd_lib.select_backend((p, n * q), svd, rank_cap, x.dtype)  # validates svd, rank_cap
+    if rank_cap is None and diff != "unrolled":
+        rank_cap = svd_lib.auto_rank_cap((p, n * q), svd)
     backend = svd_lib.select_backend((p, n * q), svd, rank_cap, x.dtype)
 
     x = validation.check_finite(x, "updates")

@@ -23,9 +23,15 @@ backends compute it:
   ``O(p * nq * rank_cap)`` instead of ``O(p * nq * min(p, nq))``. Exact at a
   fixed point as long as the thresholded rank stays below ``rank_cap``.
 
-``"auto"`` picks ``"rank_capped"`` when the caller gives ``rank_cap``; otherwise
-``"gram"`` on TPU (where the SVD is slow) and for float64 matrices whose aspect
-ratio is at least 2, ``"full"`` in every other case. float32 stays on ``"full"``
+``"auto"`` picks ``"rank_capped"`` when the caller gives ``rank_cap``. Otherwise
+:func:`auto_rank_cap` gives matrices whose smaller side is at least
+``AUTO_CAP_MIN_SIZE`` (128) a cap of ``AUTO_RANK_CAP`` (16) off TPU: the solvers
+continue with the exact factorisation whenever that cap binds (see
+:func:`clair_jax.decompose`), so the cap costs speed, never accuracy, and the
+low-rank parts this library looks for (a shared LoRA subspace) are far below
+it. Smaller matrices get ``"gram"`` on TPU (where the SVD is slow) and for
+float64 matrices whose aspect ratio is at least 2, ``"full"`` in every other
+case. float32 stays on ``"full"``
 because the Gram route resolves a singular value ``sigma`` only to about
 ``eps * sigma_max**2 / sigma``, which stalls the solvers above a relative
 tolerance of about 1e-6 when the threshold is small compared with ``sigma_max``.
@@ -80,6 +86,31 @@ def select_backend(
     if dtype is not None and jnp.dtype(dtype) == jnp.float64 and large >= 2 * small:
         return "gram"
     return "full"
+
+
+#: Smaller side from which ``"auto"`` caps the rank (off TPU).
+AUTO_CAP_MIN_SIZE = 128
+#: The rank cap ``"auto"`` uses there.
+AUTO_RANK_CAP = 16
+
+
+def auto_rank_cap(shape: tuple[int, int], backend: str = "auto") -> int | None:
+    """The rank cap ``backend="auto"`` uses for a ``shape`` matrix, or None (exact backends).
+
+    ``AUTO_RANK_CAP`` when ``backend == "auto"``, the smaller side is at least
+    ``AUTO_CAP_MIN_SIZE`` and the default JAX backend is not a TPU; None
+    otherwise.
+
+    Examples:
+      >>> import jax
+      >>> auto_rank_cap((256, 512)) if jax.default_backend() != "tpu" else 16
+      16
+      >>> auto_rank_cap((64, 1280)) is None
+      True
+    """
+    if backend != "auto" or min(shape) < AUTO_CAP_MIN_SIZE or jax.default_backend() == "tpu":
+        return None
+    return AUTO_RANK_CAP
 
 
 def _shrink(s: Array, tau: Array) -> Array:
