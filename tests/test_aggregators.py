@@ -486,6 +486,16 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     expected_module = outliers.copy()
     expected_module[4] = True
     np.testing.assert_array_equal(res_module.flagged, expected_module)
+    # Module detection: each module's global averages that module's own collaborative
+    # set, so client 4 (flagged in "c" only) still counts in "a".
+    in_a = ~np.asarray(res_module.diagnostics["flagged/a"])
+    np.testing.assert_array_equal(in_a, ~outliers)
+    pa = np.where(in_a, w, 0.0) / w[in_a].sum()
+    product_a = np.einsum("npr,nrq->npq", clients["a"].B, clients["a"].A)
+    g_a = res_module.global_["a"]
+    np.testing.assert_allclose(
+        np.asarray(g_a.B) @ g_a.A, np_best_rank(np.tensordot(pa, product_a, 1), r), atol=1e-10
+    )
 
     client_rule = jax.jit(
         ag.clair_aggregator(rank=r, measure="update", detection="client").aggregate

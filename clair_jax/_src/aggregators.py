@@ -490,7 +490,8 @@ def clair_aggregator(
     ``"update"`` it keeps the adapter it started the round from. The global
     adapter is the rank-``r`` factorisation of the weighted mean of the
     collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
-    clients if ``Ĉ`` is empty). Diagnostics: per module ``"flagged/<module>"``
+    clients if ``Ĉ`` is empty; with ``detection="module"`` the module's own
+    ``Ĉ``, with ``"client"`` the pooled one). Diagnostics: per module ``"flagged/<module>"``
     (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``; with
     ``detection="client"`` also ``"client_scores"`` and ``"client_threshold"``.
 
@@ -579,7 +580,9 @@ def clair_aggregator(
             new_clients[name] = batching.map_matrices(
                 partial(dense_factors, rank=r), origin + refined
             )
-            w = jnp.where(collaborative, p, 0.0)
+            # The module's own collaborative set ("module"), the pooled one ("client").
+            members = collaborative if detection == "client" else res.collaborative
+            w = jnp.where(members, p, 0.0)
             w = jnp.where(jnp.sum(w) > 0, w, p)
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
