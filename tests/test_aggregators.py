@@ -521,7 +521,7 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
         consensus = x[keep].mean(axis=0)
         u = np.asarray(c.basis)
         refined = consensus + np.einsum("pk,kj,njq->npq", u, u.T, x - consensus)
-        own = np.einsum("npr,nrq->npq", start[name].B, start[name].A)
+        own = np.einsum("npr,nrq->npq", clients[name].B, clients[name].A)
         expected = np.where(keep[:, None, None], np_best_rank(origin + refined, r), own)
         got = np.einsum("npr,nrq->npq", res.clients[name].B, res.clients[name].A)
         np.testing.assert_allclose(got, expected, atol=1e-8)

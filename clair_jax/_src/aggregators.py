@@ -485,9 +485,13 @@ def clair_aggregator(
     refinement on the module's subspace ``Û``, ``X̃_i = X̄_Ĉ + P_Û (X_i - X̄_Ĉ)``;
     plus ``B_i^0 A_i^0`` for ``"update"``) is re-factorised to the LoRA rank
     ``r`` by truncated SVD and sent back to that client (personalised adapters).
-    A flagged client's round is discarded: with ``"adapter"`` it gets the global
-    adapter (its next adapter is again measured against the consensus), with
-    ``"update"`` it keeps the adapter it started the round from. The global
+    A flagged client is left out of the consensus and the global adapter: with
+    ``"adapter"`` it gets the global adapter (its next adapter is again measured
+    against the consensus); with ``"update"`` it keeps the adapter it trained
+    this round, as under local-only training, so that a benign client flagged
+    once moves on and its next update is small again (keeping its start instead
+    made such a client re-send the same update and stay flagged: text-copying
+    runs in the README). The global
     adapter is the rank-``r`` factorisation of the weighted mean of the
     collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
     clients if ``Ĉ`` is empty; with ``detection="module"`` the module's own
@@ -587,11 +591,11 @@ def clair_aggregator(
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
             new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
-        # Flagged clients' rounds are discarded: they get the global adapter
-        # ("adapter") or keep the adapter they started the round from ("update").
+        # Flagged clients are left out of the consensus: they get the global adapter
+        # ("adapter") or keep the adapter they trained this round ("update").
         keep = collaborative[:, None, None]
         if measure == "update":
-            fallback = {name: start[name] for name in new_clients}
+            fallback = {name: LoRAFactors(clients[name].B, clients[name].A) for name in new_clients}
         else:
             fallback = {name: LoRAFactors(g.B[None], g.A[None]) for name, g in new_global.items()}
         new_clients = {
