@@ -41,6 +41,16 @@ def test_parse_args_defaults_and_errors(capsys):
     with pytest.raises(SystemExit):
         text_copy.parse_args(["--methods", "fedit,nope"])
     assert "unknown methods" in capsys.readouterr().err
+    assert (quick.optimizer, quick.lr, quick.clair_measure) == ("adam", 1e-2, "adapter")
+    sgd = text_copy.parse_args(["--optimizer", "sgd", "--clair-detection", "client"])
+    assert (sgd.lr, sgd.clair_detection) == (0.3, "client")
+    assert text_copy.parse_args(["--optimizer", "sgd", "--lr", "0.1"]).lr == 0.1
+    with pytest.raises(SystemExit):
+        text_copy.parse_args(["--optimizer", "lbfgs"])
+    rule = text_copy.make_aggregator(
+        "clair", participants=4, fraction=0.25, clair_measure="update", clair_detection="client"
+    )
+    assert rule.uses_start
 
 
 def test_unknown_method_is_a_value_error():
