@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 import optax
+from _environment import environment
 from flax import nnx
 
 import clair_jax as cj
@@ -277,14 +277,7 @@ def main(argv=None) -> None:
             "clients": args.clients,
         },
         **body,
-        "environment": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        },
+        "environment": environment(),
     }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{name}.json")
