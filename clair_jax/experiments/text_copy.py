@@ -15,7 +15,11 @@ flags). The pipeline:
 3. **Methods.** For every aggregation rule the same federation is trained for
    ``--rounds`` rounds from the same initial adapters with the same keys
    (:func:`clair_jax.run_rounds`; each client's local training is
-   ``--local-steps`` Adam steps on minibatches of its own examples).
+   ``--local-steps`` steps of ``--optimizer`` (Adam by default, or plain SGD)
+   on minibatches of its own examples). CLAIR runs on the clients' adapters
+   per module by default; ``--clair-measure update`` feeds it each client's
+   round update instead and ``--clair-detection client`` pools the module
+   scores per client (see :func:`clair_jax.clair_aggregator`).
 4. **Report.** For each rule: the benign clients' held-out token accuracy and
    loss (each client evaluated with the adapter it holds after the last round:
    the broadcast global adapter for FedIT-like rules, its own for local-only
