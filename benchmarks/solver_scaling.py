@@ -123,16 +123,9 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def resolve_backend(shape, backend: str, rank_cap: int | None, dtype) -> tuple[str, int | None]:
-    """The factorisation ``decompose`` really uses for ``svd=backend`` (``"auto"`` resolved)."""
-    if rank_cap is None:
-        rank_cap = svd_lib.auto_rank_cap(shape, backend)
-    return svd_lib.select_backend(shape, backend, rank_cap, dtype), rank_cap
-
-
 def factorisation_time(shape, backend: str, rank_cap: int | None, repeats: int) -> float:
     m = jnp.asarray(np.random.default_rng(0).normal(size=shape))
-    backend, rank_cap = resolve_backend(shape, backend, rank_cap, m.dtype)
+    backend, rank_cap = svd_lib.resolve_backend(shape, backend, rank_cap, m.dtype)
     if backend == "rank_capped":
         basis = svd_lib.initial_basis(shape, rank_cap, m.dtype)
         fn = jax.jit(lambda m, b: cj.singular_value_threshold(m, 1.0, backend=backend, basis=b)[0])
@@ -185,7 +178,7 @@ def compare_at(n, p, q, repeats, backends, seed=0):
             solve = jax_solver(method, backend, cap, lams)  # one jit, compiled once
             t, sol = timed(lambda s=solve: s(x), repeats)
             floor = int(sol.num_iters) * per_factorisation[backend]
-            used, used_cap = resolve_backend((p, n * q), backend, cap, x.dtype)
+            used, used_cap = svd_lib.resolve_backend((p, n * q), backend, cap, x.dtype)
             rows.append(
                 {
                     "n": n,

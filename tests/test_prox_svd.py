@@ -83,6 +83,10 @@ def test_auto_rank_cap_only_for_large_matrices_and_auto():
     assert cap == (None if jax.default_backend() == "tpu" else svd.AUTO_RANK_CAP)
     assert svd.auto_rank_cap((127, 4096)) is None
     assert svd.auto_rank_cap((256, 512), "full") is None
+    if cap is not None:  # off TPU
+        assert svd.resolve_backend((128, 4096)) == ("rank_capped", cap)
+        assert svd.resolve_backend((128, 4096), unrolled=True) == ("full", None)
+    assert svd.resolve_backend((256, 512), "gram") == ("gram", None)
 
 
 def test_backend_errors():

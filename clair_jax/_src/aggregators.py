@@ -528,12 +528,10 @@ def clair_aggregator(
         if measure == "update":
             if start is None:
                 raise ValueError('measure="update" needs start= (the adapters of the round start).')
-            start, _, _ = check_adapters(start, global_, weights)
-            if jax.tree.structure(start) != jax.tree.structure(clients) or any(
-                start[k].B.shape != f.B.shape or start[k].A.shape != f.A.shape
-                for k, f in clients.items()
-            ):
-                raise ValueError("start must have the modules and factor shapes of clients.")
+            try:  # start fits global_ and weights exactly when it fits like clients
+                start, _, _ = check_adapters(start, global_, weights)
+            except ValueError as err:
+                raise ValueError(f"start (the adapters of the round start): {err}") from None
         n = _n_clients(clients)
         diagnostics, fits = {}, {}
         flagged = jnp.zeros((n,), bool)
@@ -566,18 +564,7 @@ def clair_aggregator(
             f = clients[name]
             r = f.A.shape[1]
             if detection == "client":
-                weight = collaborative.astype(x.dtype)
-                count = jnp.sum(weight)
-                consensus = jnp.where(
-                    count > 0,
-                    jnp.einsum("n,npq->pq", weight, x) / jnp.maximum(count, 1.0),
-                    jnp.mean(x, axis=0),
-                )
-                u = res.basis
-                inside = jnp.einsum(
-                    "pk,nkq->npq", u, jnp.einsum("pk,npq->nkq", u, x - consensus[None])
-                )
-                refined = consensus[None] + inside
+                _, refined = clair_lib.refine(x, res.basis, collaborative)
             else:
                 refined = res.refined
             refined = jnp.swapaxes(refined, 1, 2) if row else refined
@@ -595,7 +582,7 @@ def clair_aggregator(
         # ("adapter") or keep the adapter they trained this round ("update").
         keep = collaborative[:, None, None]
         if measure == "update":
-            fallback = {name: LoRAFactors(clients[name].B, clients[name].A) for name in new_clients}
+            fallback = clients
         else:
             fallback = {name: LoRAFactors(g.B[None], g.A[None]) for name, g in new_global.items()}
         new_clients = {

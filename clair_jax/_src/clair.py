@@ -239,6 +239,32 @@ def _threshold(scores, sigma, iters: int = THRESHOLD_ITERS):
     return tau_of(keep)
 
 
+def refine(
+    x: Float[Array, "n p q"], basis: Float[Array, "p k"], collaborative: Bool[Array, " n"]
+) -> tuple[Float[Array, "p q"], Float[Array, "n p q"]]:
+    """CLAIR's refinement ``X̃_i = X̄_Ĉ + P_Û (X_i - X̄_Ĉ)`` (step 5 of the module docstring).
+
+    Args:
+      x: ``(n, p, q)`` the clients' estimates ``X_i``.
+      basis: ``(p, k)`` orthonormal columns (zero columns allowed) spanning ``Û``.
+      collaborative: ``(n,)`` bool, the set ``Ĉ``.
+
+    Returns:
+      ``(consensus, refined)``: ``X̄_Ĉ``, the mean of the collaborative clients'
+      estimates (of all clients when ``Ĉ`` is empty), and the ``(n, p, q)``
+      refined estimates.
+    """
+    weight = collaborative.astype(x.dtype)
+    count = jnp.sum(weight)
+    consensus = jnp.where(
+        count > 0,
+        jnp.einsum("n,npq->pq", weight, x) / jnp.maximum(count, 1.0),
+        jnp.mean(x, axis=0),
+    )
+    inside = jnp.einsum("pk,nkq->npq", basis, jnp.einsum("pk,npq->nkq", basis, x - consensus[None]))
+    return consensus, consensus[None] + inside
+
+
 def _top_basis(blocks: Array, width: int) -> tuple[Array, Array]:
     """Left singular vectors (first ``width``) and singular values of ``[B_1 .. B_n]``."""
     u, s, _ = jnp.linalg.svd(prox.blocks_to_matrix(blocks), full_matrices=False)
@@ -384,16 +410,8 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
             sigma_hat = _residual_noise(cfg, x, fit, collaborative, floor)
         collaborative, tau = detect(fit.scores, sigma_hat)
 
-    weight = collaborative.astype(dtype)
-    count = jnp.sum(weight)
-    consensus = jnp.where(
-        count > 0,
-        jnp.einsum("n,npq->pq", weight, x) / jnp.maximum(count, 1.0),
-        jnp.mean(x, axis=0),
-    )
     basis = fit.basis
-    inside = jnp.einsum("pk,nkq->npq", basis, jnp.einsum("pk,npq->nkq", basis, x - consensus[None]))
-    refined = consensus[None] + inside
+    consensus, refined = refine(x, basis, collaborative)
     return ClairResult(
         basis=basis,
         rank=fit.rank,

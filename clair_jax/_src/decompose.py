@@ -270,10 +270,9 @@ def decompose(
     if min(x.shape) < 1:
         raise ValueError(f"updates must be non-empty, got shape {tuple(x.shape)}.")
     n, p, q = x.shape
-    svd_lib.select_backend((p, n * q), svd, rank_cap, x.dtype)  # validates svd, rank_cap
-    if rank_cap is None and diff != "unrolled":
-        rank_cap = svd_lib.auto_rank_cap((p, n * q), svd)
-    backend = svd_lib.select_backend((p, n * q), svd, rank_cap, x.dtype)
+    backend, rank_cap = svd_lib.resolve_backend(
+        (p, n * q), svd, rank_cap, x.dtype, unrolled=diff == "unrolled"
+    )
 
     x = validation.check_finite(x, "updates")
     lam_nuc = _lambda(lam_nuc, "lam_nuc", x.dtype)

@@ -113,6 +113,28 @@ def auto_rank_cap(shape: tuple[int, int], backend: str = "auto") -> int | None:
     return AUTO_RANK_CAP
 
 
+def resolve_backend(
+    shape: tuple[int, int],
+    backend: str = "auto",
+    rank_cap: int | None = None,
+    dtype=None,
+    *,
+    unrolled: bool = False,
+) -> tuple[str, int | None]:
+    """The factorisation a solver really uses: ``(backend, rank_cap)``, ``"auto"`` resolved.
+
+    Without a given ``rank_cap``, ``"auto"`` takes :func:`auto_rank_cap`'s
+    (except for ``unrolled`` solves, which have no exact continuation), then
+    :func:`select_backend` picks the backend.
+
+    Raises:
+      ValueError: as :func:`select_backend`.
+    """
+    if rank_cap is None and not unrolled:
+        rank_cap = auto_rank_cap(shape, backend)
+    return select_backend(shape, backend, rank_cap, dtype), rank_cap
+
+
 def _shrink(s: Array, tau: Array) -> Array:
     return jnp.maximum(s - tau, 0.0)
 
