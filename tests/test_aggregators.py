@@ -409,12 +409,22 @@ def test_clair_aggregator_on_products(x64):
     global_update = np_best_rank(np.tensordot(pc, x, 1), r)
     np.testing.assert_allclose(np.asarray(g.B) @ g.A, global_update, atol=1e-10)
     # Personalised adapters: each collaborative client's refined update, re-factorised
-    # to rank r; the flagged clients get the global adapter.
+    # to rank r; the flagged clients keep the factors they sent (flagged="trained").
     refined = np.asarray(clair(x, rank=r).refined)
-    expected = np.where(outliers[:, None, None], global_update[None], np_best_rank(refined, r))
+    expected = np.where(outliers[:, None, None], x, np_best_rank(refined, r))
     personal = np.einsum("npr,nrq->npq", res.clients["w"].B, res.clients["w"].A)
     np.testing.assert_allclose(personal, expected, atol=1e-8)
+    np.testing.assert_array_equal(res.clients["w"].B[outliers], B[outliers])
+    np.testing.assert_array_equal(res.clients["w"].A[outliers], A[outliers])
     assert_errors(res, clients, w)
+    # flagged="global": the flagged clients get the global adapter instead, the rest
+    # is unchanged.
+    res_g = ag.clair_aggregator(rank=r, flagged="global").aggregate(
+        clients, global_, w, jnp.int32(0), KEY
+    )
+    personal_g = np.einsum("npr,nrq->npq", res_g.clients["w"].B, res_g.clients["w"].A)
+    expected_g = np.where(outliers[:, None, None], global_update[None], expected)
+    np.testing.assert_allclose(personal_g, expected_g, atol=1e-8)
 
     # Shared row space: the same clients transposed (B' = A^T, A' = B^T) give the
     # transposed result.
@@ -545,3 +555,5 @@ def test_clair_aggregator_update_measure_needs_a_matching_start():
         ag.clair_aggregator(measure="delta")
     with pytest.raises(ValueError, match="detection must be one of"):
         ag.clair_aggregator(detection="global")
+    with pytest.raises(ValueError, match="flagged must be one of"):
+        ag.clair_aggregator(flagged="drop")

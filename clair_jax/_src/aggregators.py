@@ -454,6 +454,7 @@ def clair_aggregator(
     shared_space: str = "column",
     measure: str = "adapter",
     detection: str = "module",
+    flagged: str = "trained",
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -485,13 +486,17 @@ def clair_aggregator(
     refinement on the module's subspace ``Û``, ``X̃_i = X̄_Ĉ + P_Û (X_i - X̄_Ĉ)``;
     plus ``B_i^0 A_i^0`` for ``"update"``) is re-factorised to the LoRA rank
     ``r`` by truncated SVD and sent back to that client (personalised adapters).
-    A flagged client is left out of the consensus and the global adapter: with
-    ``"adapter"`` it gets the global adapter (its next adapter is again measured
-    against the consensus); with ``"update"`` it keeps the adapter it trained
-    this round, as under local-only training, so that a benign client flagged
-    once moves on and its next update is small again (keeping its start instead
-    made such a client re-send the same update and stay flagged: text-copying
-    runs in the README). The global
+    A flagged client is left out of the consensus and the global adapter. What
+    it holds next is set by ``flagged``: ``"trained"`` (default) keeps the
+    adapter it trained this round, as under local-only training; ``"global"``
+    gives it the global adapter. In text-copying runs (README) ``"global"``
+    hid the contaminated clients in later rounds: reset to the consensus every
+    round, they differed from it by one round of training only, while benign
+    clients carried their personalised adapters (majority-of-rounds F1 1.00 /
+    1.00 / 0.80 over three seeds, against 1.00 in all three with
+    ``"trained"``). With ``measure="update"`` a flagged client that kept its
+    *start* instead re-sent the same update every round and stayed flagged.
+    The global
     adapter is the rank-``r`` factorisation of the weighted mean of the
     collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
     clients if ``Ĉ`` is empty; with ``detection="module"`` the module's own
@@ -504,11 +509,14 @@ def clair_aggregator(
         factors) or ``"row"`` (of ``R^q``, spanned by the rows of ``A``).
       measure: ``"adapter"`` or ``"update"`` (see above).
       detection: ``"module"`` or ``"client"`` (see above).
+      flagged: what a flagged client holds next, ``"trained"`` (the adapter it
+        trained) or ``"global"`` (the global adapter).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``lam_nuc``,
         ``lam_block``, ``threshold``, ``offset``, ...).
 
     Raises:
-      ValueError: an unknown ``shared_space``, ``measure`` or ``detection``; at
+      ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
+        ``flagged``; at
         aggregation, ``measure="update"`` without ``start`` or with a ``start``
         unlike ``clients``.
 
@@ -518,6 +526,8 @@ def clair_aggregator(
     validation.check_choice(shared_space, "shared_space", ("column", "row"))
     validation.check_choice(measure, "measure", ("adapter", "update"))
     validation.check_choice(detection, "detection", ("module", "client"))
+    validation.check_choice(flagged, "flagged", ("global", "trained"))
+    keep_trained = flagged == "trained"
     row = shared_space == "row"
 
     def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
@@ -534,7 +544,7 @@ def clair_aggregator(
                 raise ValueError(f"start (the adapters of the round start): {err}") from None
         n = _n_clients(clients)
         diagnostics, fits = {}, {}
-        flagged = jnp.zeros((n,), bool)
+        outliers = jnp.zeros((n,), bool)
         for name, f in clients.items():
             product = jnp.einsum("npr,nrq->npq", f.B, f.A, precision=_HIGHEST)
             origin = jnp.zeros_like(product)
@@ -545,7 +555,7 @@ def clair_aggregator(
             x = jnp.swapaxes(x, 1, 2) if row else x
             res = clair_lib.clair(x, **clair_kwargs)
             fits[name] = (x, origin, res)
-            flagged = flagged | ~res.collaborative
+            outliers = outliers | ~res.collaborative
             diagnostics[f"flagged/{name}"] = ~res.collaborative
             diagnostics[f"scores/{name}"] = res.scores
             diagnostics[f"threshold/{name}"] = res.threshold
@@ -555,10 +565,10 @@ def clair_aggregator(
             relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
             client_scores = jnp.median(relative, axis=0)
             client_threshold = clair_lib._threshold(client_scores, jnp.zeros((), scores.dtype))
-            flagged = client_scores > client_threshold
+            outliers = client_scores > client_threshold
             diagnostics["client_scores"] = client_scores
             diagnostics["client_threshold"] = client_threshold
-        collaborative = ~flagged
+        collaborative = ~outliers
         new_clients, new_global = {}, {}
         for name, (x, origin, res) in fits.items():
             f = clients[name]
@@ -581,7 +591,7 @@ def clair_aggregator(
         # Flagged clients are left out of the consensus: they get the global adapter
         # ("adapter") or keep the adapter they trained this round ("update").
         keep = collaborative[:, None, None]
-        if measure == "update":
+        if keep_trained:
             fallback = clients
         else:
             fallback = {name: LoRAFactors(g.B[None], g.A[None]) for name, g in new_global.items()}
@@ -593,7 +603,7 @@ def clair_aggregator(
             for name, f in new_clients.items()
         }
         diagnostics.update(errors(clients, new_global, p))
-        return AggregateResult(new_clients, new_global, flagged, diagnostics)
+        return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
     return Aggregator("clair", aggregate, uses_start=measure == "update")
 

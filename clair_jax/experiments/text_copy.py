@@ -182,6 +182,7 @@ def make_aggregator(
     fraction: float,
     clair_measure: str = "adapter",
     clair_detection: str = "module",
+    clair_flagged: str = "trained",
 ) -> agg_lib.Aggregator:
     """The rule ``name`` with the experiment's settings.
 
@@ -206,7 +207,10 @@ def make_aggregator(
         "multi_krum": lambda: agg_lib.multi_krum(f, max(participants - f, 1)),
         "geometric_median": agg_lib.geometric_median,
         "clair": lambda: agg_lib.clair_aggregator(
-            offset=True, measure=clair_measure, detection=clair_detection
+            offset=True,
+            measure=clair_measure,
+            detection=clair_detection,
+            flagged=clair_flagged,
         ),
     }
     if name not in factories:
@@ -297,6 +301,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="module",
         choices=("module", "client"),
         help="flag per module (any) or on the client score pooled over modules",
+    )
+    parser.add_argument(
+        "--clair-flagged",
+        default="trained",
+        choices=("global", "trained"),
+        help="what a client CLAIR flags holds next: the adapter it trained or the global one",
     )
     parser.add_argument("--train-examples", type=int, default=6, help="sequences per client")
     parser.add_argument("--test-examples", type=int, default=64, help="held-out per client")
@@ -420,6 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fraction=args.fraction,
             clair_measure=args.clair_measure,
             clair_detection=args.clair_detection,
+            clair_flagged=args.clair_flagged,
         )
         round_fn = federated.make_round(
             graphdef,
