@@ -588,8 +588,8 @@ def clair_aggregator(
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
             new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
-        # Flagged clients are left out of the consensus: they get the global adapter
-        # ("adapter") or keep the adapter they trained this round ("update").
+        # Flagged clients are left out of the consensus: they keep the adapter they
+        # trained this round (flagged="trained") or get the global one ("global").
         keep = collaborative[:, None, None]
         if keep_trained:
             fallback = clients

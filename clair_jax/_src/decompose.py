@@ -186,7 +186,11 @@ def decompose(
     kinks, and a derivative there is one element of a generalised Jacobian.
 
     Args:
-      updates: ``(n, p, q)`` client updates; batch more problems with ``jax.vmap``.
+      updates: ``(n, p, q)`` client updates; batch more problems with ``jax.vmap``
+        (on CPU a large batch runs faster as ``jax.lax.map(solve, batch,
+        batch_size=2)``, vmapped chunks of 2 whose solver state stays in cache:
+        64 problems of 256 x 512 in 5.7-6.0 s against 8.5-9.1 s as one vmap on 2
+        cores, README benchmarks).
       lam_nuc: weight ``λ_* >= 0`` of the nuclear norm.
       lam_block: weight ``λ_S >= 0`` of the block norm.
       method: ``"fista"`` (Beck & Teboulle 2009, with adaptive restart) or
