@@ -164,6 +164,7 @@ def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
     assert int(capped.rank) == int(full.rank)
     np.testing.assert_allclose(capped.low_rank, full.low_rank, atol=1e-6)
     np.testing.assert_allclose(capped.sparse, full.sparse, atol=1e-6)
+    np.testing.assert_allclose(capped.objective, full.objective, rtol=1e-9)
 
     batch = jax.vmap(lambda lam: cj.decompose(prob["updates"], lam_nuc=lam, rank_cap=4, **kw))(
         jnp.array([0.5, 3.0])
@@ -173,6 +174,10 @@ def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
     np.testing.assert_allclose(batch.low_rank[0], full.low_rank, atol=1e-6)
     np.testing.assert_allclose(batch.low_rank[1], alone.low_rank, atol=1e-9)
     assert int(batch.num_iters[1]) == int(alone.num_iters)
+    # Objectives: exact continuation for the first, the capped basis for the second.
+    np.testing.assert_allclose(batch.objective, [full.objective, alone.objective], rtol=1e-9)
+    alone_full = cj.decompose(prob["updates"], lam_nuc=3.0, svd="full", **kw)
+    np.testing.assert_allclose(alone.objective, alone_full.objective, rtol=1e-9)
 
 
 def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):
@@ -307,15 +312,20 @@ def test_gradients_match_finite_differences(x64, method, offset, diff, constrain
     check_grads(loss, args, order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_of_objective_wrt_lambda_is_the_penalty(x64):
-    """Envelope theorem: d objective / d lam_nuc = ||L*||_* (a closed form)."""
+@pytest.mark.parametrize("rank_cap", [None, 6, 1])
+def test_gradient_of_objective_wrt_lambda_is_the_penalty(x64, rank_cap):
+    """Envelope theorem: d objective / d lam_nuc = ||L*||_* (a closed form).
+
+    With a rank cap the objective's nuclear norm comes from the capped basis (cap
+    6) or, where the cap binds (cap 1, rank 3), from the exact continuation.
+    """
     x = jnp.asarray(small_problem()["updates"])
-    grad = jax.grad(
-        lambda lam: cj.decompose(x, lam_nuc=lam, lam_block=1.0, tol=1e-12, max_iter=20000).objective
-    )(1.0)
-    sol = cj.decompose(x, lam_nuc=1.0, lam_block=1.0, tol=1e-12, max_iter=20000)
-    nuclear = np.linalg.svd(np.asarray(cj.blocks_to_matrix(sol.low_rank)), compute_uv=False).sum()
-    np.testing.assert_allclose(float(grad), nuclear, rtol=1e-6)
+    kw = {"lam_block": 1.0, "tol": 1e-12, "max_iter": 20000, "rank_cap": rank_cap}
+    grad = jax.grad(lambda lam: cj.decompose(x, lam_nuc=lam, **kw).objective)(1.0)
+    sol = cj.decompose(x, lam_nuc=1.0, **kw)
+    singular_values = np.linalg.svd(np.asarray(cj.blocks_to_matrix(sol.low_rank)), compute_uv=False)
+    assert 1 < int(np.sum(singular_values > 1e-8)) < 6
+    np.testing.assert_allclose(float(grad), singular_values.sum(), rtol=1e-6)
 
 
 def test_auto_caps_the_rank_of_large_matrices_and_matches_full_svd(x64):

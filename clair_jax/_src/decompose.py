@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from clair_jax._src import admm, fista, problem, validation
+from clair_jax._src import admm, fista, problem, prox, validation
 from clair_jax._src import sparsity as sparsity_lib
 from clair_jax._src import svd as svd_lib
 from clair_jax._src.implicit import attach_fixed_point
@@ -91,6 +91,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
 
     solver = fista if options.method == "fista" else admm
     state = solver.solve(inner, options, init_l, init_s, basis)
+    saturated = jnp.zeros((), bool)
     if options.backend == "rank_capped" and not options.unrolled:
         # A full cap means singular values beyond it may exceed the threshold: the
         # fixed point reached need not be the minimiser. Carry on from it with the
@@ -126,6 +127,14 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         offset = None
     elif not options.constrained:
         offset = problem.optimal_offset(data, low_rank, sparse)
+    nuclear = None
+    if options.backend == "rank_capped":
+        # The last capped factorisation left L's rows in the span of its basis: the
+        # nuclear norm needs a p x rank_cap SVD, not a full one (unless the exact
+        # continuation ran, which kept the old basis).
+        nuclear = svd_lib.nuclear_norm_in_row_space(
+            prox.blocks_to_matrix(low_rank), jax.lax.stop_gradient(state.basis), saturated
+        )
     return Decomposition(
         low_rank=low_rank,
         sparse=sparse,
@@ -133,7 +142,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         num_iters=state.num_iters,
         converged=converged,
         residual=residual,
-        objective=problem.objective(data, low_rank, sparse, offset, options),
+        objective=problem.objective(data, low_rank, sparse, offset, options, nuclear),
         rank=state.rank,
     )
 

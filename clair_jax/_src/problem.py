@@ -99,9 +99,14 @@ def optimal_offset(data: Data, low_rank, sparse) -> Array:
     return jnp.mean(data.updates - low_rank - sparse, axis=0)
 
 
-def objective(data: Data, low_rank, sparse, offset, options: Options) -> Array:
-    """Objective value (the penalty terms only for the constrained form)."""
-    penalty = data.lam_nuc * prox.nuclear_norm(low_rank) + data.lam_block * sparsity.norm(
+def objective(data: Data, low_rank, sparse, offset, options: Options, nuclear=None) -> Array:
+    """Objective value (the penalty terms only for the constrained form).
+
+    ``nuclear``: ``||L||_*`` when the caller has it (default: a full SVD of ``L``).
+    """
+    if nuclear is None:
+        nuclear = prox.nuclear_norm(low_rank)
+    penalty = data.lam_nuc * nuclear + data.lam_block * sparsity.norm(
         sparse, data.weights, options.sparsity
     )
     if options.constrained:

@@ -176,6 +176,67 @@ def _svt_rank_capped(
     return out, jnp.sum(s_new > 0), vt.T
 
 
+def _nuclear_value_and_direction(m, row_basis, exact) -> tuple[Array, Array]:
+    """``(||m||_*, G)`` with ``G = U W^T`` the nuclear norm's (sub)gradient at ``m``.
+
+    Without ``exact`` the rows of ``m`` must lie in the span of the orthonormal
+    columns of ``row_basis``: then ``m = (m B) B^T`` and ``m B`` (``p x k``) has
+    the singular values of ``m``. With ``exact`` a thin SVD of ``m`` is run
+    instead, inside a ``while_loop`` of zero or one trip: a vmapped batch pays
+    for it only when one of its elements asks for it.
+    """
+    dtype = m.dtype
+
+    def masked_direction(u, s, vt):
+        keep = (s > jnp.finfo(dtype).eps * jnp.max(s, initial=0.0)).astype(dtype)
+        return jnp.sum(s), (u * keep[None, :]) @ vt
+
+    u, s, vt = jnp.linalg.svd(m @ row_basis, full_matrices=False)
+    value, small = masked_direction(u, s, vt)
+    direction = small @ row_basis.T
+
+    def full(carry):
+        del carry
+        return (*masked_direction(*jnp.linalg.svd(m, full_matrices=False)), jnp.zeros((), bool))
+
+    value, direction, _ = jax.lax.while_loop(
+        lambda carry: carry[2], full, (value, direction, jnp.asarray(exact, bool))
+    )
+    return value, direction
+
+
+@jax.custom_jvp
+def nuclear_norm_in_row_space(
+    m: Float[Array, "p m"], row_basis: Float[Array, "m k"], exact: Array
+) -> Array:
+    """``||m||_*`` from the ``k`` columns of ``row_basis`` that span the rows of ``m``.
+
+    The rank-capped factorisation leaves its result ``L = Q diag(s) V^T`` with
+    ``V`` the new warm-start basis, so ``||L||_* = ||L V||_*``: an SVD of a
+    ``p x k`` matrix instead of ``p x m``. Differentiable in ``m``: the
+    derivative is ``<U W^T, dm>`` (``L = U Σ W^T`` thin, zero singular values
+    left out), the nuclear norm's gradient; ``row_basis`` is treated as fixed.
+
+    Args:
+      m: the matrix (rows in the span of ``row_basis`` unless ``exact``).
+      row_basis: ``(cols, k)`` orthonormal columns.
+      exact: traced bool; when True the norm comes from a full SVD of ``m``
+        (``row_basis`` is then ignored).
+
+    Returns:
+      The nuclear norm, a scalar.
+    """
+    return _nuclear_value_and_direction(m, row_basis, exact)[0]
+
+
+@nuclear_norm_in_row_space.defjvp
+def _nuclear_norm_in_row_space_jvp(primals, tangents):
+    m, row_basis, exact = primals
+    dm = tangents[0]
+    value, direction = _nuclear_value_and_direction(m, row_basis, exact)
+    return value, jnp.sum(direction * dm)
+
+
 def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
     """Deterministic starting basis ``(cols, rank_cap)`` for ``"rank_capped"``."""
     key = jax.random.key(0)
