@@ -89,11 +89,12 @@ def initial_penalty(data: problem.Data) -> Array:
     return jnp.where(sigma > 0, 1.25 / jnp.where(sigma > 0, sigma, 1.0), 1.0)
 
 
-def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
+def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None, mu=None):
     """Runs ADMM from ``(init_l, init_s)``; returns the final :class:`AdmmState`.
 
     ``skip`` (traced bool, optional): when True no iteration runs (the loop
     starts in the stopped state), also for one element of a ``vmap`` batch.
+    ``mu`` (optional): the initial penalty (default :func:`initial_penalty`).
     """
     start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
     scale = problem.data_scale(data)
@@ -138,7 +139,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         noise=init_n,
         offset=init_c,
         dual=init_n,
-        mu=initial_penalty(data).astype(dtype),
+        mu=(initial_penalty(data) if mu is None else mu).astype(dtype),
         num_iters=jnp.zeros((), jnp.int32),
         primal_residual=jnp.asarray(start_residual, dtype),
         dual_residual=jnp.asarray(start_residual, dtype),

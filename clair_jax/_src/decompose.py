@@ -97,7 +97,11 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         # fixed point reached need not be the minimiser. Carry on from it with the
         # exact factorisation (no iteration at all when the cap did not bind).
         saturated = state.rank >= options.rank_cap
-        more = solver.solve(inner, exact, state.low_rank, state.sparse, None, skip=~saturated)
+        # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
+        carry_on = {"mu": state.mu} if options.method == "admm" else {}
+        more = solver.solve(
+            inner, exact, state.low_rank, state.sparse, None, skip=~saturated, **carry_on
+        )
         more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
         state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
     if options.method == "fista":
