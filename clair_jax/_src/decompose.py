@@ -81,14 +81,17 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     if options.backend == "rank_capped":
         basis = svd_lib.initial_basis((p, n * q), options.rank_cap, dtype)
     inner = data if options.unrolled else jax.lax.stop_gradient(data)
-    # The fixed-point map used for implicit differentiation never needs the
-    # warm-started basis: it factorises exactly.
+    # The continuation after a binding cap factorises exactly (no warm-started basis).
     exact = options._replace(
         backend=svd_lib.select_backend((p, n * q), dtype=dtype)
         if options.backend == "rank_capped"
         else options.backend
     )
 
+    # Implicit differentiation linearises the fixed-point map with the full SVD,
+    # whose JVP (svd._svt_wide) stays finite at repeated or zero singular values
+    # (exactly low-rank or zero data), where the Gram route's eigh JVP does not.
+    differentiable = options._replace(backend="full")
     solver = fista if options.method == "fista" else admm
     state = solver.solve(inner, options, init_l, init_s, basis)
     saturated = jnp.zeros((), bool)
@@ -115,13 +118,13 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     if not options.unrolled:
         if options.constrained:
             low_rank, sparse, offset, dual = attach_fixed_point(
-                partial(_admm_fixed_point, exact),
+                partial(_admm_fixed_point, differentiable),
                 (low_rank, sparse, offset if options.offset else None, dual),
                 (data, jax.lax.stop_gradient(mu)),
             )
         else:
             low_rank, sparse = attach_fixed_point(
-                partial(_prox_grad_fixed_point, exact), (low_rank, sparse), data
+                partial(_prox_grad_fixed_point, differentiable), (low_rank, sparse), data
             )
     converged = residual < options.tol
     if options.backend == "rank_capped" and options.unrolled:

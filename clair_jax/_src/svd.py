@@ -140,9 +140,61 @@ def _shrink(s: Array, tau: Array) -> Array:
 
 
 def _svt_full(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
+    if z.shape[0] > z.shape[1]:
+        out, s = _svt_wide(z.T, tau)
+        return out.T, jnp.sum(s > tau)
+    out, s = _svt_wide(z, tau)
+    return out, jnp.sum(s > tau)
+
+
+def _ratio(num, den, limit):
+    """``num / den`` clipped to ``[0, 1]``, ``limit`` where ``den == 0``."""
+    safe = jnp.where(den == 0, 1.0, den)
+    return jnp.where(den == 0, limit, jnp.clip(num / safe, 0.0, 1.0))
+
+
+@jax.custom_jvp
+def _svt_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
+    """``(SVT_tau(z), singular values of z)`` for ``p <= m``, with a closed-form JVP."""
     u, s, vt = jnp.linalg.svd(z, full_matrices=False)
-    s_new = _shrink(s, tau)
-    return (u * s_new[None, :]) @ vt, jnp.sum(s_new > 0)
+    return (u * _shrink(s, tau)[None, :]) @ vt, s
+
+
+@_svt_wide.defjvp
+def _svt_wide_jvp(primals, tangents):
+    r"""The differential of SVT (Candès, Sing-Long & Trzasko 2013, arXiv:1210.4139).
+
+    With ``z = U diag(s) V^T`` (thin, ``p <= m``), ``f(s) = max(s - tau, 0)`` and
+    ``A = U^T dz V``:
+
+    .. math::
+
+        d\,\mathrm{SVT} = U \big(R^- \circ \mathrm{sym}(A) + R^+ \circ
+          \mathrm{skew}(A)\big) V^T + U \operatorname{diag}(f(s)/s) U^T dz
+          (I - V V^T) - d\tau\, U \operatorname{diag}(1[s > \tau]) V^T
+
+    with ``R^-_ij = (f_i - f_j)/(s_i - s_j)`` and ``R^+_ij = (f_i + f_j)/(s_i + s_j)``,
+    divided differences of a monotone 1-Lipschitz ``f``, so in ``[0, 1]``; where
+    the denominator vanishes (repeated or zero singular values, e.g. exactly
+    low-rank or zero data) they take their limits ``1[s_i > tau]`` and
+    ``1[tau == 0]``. Autodiff through ``jnp.linalg.svd`` divides by
+    ``s_i^2 - s_j^2`` instead and returns NaN there.
+    """
+    z, tau = primals
+    dz, dtau = tangents
+    u, s, vt = jnp.linalg.svd(z, full_matrices=False)
+    f = _shrink(s, tau)
+    active = (s > tau).astype(z.dtype)
+    zero_limit = jnp.where(tau == 0, 1.0, 0.0).astype(z.dtype)
+    r_minus = _ratio(f[:, None] - f[None, :], s[:, None] - s[None, :], active[:, None])
+    r_plus = _ratio(f[:, None] + f[None, :], s[:, None] + s[None, :], zero_limit)
+    left = u.T @ dz  # (p, m)
+    a = left @ vt.T  # (p, p)
+    inner = r_minus * 0.5 * (a + a.T) + r_plus * 0.5 * (a - a.T)
+    scale = _ratio(f, s, zero_limit)
+    complement = (u * scale[None, :]) @ (left - a @ vt)
+    d_out = u @ inner @ vt + complement - dtau * (u * active[None, :]) @ vt
+    return ((u * f[None, :]) @ vt, s), (d_out, jnp.diagonal(a))
 
 
 def _svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
