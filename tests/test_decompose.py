@@ -341,13 +341,15 @@ def test_auto_caps_the_rank_of_large_matrices_and_matches_full_svd(x64):
     np.testing.assert_allclose(auto.sparse, full.sparse, atol=1e-6)
 
 
-@pytest.mark.parametrize("svd_backend", ["full", "gram"])
-def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64, svd_backend):
+def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64):
     """Exactly low-rank data (repeated zero singular values) and zero data.
 
-    Implicit differentiation linearises with the SVD's closed-form JVP, finite
-    there; the gradient also matches finite differences on exactly rank-2 data.
+    Implicit differentiation linearises with the SVT's closed-form JVP, finite
+    there, whatever the solve's backend (here the Gram route, whose own eigh JVP
+    is NaN on such data); the gradient matches finite differences on exactly
+    rank-2 data.
     """
+    svd_backend = "gram"
     rng = np.random.default_rng(4)
     u = np.linalg.qr(rng.normal(size=(12, 2)))[0]
     x = jnp.asarray(np.einsum("pr,nrq->npq", u, rng.normal(size=(6, 2, 3))))
