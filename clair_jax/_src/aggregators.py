@@ -496,9 +496,8 @@ def clair_aggregator(
     1.00 / 0.80 over three seeds, against 1.00 in all three with
     ``"trained"``). With ``measure="update"`` a flagged client that kept its
     *start* instead re-sent the same update every round and stayed flagged.
-    The global
-    adapter is the rank-``r`` factorisation of the weighted mean of the
-    collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
+    The global adapter is the rank-``r`` factorisation of the weighted mean of
+    the collaborative clients' adapters, ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all
     clients if ``Ĉ`` is empty; with ``detection="module"`` the module's own
     ``Ĉ``, with ``"client"`` the pooled one). Diagnostics: per module ``"flagged/<module>"``
     (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``; with
@@ -516,9 +515,8 @@ def clair_aggregator(
 
     Raises:
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
-        ``flagged``; at
-        aggregation, ``measure="update"`` without ``start`` or with a ``start``
-        unlike ``clients``.
+        ``flagged``; at aggregation, ``measure="update"`` without ``start`` or
+        with a ``start`` unlike ``clients``.
 
     References:
       CLAIR, arXiv:2605.21217 (abstract only; see :func:`clair_jax.clair`).

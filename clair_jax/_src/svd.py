@@ -228,33 +228,35 @@ def _svt_rank_capped(
     return out, jnp.sum(s_new > 0), vt.T
 
 
-def _nuclear_value_and_direction(m, row_basis, exact) -> tuple[Array, Array]:
-    """``(||m||_*, G)`` with ``G = U W^T`` the nuclear norm's (sub)gradient at ``m``.
+def _nuclear_value_and_direction(m, row_basis, exact, *, direction: bool) -> tuple:
+    """``(||m||_*,)``, or ``(||m||_*, G)`` with ``G = U W^T`` the nuclear norm's (sub)gradient.
 
     Without ``exact`` the rows of ``m`` must lie in the span of the orthonormal
     columns of ``row_basis``: then ``m = (m B) B^T`` and ``m B`` (``p x k``) has
     the singular values of ``m``. With ``exact`` a thin SVD of ``m`` is run
     instead, inside a ``while_loop`` of zero or one trip: a vmapped batch pays
-    for it only when one of its elements asks for it.
+    for it only when one of its elements asks for it. ``G`` (and the singular
+    vectors it needs) is computed only when ``direction`` is True.
     """
     dtype = m.dtype
 
-    def masked_direction(u, s, vt):
+    def summarise(a):  # a has the singular values of m
+        if not direction:
+            return (jnp.sum(jnp.linalg.svd(a, compute_uv=False)),)
+        u, s, vt = jnp.linalg.svd(a, full_matrices=False)
         keep = (s > jnp.finfo(dtype).eps * jnp.max(s, initial=0.0)).astype(dtype)
         return jnp.sum(s), (u * keep[None, :]) @ vt
 
-    u, s, vt = jnp.linalg.svd(m @ row_basis, full_matrices=False)
-    value, small = masked_direction(u, s, vt)
-    direction = small @ row_basis.T
+    capped = summarise(m @ row_basis)
+    if direction:
+        capped = (capped[0], capped[1] @ row_basis.T)
 
     def full(carry):
         del carry
-        return (*masked_direction(*jnp.linalg.svd(m, full_matrices=False)), jnp.zeros((), bool))
+        return (*summarise(m), jnp.zeros((), bool))
 
-    value, direction, _ = jax.lax.while_loop(
-        lambda carry: carry[2], full, (value, direction, jnp.asarray(exact, bool))
-    )
-    return value, direction
+    *out, _ = jax.lax.while_loop(lambda carry: carry[-1], full, (*capped, jnp.asarray(exact, bool)))
+    return tuple(out)
 
 
 @jax.custom_jvp
@@ -278,14 +280,14 @@ def nuclear_norm_in_row_space(
     Returns:
       The nuclear norm, a scalar.
     """
-    return _nuclear_value_and_direction(m, row_basis, exact)[0]
+    return _nuclear_value_and_direction(m, row_basis, exact, direction=False)[0]
 
 
 @nuclear_norm_in_row_space.defjvp
 def _nuclear_norm_in_row_space_jvp(primals, tangents):
     m, row_basis, exact = primals
     dm = tangents[0]
-    value, direction = _nuclear_value_and_direction(m, row_basis, exact)
+    value, direction = _nuclear_value_and_direction(m, row_basis, exact, direction=True)
     return value, jnp.sum(direction * dm)
 
 
