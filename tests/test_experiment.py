@@ -41,8 +41,9 @@ def test_parse_args_defaults_and_errors(capsys):
     with pytest.raises(SystemExit):
         text_copy.parse_args(["--methods", "fedit,nope"])
     assert "unknown methods" in capsys.readouterr().err
-    assert (quick.optimizer, quick.lr, quick.clair_measure) == ("adam", 1e-2, "adapter")
-    assert quick.clair_flagged == "trained"
+    assert (quick.optimizer, quick.lr, quick.clair_measure) == ("adam", 5e-3, "adapter")
+    assert (quick.clair_flagged, quick.clair_space) == ("trained", "column")
+    assert text_copy.parse_args(["--clair-space", "row"]).clair_space == "row"
     assert text_copy.parse_args(["--clair-flagged", "global"]).clair_flagged == "global"
     sgd = text_copy.parse_args(["--optimizer", "sgd", "--clair-detection", "client"])
     assert (sgd.lr, sgd.clair_detection) == (0.3, "client")
