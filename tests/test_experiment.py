@@ -44,6 +44,15 @@ def test_parse_args_defaults_and_errors(capsys):
     assert (quick.optimizer, quick.lr, quick.clair_measure) == ("adam", 5e-3, "adapter")
     assert (quick.clair_flagged, quick.clair_space) == ("trained", "column")
     assert text_copy.parse_args(["--clair-space", "row"]).clair_space == "row"
+    assert (quick.clair_rank, text_copy.parse_args(["--clair-rank", "4"]).clair_rank) == (
+        "lora",
+        "4",
+    )
+    with pytest.raises(SystemExit):
+        text_copy.parse_args(["--clair-rank", "-2"])
+    assert "--clair-rank must be" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="clair_rank must be"):
+        text_copy.make_aggregator("clair", participants=4, fraction=0.25, clair_rank="wide")
     assert text_copy.parse_args(["--clair-flagged", "global"]).clair_flagged == "global"
     sgd = text_copy.parse_args(["--optimizer", "sgd", "--clair-detection", "client"])
     assert (sgd.lr, sgd.clair_detection) == (0.3, "client")

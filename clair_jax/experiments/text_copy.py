@@ -189,6 +189,7 @@ def make_aggregator(
     clair_detection: str = "module",
     clair_flagged: str = "trained",
     clair_space: str = "column",
+    clair_rank: str = "lora",
 ) -> agg_lib.Aggregator:
     """The rule ``name`` with the experiment's settings.
 
@@ -198,9 +199,21 @@ def make_aggregator(
     ``participants - f`` best). FedRot-LoRA uses strength ``0.4``, its paper's
     best setting. CLAIR runs on the products with an unknown common offset: the
     mean benign update is common to all clients and the shared subspace is that
-    of the variation around it (see :func:`clair_jax.clair`).
+    of the variation around it (see :func:`clair_jax.clair`). ``clair_rank``:
+    ``"lora"`` (the aggregator's default: the estimated rank capped at the LoRA
+    rank), ``"estimate"`` (no cap) or a fixed rank (a string of digits).
     """
     f = int(np.round(fraction * participants))
+    if clair_rank == "lora":
+        rank_kwargs = {}
+    elif clair_rank == "estimate":
+        rank_kwargs = {"max_rank": None}
+    elif str(clair_rank).isdigit() and int(clair_rank) > 0:
+        rank_kwargs = {"rank": int(clair_rank)}
+    else:
+        raise ValueError(
+            f"clair_rank must be 'lora', 'estimate' or a positive integer, got {clair_rank!r}."
+        )
     factories = {
         "local_only": agg_lib.local_only,
         "fedit": agg_lib.fedit,
@@ -218,6 +231,7 @@ def make_aggregator(
             detection=clair_detection,
             flagged=clair_flagged,
             shared_space=clair_space,
+            **rank_kwargs,
         ),
     }
     if name not in factories:
@@ -321,6 +335,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("column", "row"),
         help="CLAIR's shared subspace: column space (of the B factors) or row space (of A)",
     )
+    parser.add_argument(
+        "--clair-rank",
+        default="lora",
+        help="CLAIR's shared-subspace rank: 'lora' (estimate capped at the LoRA rank), "
+        "'estimate' (no cap) or a fixed integer",
+    )
     parser.add_argument("--train-examples", type=int, default=6, help="sequences per client")
     parser.add_argument("--test-examples", type=int, default=64, help="held-out per client")
     parser.add_argument("--participation", type=int, help="clients sampled per round (all)")
@@ -343,6 +363,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.clair_rank not in ("lora", "estimate") and not (
+        args.clair_rank.isdigit() and int(args.clair_rank) > 0
+    ):
+        parser.error(
+            "--clair-rank must be 'lora', 'estimate' or a positive integer, "
+            f"got {args.clair_rank!r}"
+        )
     if args.methods == "all":
         args.methods = list(METHODS)
     else:
@@ -445,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clair_detection=args.clair_detection,
             clair_flagged=args.clair_flagged,
             clair_space=args.clair_space,
+            clair_rank=args.clair_rank,
         )
         round_fn = federated.make_round(
             graphdef,
