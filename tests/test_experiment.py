@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from clair_jax._src import data as data_lib
 from clair_jax._src import lora
 from clair_jax.experiments import text_copy
 
@@ -65,6 +66,29 @@ def test_parse_args_defaults_and_errors(capsys):
     assert rule.uses_start
 
 
+def test_token_kinds_and_accuracy_by_token():
+    config = data_lib.FederationConfig(num_clients=3, vocab_size=12, length=4, test_examples=5)
+    fed = data_lib.make_federation(jax.random.key(3), config)
+    kinds = text_copy.token_kinds(fed, 4)
+    inputs, targets = np.asarray(fed.test.inputs), np.asarray(fed.test.targets)
+    maps = np.asarray(fed.mappings)
+    assert kinds.shape == inputs.shape and np.all(kinds[..., :4] == -1)
+    for i in range(3):
+        source = inputs[i, :, :4]
+        np.testing.assert_array_equal(targets[i, :, 4:], maps[i][source])  # t copies t - 4
+        expected = np.where(
+            np.isin(source, np.asarray(fed.shared_sources)),
+            0,
+            np.where(np.isin(source, np.asarray(fed.specific_sources)), 1, 2),
+        )
+        np.testing.assert_array_equal(kinds[i, :, 4:], expected)
+    # Right exactly on the shared tokens of the benign clients (client 1, contaminated,
+    # is right everywhere and must not count).
+    correct = (kinds == 0) | (np.arange(3) == 1)[:, None, None]
+    got = text_copy.accuracy_by_token(correct, kinds, np.array([True, False, True]))
+    assert got == {"shared": 1.0, "specific": 0.0, "other": 0.0}
+
+
 def test_unknown_method_is_a_value_error():
     with pytest.raises(ValueError, match="unknown method"):
         text_copy.make_aggregator("nope", participants=4, fraction=0.25)
@@ -109,6 +133,7 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
         assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["loss"])
         assert len(r["curve"]) == 2 and len(r["accuracy_per_client"]) == 6
         assert len(r["detection"]["flagged"]) == 6, name
+        assert set(r["accuracy_by_token"]) == set(text_copy.TOKEN_KINDS)
     # Local-only and FedIT never flag anybody.
     assert result["methods"]["fedit"]["detection"]["num_flagged"] == 0
     assert set(result["gaps"]) == {"clair_minus_local_only", "clair_minus_fedit"}

@@ -28,8 +28,10 @@ flags). The pipeline:
 4. **Report.** For each rule: the benign clients' held-out token accuracy and
    loss (each client evaluated with the adapter it holds after the last round:
    the broadcast global adapter for FedIT-like rules, its own for local-only
-   and CLAIR), the precision / recall / F1 of the clients the rule flagged in
-   the majority of the rounds they took part in, the mean over rounds of each
+   and CLAIR), that accuracy split by the kind of token copied (re-mapped alike
+   by benign clients, re-mapped per client, copied as is), the precision /
+   recall / F1 of the clients the rule flagged in the majority of the rounds
+   they took part in, the mean over rounds of each
    round's F1 ("F1 per round"), and the wall time (compilation included). A
    table is printed; JSON and a plot (if matplotlib is installed) are written
    to ``--out``.
@@ -266,6 +268,60 @@ def detection(flag_counts, participation_counts, truth) -> dict[str, float | Non
     }
 
 
+TOKEN_KINDS = ("shared", "specific", "other")
+"""Kinds of source tokens: re-mapped alike by benign clients, per client, or copied."""
+
+
+def token_kinds(fed: data_lib.Federation, length: int) -> np.ndarray:
+    """Kind of the source token behind every held-out target position.
+
+    Returns:
+      ``(n, m, 2 * length)`` ints: the index in :data:`TOKEN_KINDS` of the token
+      that target position copies (0: one of ``fed.shared_sources``, 1: one of
+      ``fed.specific_sources``, 2: any other token), ``-1`` where nothing is
+      scored (the mask is 0).
+    """
+    inputs = np.asarray(fed.test.inputs)
+    source = np.full(inputs.shape, -1)
+    source[..., length:] = inputs[..., :length]  # target t copies input t - length
+    kinds = np.where(
+        np.isin(source, np.asarray(fed.shared_sources)),
+        0,
+        np.where(np.isin(source, np.asarray(fed.specific_sources)), 1, 2),
+    )
+    return np.where(np.asarray(fed.test.mask) > 0, kinds, -1)
+
+
+def accuracy_by_token(correct, kinds, benign) -> dict[str, float | None]:
+    """Mean over benign clients of each client's accuracy on each kind of token.
+
+    Args:
+      correct: ``(n, m, t)`` bool, whether each prediction is right.
+      kinds: ``(n, m, t)`` from :func:`token_kinds`.
+      benign: ``(n,)`` bool.
+    """
+    correct, kinds = np.asarray(correct), np.asarray(kinds)
+    out = {}
+    for k, name in enumerate(TOKEN_KINDS):
+        per_client = [
+            correct[i][kinds[i] == k].mean()
+            for i in np.flatnonzero(benign)
+            if np.any(kinds[i] == k)
+        ]
+        out[name] = float(np.mean(per_client)) if per_client else None
+    return out
+
+
+def format_token_table(results: dict[str, dict]) -> str:
+    """A Markdown table of the benign accuracy per kind of source token."""
+    header = "| method | " + " | ".join(TOKEN_KINDS) + " |\n|---|" + "---|" * len(TOKEN_KINDS)
+    rows = [
+        f"| {name} | " + " | ".join(_fmt(r["accuracy_by_token"][k]) for k in TOKEN_KINDS) + " |"
+        for name, r in results.items()
+    ]
+    return "\n".join([header, *rows])
+
+
 # --- the experiment ---------------------------------------------------------------------
 
 #: Local optimiser name -> (optax factory, default learning rate; Adam's: module docstring).
@@ -447,6 +503,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     participants = args.participation or args.clients
     optimizer = OPTIMIZERS[args.optimizer][0](args.lr)
     evaluate = jax.jit(federated.evaluate_clients, static_argnums=0)
+    kinds = token_kinds(fed, length)
+
+    @jax.jit
+    def correct(base, adapters, data):
+        def one(adapters_i, x, y):
+            return jnp.argmax(lora.apply_lora(graphdef, base, adapters_i, x), -1) == y
+
+        return jax.vmap(one)(adapters, data.inputs, data.targets)
+
     base_eval = evaluate(
         graphdef, base, federated.init_server_state(adapters, args.clients).clients, fed.test
     )
@@ -517,6 +582,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "accuracy_std": float(accuracy.std()),
             "loss": float(np.mean(np.asarray(final.loss)[benign])),
             "accuracy_per_client": np.asarray(final.accuracy).tolist(),
+            "accuracy_by_token": accuracy_by_token(
+                correct(base, state.clients, fed.test), kinds, benign
+            ),
             "detection": detection(state.flag_counts, state.participation_counts, truth),
             "seconds": seconds,
             "curve": curve,
@@ -621,6 +689,8 @@ def main(argv=None) -> None:
     out = run(args)
     print()
     print(format_table(out["methods"]))
+    print("\nbenign held-out accuracy by source token (re-mapped alike, per client, copied):")
+    print(format_token_table(out["methods"]))
     for key, value in out["gaps"].items():
         print(f"{key.replace('_', ' ')}: {value:+.3f}")
     print(f"wall time {out['wall_seconds']:.1f} s")
