@@ -360,3 +360,33 @@ def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64):
     check_grads(loss, (x,), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
     zero = jax.grad(lambda x: cj.decompose(x, **kw).objective)(jnp.zeros((4, 12, 3)))
     np.testing.assert_array_equal(zero, 0.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_cache_sized_cpu_batches_equal_a_loop(x64, monkeypatch, chunk):
+    # A vmapped solve on CPU runs in chunks of `chunk` problems (here 5 problems: with
+    # a remainder for chunk 2); values and gradients must equal one solve at a time.
+    rng = np.random.default_rng(21)
+    xs = jnp.asarray(rng.normal(size=(5, 4, 5, 2 + chunk)))  # shapes unique to this test
+    per_problem = xs[0].size * xs.dtype.itemsize
+    monkeypatch.setattr(decompose_module, "CPU_CHUNK_BYTES", chunk * per_problem)
+
+    def solve(x, lam):
+        return cj.decompose(x, lam_nuc=lam, lam_block=0.4, method="admm", tol=1e-10)
+
+    lams = jnp.linspace(0.8, 1.2, 5)
+    batched = jax.vmap(solve)(xs, lams)
+    for i in range(5):
+        one = solve(xs[i], lams[i])
+        np.testing.assert_allclose(batched.low_rank[i], one.low_rank, atol=1e-12)
+        np.testing.assert_allclose(batched.sparse[i], one.sparse, atol=1e-12)
+        assert int(batched.num_iters[i]) == int(one.num_iters)
+
+    def loss(x, lam):
+        return jnp.sum(solve(x, lam).low_rank ** 2)
+
+    g_x, g_lam = jax.vmap(jax.grad(loss, argnums=(0, 1)))(xs, lams)
+    for i in range(5):
+        one_x, one_lam = jax.grad(loss, argnums=(0, 1))(xs[i], lams[i])
+        np.testing.assert_allclose(g_x[i], one_x, atol=1e-8)
+        np.testing.assert_allclose(g_lam[i], one_lam, atol=1e-8)

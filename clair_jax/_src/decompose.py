@@ -93,20 +93,31 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     # (exactly low-rank or zero data), where the Gram route's eigh JVP does not.
     differentiable = options._replace(backend="full")
     solver = fista if options.method == "fista" else admm
-    state = solver.solve(inner, options, init_l, init_s, basis)
-    saturated = jnp.zeros((), bool)
-    if options.backend == "rank_capped" and not options.unrolled:
-        # A full cap means singular values beyond it may exceed the threshold: the
-        # fixed point reached need not be the minimiser. Carry on from it with the
-        # exact factorisation (no iteration at all when the cap did not bind).
-        saturated = state.rank >= options.rank_cap
-        # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
-        carry_on = {"mu": state.mu} if options.method == "admm" else {}
-        more = solver.solve(
-            inner, exact, state.low_rank, state.sparse, None, skip=~saturated, **carry_on
-        )
-        more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
-        state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
+
+    def run(inner, init_l, init_s, basis):
+        state = solver.solve(inner, options, init_l, init_s, basis)
+        saturated = jnp.zeros((), bool)
+        if options.backend == "rank_capped" and not options.unrolled:
+            # A full cap means singular values beyond it may exceed the threshold: the
+            # fixed point reached need not be the minimiser. Carry on from it with the
+            # exact factorisation (no iteration at all when the cap did not bind).
+            saturated = state.rank >= options.rank_cap
+            # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
+            carry_on = {"mu": state.mu} if options.method == "admm" else {}
+            more = solver.solve(
+                inner, exact, state.low_rank, state.sparse, None, skip=~saturated, **carry_on
+            )
+            more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
+            state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
+        return state, saturated
+
+    if options.unrolled:
+        state, saturated = run(inner, init_l, init_s, basis)
+    else:
+        # The solver is never differentiated here (implicit differentiation below),
+        # so it may batch its own way: see _cache_sized_batches.
+        start = jax.lax.stop_gradient((init_l, init_s))
+        state, saturated = _cache_sized_batches(run)(inner, *start, basis)
     if options.method == "fista":
         low_rank, sparse, residual = state.low_rank, state.sparse, state.residual
         dual = mu = offset = None
@@ -322,6 +333,48 @@ def decompose(
         sparsity=sparsity,
     )
     return _solve(options, problem.Data(x, lam_nuc, lam_block, w), init_l, init_s)
+
+
+#: Bytes of one ``(n, p, q)`` array per problem a ``vmap`` chunk may hold on CPU.
+CPU_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+def _cache_sized_batches(fn):
+    """``fn`` whose ``jax.vmap`` on CPU runs in sequential, cache-sized chunks.
+
+    On CPU one ``vmap`` over many large problems keeps every solver array for
+    the whole batch (64 problems of 256 x 512 in float64: 64 MB per array) and
+    each iteration streams them from main memory. Batched this way, the problems
+    run ``k`` at a time (``jax.lax.map(..., batch_size=k)``, each chunk still
+    vmapped), with ``k`` such that one ``(k, n, p, q)`` array fits in
+    :data:`CPU_CHUNK_BYTES` (2 MiB, a CPU cache): measured on 2 cores, 64 such
+    problems by ADMM in 4.7-5.0 s against 7.3-7.6 s as one vmap (README).
+    Small problems (``k`` >= the batch) and other backends, where one vmap is
+    the fast path, are batched as usual. The result is the same either way;
+    only the order of the work changes. Not differentiable (``custom_vmap``):
+    used for the forward solve only.
+    """
+    if jax.default_backend() != "cpu":
+        return fn
+    batched_fn = jax.custom_batching.custom_vmap(fn)
+
+    @batched_fn.def_vmap
+    def rule(axis_size, in_batched, *args):
+        args = jax.tree.map(
+            lambda a, b: a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))),
+            args,
+            tuple(in_batched),
+        )
+        data = args[0]
+        per_problem = data.updates[0].size * data.updates.dtype.itemsize
+        chunk = max(1, CPU_CHUNK_BYTES // per_problem)
+        if chunk >= axis_size:
+            out = jax.vmap(fn)(*args)
+        else:
+            out = jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return batched_fn
 
 
 def _lambda(value, name: str, dtype) -> Array:
