@@ -19,10 +19,11 @@ flags). The pipeline:
    on minibatches of its own examples). Adam's default learning rate, 5e-3, is
    the value of the grid {1e-3, 2e-3, 3e-3, 5e-3, 1e-2} with the best mean
    final benign accuracy of the two plain baselines, local-only and FedIT,
-   over seeds 0-4 (``benchmarks/results/text_copy_lr_sweep.json``; CLAIR was
-   not consulted). At 1e-2 local training over-fits the few examples: local
-   accuracy falls after round 2-3. CLAIR runs on the clients' adapters
-   per module by default; ``--clair-measure update`` feeds it each client's
+   over seeds 0-4 (``benchmarks/results/text_copy_lr_sweep.json``; CLAIR is
+   not part of the criterion). At 1e-2 local training over-fits the few
+   examples: local accuracy falls after round 2-3. CLAIR runs on the clients'
+   adapters per module by default, its rank capped at the LoRA rank
+   (``--clair-rank``); ``--clair-measure update`` feeds it each client's
    round update instead and ``--clair-detection client`` pools the module
    scores per client (see :func:`clair_jax.clair_aggregator`).
 4. **Report.** For each rule: the benign clients' held-out token accuracy and
