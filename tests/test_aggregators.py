@@ -438,8 +438,8 @@ def test_clair_aggregator_on_products(x64):
     np.testing.assert_allclose((np.asarray(g_t.B) @ g_t.A).T, np.asarray(g.B) @ g.A, atol=1e-10)
 
 
-def test_clair_aggregator_caps_the_rank_at_the_lora_rank(x64):
-    from clair_jax._src.clair import clair
+def test_clair_aggregator_refines_on_at_most_the_lora_rank(x64):
+    from clair_jax._src.clair import clair, refine
 
     rng = np.random.default_rng(4)
     n, p, r, q = 8, 12, 2, 10
@@ -448,22 +448,27 @@ def test_clair_aggregator_caps_the_rank_at_the_lora_rank(x64):
     u = np.linalg.qr(rng.normal(size=(p, 5)))[0]
     B = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, 5, r))) + 0.01 * rng.normal(size=(n, p, r))
     A = rng.normal(size=(n, r, q))
+    B[3] = rng.normal(size=(p, r))  # one client off the shared space
     clients = {"w": ag.LoRAFactors(B=B, A=A)}
     global_ = {"w": ag.LoRAFactors(B=np.zeros((p, r)), A=np.zeros((r, q)))}
     w = np.ones(n)
-    capped = ag.clair_aggregator(offset=True).aggregate(clients, global_, w, jnp.int32(0), KEY)
-    free = ag.clair_aggregator(offset=True, max_rank=None).aggregate(
-        clients, global_, w, jnp.int32(0), KEY
-    )
-    assert int(capped.diagnostics["rank/w"]) <= r < int(free.diagnostics["rank/w"])
     x = np.einsum("npr,nrq->npq", B, A)
-    reference = clair(x, offset=True, max_rank=r)
-    assert int(capped.diagnostics["rank/w"]) == int(reference.rank)
-    np.testing.assert_array_equal(capped.flagged, ~reference.collaborative)
-    keep = np.asarray(reference.collaborative)[:, None, None]
-    expected = np.where(keep, np_best_rank(np.asarray(reference.refined), r), x)
-    personal = np.einsum("npr,nrq->npq", capped.clients["w"].B, capped.clients["w"].A)
-    np.testing.assert_allclose(personal, expected, atol=1e-8)
+    reference = clair(x, offset=True)  # detection: CLAIR's own subspace
+    assert int(reference.rank) > r
+    outliers = ~np.asarray(reference.collaborative)
+    for refine_rank, width in (("lora", r), (3, 3), (None, int(reference.rank))):
+        res = ag.clair_aggregator(offset=True, refine_rank=refine_rank).aggregate(
+            clients, global_, w, jnp.int32(0), KEY
+        )
+        np.testing.assert_array_equal(res.flagged, outliers)
+        assert int(res.diagnostics["rank/w"]) == int(reference.rank)
+        assert int(res.diagnostics["refine_rank/w"]) == width
+        _, refined = refine(x, reference.basis[:, :width], reference.collaborative)
+        expected = np.where(outliers[:, None, None], x, np_best_rank(np.asarray(refined), r))
+        personal = np.einsum("npr,nrq->npq", res.clients["w"].B, res.clients["w"].A)
+        np.testing.assert_allclose(personal, expected, atol=1e-8)
+    with pytest.raises(ValueError, match="refine_rank must be"):
+        ag.clair_aggregator(refine_rank=0)
 
 
 def test_clair_aggregator_rejects_bad_space():

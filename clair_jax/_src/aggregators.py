@@ -455,6 +455,7 @@ def clair_aggregator(
     measure: str = "adapter",
     detection: str = "module",
     flagged: str = "trained",
+    refine_rank: int | str | None = "lora",
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -469,14 +470,15 @@ def clair_aggregator(
       round passes ``start=``). Clients that start from different, personalised
       adapters are then compared on what they learnt this round only.
 
-    The shared subspace has at most ``r`` dimensions, ``r`` the LoRA rank: that
-    is the premise of CLAIR on LoRA updates (benign clients' ``B_i A_i`` share
-    one column space, that of their ``B`` factors; their rows, that of the
-    ``A``'s), and the variation around a common offset lies in it too. So
-    unless ``rank`` or ``max_rank`` is given, CLAIR's rank estimate is capped
-    at ``r``. In text-copying runs (README) the uncapped estimate was 15-52 of
-    64 per module and kept most of each client's over-fit update: benign
-    accuracy 0.920 uncapped, 0.935 capped at ``r = 8`` (seed 0).
+    Detection uses CLAIR's own subspace ``Û`` (its rank rule); the refinement
+    below keeps at most ``refine_rank`` of its directions (the leading ones),
+    ``r`` (the LoRA rank) by default: a shared LoRA subspace is spanned by the
+    clients' ``B`` factors (rows: the ``A``'s), so it has at most ``r``
+    dimensions. In text-copying runs (README) CLAIR's estimate was 15-52 of 64
+    per module and kept most of each client's over-fit update (benign accuracy
+    0.920 against 0.935 refined on ``r = 8`` directions, seed 0); capping the
+    rank of detection too cost detection where contaminated clients form the
+    dominant structure (a coordinated group, sign flips).
 
     Which clients are collaborative (``Ĉ``):
 
@@ -520,10 +522,10 @@ def clair_aggregator(
       detection: ``"module"`` or ``"client"`` (see above).
       flagged: what a flagged client holds next, ``"trained"`` (the adapter it
         trained) or ``"global"`` (the global adapter).
+      refine_rank: directions of ``Û`` the refinement keeps at most: ``"lora"``
+        (the LoRA rank ``r``), an int, or ``None`` (all of ``Û``).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
-        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ...). Without
-        ``rank`` or ``max_rank`` the estimated rank is capped at the LoRA rank
-        ``r`` (``max_rank=r``, see above); ``max_rank=None`` lifts the cap.
+        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ...).
 
     Raises:
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
@@ -537,6 +539,11 @@ def clair_aggregator(
     validation.check_choice(measure, "measure", ("adapter", "update"))
     validation.check_choice(detection, "detection", ("module", "client"))
     validation.check_choice(flagged, "flagged", ("global", "trained"))
+    if not (refine_rank is None or refine_rank == "lora"):
+        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
+            raise ValueError(
+                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
+            )
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 
@@ -563,16 +570,15 @@ def clair_aggregator(
                 origin = jnp.einsum("npr,nrq->npq", f0.B, f0.A, precision=_HIGHEST)
             x = product - origin
             x = jnp.swapaxes(x, 1, 2) if row else x
-            kwargs = dict(clair_kwargs)
-            if "rank" not in kwargs and "max_rank" not in kwargs:
-                kwargs["max_rank"] = min(f.A.shape[1], x.shape[1], x.shape[0] * x.shape[2])
-            res = clair_lib.clair(x, **kwargs)
+            res = clair_lib.clair(x, **clair_kwargs)
             fits[name] = (x, origin, res)
             outliers = outliers | ~res.collaborative
             diagnostics[f"flagged/{name}"] = ~res.collaborative
             diagnostics[f"scores/{name}"] = res.scores
             diagnostics[f"threshold/{name}"] = res.threshold
             diagnostics[f"rank/{name}"] = res.rank
+            keep_dirs = _refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
+            diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, keep_dirs)
         if detection == "client":
             scores = jnp.stack([res.scores for _, _, res in fits.values()])  # (K, n)
             typical = jnp.median(scores, axis=1, keepdims=True)
@@ -587,16 +593,14 @@ def clair_aggregator(
         for name, (x, origin, res) in fits.items():
             f = clients[name]
             r = f.A.shape[1]
-            if detection == "client":
-                _, refined = clair_lib.refine(x, res.basis, collaborative)
-            else:
-                refined = res.refined
+            members = collaborative if detection == "client" else res.collaborative
+            width = _refine_width(refine_rank, r, res.basis.shape[1])
+            _, refined = clair_lib.refine(x, res.basis[:, :width], members)
             refined = jnp.swapaxes(refined, 1, 2) if row else refined
             new_clients[name] = batching.map_matrices(
                 partial(dense_factors, rank=r), origin + refined
             )
             # The module's own collaborative set ("module"), the pooled one ("client").
-            members = collaborative if detection == "client" else res.collaborative
             w = jnp.where(members, p, 0.0)
             w = jnp.where(jnp.sum(w) > 0, w, p)
             w = w / jnp.sum(w)
@@ -620,6 +624,13 @@ def clair_aggregator(
         return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
     return Aggregator("clair", aggregate, uses_start=measure == "update")
+
+
+def _refine_width(refine_rank, lora_rank: int, width: int) -> int:
+    """Columns of CLAIR's basis the refinement keeps (static)."""
+    if refine_rank is None:
+        return width
+    return min(width, lora_rank if refine_rank == "lora" else refine_rank)
 
 
 # --- Byzantine-robust rules on the flattened factors ------------------------------------------

@@ -22,8 +22,8 @@ flags). The pipeline:
    over seeds 0-4 (``benchmarks/results/text_copy_lr_sweep.json``; CLAIR is
    not part of the criterion). At 1e-2 local training over-fits the few
    examples: local accuracy falls after round 2-3. CLAIR runs on the clients'
-   adapters per module by default, its rank capped at the LoRA rank
-   (``--clair-rank``); ``--clair-measure update`` feeds it each client's
+   adapters per module by default, refining on at most the LoRA rank's worth
+   of its subspace (``--clair-rank``); ``--clair-measure update`` feeds it each client's
    round update instead and ``--clair-detection client`` pools the module
    scores per client (see :func:`clair_jax.clair_aggregator`).
 4. **Report.** For each rule: the benign clients' held-out token accuracy and
@@ -203,16 +203,18 @@ def make_aggregator(
     best setting. CLAIR runs on the products with an unknown common offset: the
     mean benign update is common to all clients and the shared subspace is that
     of the variation around it (see :func:`clair_jax.clair`). ``clair_rank``:
-    ``"lora"`` (the aggregator's default: the estimated rank capped at the LoRA
-    rank), ``"estimate"`` (no cap) or a fixed rank (a string of digits).
+    ``"lora"`` (the aggregator's default: detection on CLAIR's estimated
+    subspace, refinement on at most its leading LoRA-rank directions),
+    ``"estimate"`` (refinement on all of it) or a fixed rank for both (a string
+    of digits).
     """
     f = int(np.round(fraction * participants))
     if clair_rank == "lora":
         rank_kwargs = {}
     elif clair_rank == "estimate":
-        rank_kwargs = {"max_rank": None}
+        rank_kwargs = {"refine_rank": None}
     elif str(clair_rank).isdigit() and int(clair_rank) > 0:
-        rank_kwargs = {"rank": int(clair_rank)}
+        rank_kwargs = {"rank": int(clair_rank), "refine_rank": None}
     else:
         raise ValueError(
             f"clair_rank must be 'lora', 'estimate' or a positive integer, got {clair_rank!r}."
@@ -395,8 +397,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--clair-rank",
         default="lora",
-        help="CLAIR's shared-subspace rank: 'lora' (estimate capped at the LoRA rank), "
-        "'estimate' (no cap) or a fixed integer",
+        help="CLAIR's refinement rank: 'lora' (at most the LoRA rank), 'estimate' (CLAIR's "
+        "estimate) or a fixed integer (detection and refinement)",
     )
     parser.add_argument("--train-examples", type=int, default=6, help="sequences per client")
     parser.add_argument("--test-examples", type=int, default=64, help="held-out per client")
