@@ -476,9 +476,9 @@ def clair_aggregator(
     clients' ``B`` factors (rows: the ``A``'s), so it has at most ``r``
     dimensions. In text-copying runs (README) CLAIR's estimate was 15-52 of 64
     per module and kept most of each client's over-fit update (benign accuracy
-    0.920 against 0.935 refined on ``r = 8`` directions, seed 0); capping the
-    rank of detection too cost detection where contaminated clients form the
-    dominant structure (a coordinated group, sign flips).
+    0.920 against 0.938 refined on ``r = 8`` directions, seed 0); capping the
+    rank of detection too cut detection under sign flips (F1 0.75 against
+    1.00, seed 0).
 
     Which clients are collaborative (``Ĉ``):
 
