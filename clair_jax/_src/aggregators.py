@@ -512,7 +512,8 @@ def clair_aggregator(
     clients if ``Ĉ`` is empty; with ``detection="module"`` the module's own
     ``Ĉ``, with ``"client"`` the pooled one). Diagnostics: per module ``"flagged/<module>"``
     (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``,
-    ``"rank/<module>"`` (the rank of the shared subspace used); with
+    ``"rank/<module>"`` (CLAIR's estimated rank, used for detection),
+    ``"refine_rank/<module>"`` (the directions the refinement kept); with
     ``detection="client"`` also ``"client_scores"`` and ``"client_threshold"``.
 
     Args:
@@ -571,16 +572,16 @@ def clair_aggregator(
             x = product - origin
             x = jnp.swapaxes(x, 1, 2) if row else x
             res = clair_lib.clair(x, **clair_kwargs)
-            fits[name] = (x, origin, res)
+            width = _refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
+            fits[name] = (x, origin, res, width)
             outliers = outliers | ~res.collaborative
             diagnostics[f"flagged/{name}"] = ~res.collaborative
             diagnostics[f"scores/{name}"] = res.scores
             diagnostics[f"threshold/{name}"] = res.threshold
             diagnostics[f"rank/{name}"] = res.rank
-            keep_dirs = _refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
-            diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, keep_dirs)
+            diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, width)
         if detection == "client":
-            scores = jnp.stack([res.scores for _, _, res in fits.values()])  # (K, n)
+            scores = jnp.stack([fit[2].scores for fit in fits.values()])  # (K, n)
             typical = jnp.median(scores, axis=1, keepdims=True)
             relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
             client_scores = jnp.median(relative, axis=0)
@@ -590,11 +591,10 @@ def clair_aggregator(
             diagnostics["client_threshold"] = client_threshold
         collaborative = ~outliers
         new_clients, new_global = {}, {}
-        for name, (x, origin, res) in fits.items():
+        for name, (x, origin, res, width) in fits.items():
             f = clients[name]
             r = f.A.shape[1]
             members = collaborative if detection == "client" else res.collaborative
-            width = _refine_width(refine_rank, r, res.basis.shape[1])
             _, refined = clair_lib.refine(x, res.basis[:, :width], members)
             refined = jnp.swapaxes(refined, 1, 2) if row else refined
             new_clients[name] = batching.map_matrices(

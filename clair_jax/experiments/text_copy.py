@@ -23,9 +23,9 @@ flags). The pipeline:
    not part of the criterion). At 1e-2 local training over-fits the few
    examples: local accuracy falls after round 2-3. CLAIR runs on the clients'
    adapters per module by default, refining on at most the LoRA rank's worth
-   of its subspace (``--clair-rank``); ``--clair-measure update`` feeds it each client's
-   round update instead and ``--clair-detection client`` pools the module
-   scores per client (see :func:`clair_jax.clair_aggregator`).
+   of its subspace (``--clair-rank``); ``--clair-measure update`` feeds it
+   each client's round update instead and ``--clair-detection client`` pools
+   the module scores per client (see :func:`clair_jax.clair_aggregator`).
 4. **Report.** For each rule: the benign clients' held-out token accuracy and
    loss (each client evaluated with the adapter it holds after the last round:
    the broadcast global adapter for FedIT-like rules, its own for local-only
@@ -209,16 +209,7 @@ def make_aggregator(
     of digits).
     """
     f = int(np.round(fraction * participants))
-    if clair_rank == "lora":
-        rank_kwargs = {}
-    elif clair_rank == "estimate":
-        rank_kwargs = {"refine_rank": None}
-    elif str(clair_rank).isdigit() and int(clair_rank) > 0:
-        rank_kwargs = {"rank": int(clair_rank), "refine_rank": None}
-    else:
-        raise ValueError(
-            f"clair_rank must be 'lora', 'estimate' or a positive integer, got {clair_rank!r}."
-        )
+    rank_kwargs = clair_rank_kwargs(clair_rank)
     factories = {
         "local_only": agg_lib.local_only,
         "fedit": agg_lib.fedit,
@@ -242,6 +233,24 @@ def make_aggregator(
     if name not in factories:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}.")
     return factories[name]()
+
+
+def clair_rank_kwargs(clair_rank: str) -> dict[str, Any]:
+    """:func:`clair_jax.clair_aggregator` keywords for a ``--clair-rank`` value.
+
+    Raises:
+      ValueError: ``clair_rank`` is not ``"lora"``, ``"estimate"`` or a positive
+        integer (as a string of digits).
+    """
+    if clair_rank == "lora":
+        return {}
+    if clair_rank == "estimate":
+        return {"refine_rank": None}
+    if str(clair_rank).isdigit() and int(clair_rank) > 0:
+        return {"rank": int(clair_rank), "refine_rank": None}
+    raise ValueError(
+        f"clair_rank must be 'lora', 'estimate' or a positive integer, got {clair_rank!r}."
+    )
 
 
 def detection(flag_counts, participation_counts, truth) -> dict[str, float | None]:
@@ -422,13 +431,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.clair_rank not in ("lora", "estimate") and not (
-        args.clair_rank.isdigit() and int(args.clair_rank) > 0
-    ):
-        parser.error(
-            "--clair-rank must be 'lora', 'estimate' or a positive integer, "
-            f"got {args.clair_rank!r}"
-        )
+    try:
+        clair_rank_kwargs(args.clair_rank)
+    except ValueError as err:
+        parser.error(f"--{err}".replace("clair_rank", "clair-rank", 1))
     if args.methods == "all":
         args.methods = list(METHODS)
     else:
