@@ -317,3 +317,65 @@ def test_subspace_distance_matches_principal_angles(rng):
     np.testing.assert_allclose(float(cj.subspace_distance(a, a[:, :2])), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="bases"):
         cj.subspace_distance(a, np.zeros((8, 3)))
+
+
+# --- a coordinated group against diverse benign clients ---------------------------------------
+
+
+def _coordinated_federation(seed: int, n: int = 20, p: int = 32, q: int = 32, r: int = 4):
+    """Benign clients: each a different rank-r product (LoRA-like, no common subspace
+    beyond a weak shared part); the first 30% send one identical rank-1 update, 3x larger."""
+    rng = np.random.default_rng(seed)
+    shared = np.linalg.qr(rng.normal(size=(p, r)))[0]
+    own = np.einsum("npr,nrq->npq", rng.normal(size=(n, p, r)), rng.normal(size=(n, r, q)))
+    x = own / np.sqrt(p) + 0.5 * np.einsum("pr,nrq->npq", shared, rng.normal(size=(n, r, q)))
+    bad = np.arange(int(0.3 * n))
+    attack = np.outer(rng.normal(size=p), rng.normal(size=q))
+    x[bad] = 3.0 * attack * np.linalg.norm(x[-1]) / np.linalg.norm(attack)
+    truth = np.zeros(n, bool)
+    truth[bad] = True
+    return jnp.asarray(x, jnp.float32), truth
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_benign_majority_refit_detects_a_coordinated_group(seed):
+    x, truth = _coordinated_federation(seed)
+    # Without the guard the group is the low-rank structure: the benign majority is flagged.
+    plain = cj.clair(x, benign_majority=False)
+    assert np.sum(np.asarray(plain.collaborative)) < x.shape[0] / 2
+    assert not bool(plain.majority_refit)
+    res = cj.clair(x, benign_majority=True)
+    assert bool(res.majority_refit)
+    np.testing.assert_array_equal(np.asarray(res.collaborative), ~truth)
+    # The refit's result is self-consistent: its scores against its threshold.
+    np.testing.assert_array_equal(res.collaborative, res.scores <= res.threshold)
+    # Refinement and consensus use the benign majority.
+    np.testing.assert_allclose(
+        res.consensus, np.mean(np.asarray(x)[~truth], axis=0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_benign_majority_leaves_ordinary_detection_alone():
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(3), n=20, p=16, q=4, rank=2, fraction=0.3, noise=0.01
+    )
+    on, off = cj.clair(fed.updates, benign_majority=True), cj.clair(fed.updates)
+    assert not bool(on.majority_refit)
+    chex.assert_trees_all_equal(on, off)
+    with pytest.raises(TypeError, match="benign_majority must be a bool"):
+        cj.clair(fed.updates, benign_majority="yes")
+
+
+def test_benign_majority_trades_away_a_low_rank_minority():
+    """Noiseless, 60% dense contamination: off (the default) the rank-2 benign minority
+    is recovered exactly; the benign-majority rule replaces it by the dense majority."""
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(0), n=20, p=16, q=4, rank=2, fraction=0.6, noise=0.0
+    )
+    benign = ~np.asarray(fed.contaminated)
+    plain = cj.clair(fed.updates)
+    np.testing.assert_array_equal(plain.collaborative, benign)
+    assert float(cj.subspace_distance(fed.basis, plain.basis)) < 1e-3
+    ruled = cj.clair(fed.updates, benign_majority=True)
+    assert bool(ruled.majority_refit)
+    assert np.sum(np.asarray(ruled.collaborative)) > 10

@@ -456,6 +456,7 @@ def clair_aggregator(
     detection: str = "module",
     flagged: str = "trained",
     refine_rank: int | str | None = "lora",
+    benign_majority: bool = True,
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -513,7 +514,8 @@ def clair_aggregator(
     ``Ĉ``, with ``"client"`` the pooled one). Diagnostics: per module ``"flagged/<module>"``
     (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``,
     ``"rank/<module>"`` (CLAIR's estimated rank, used for detection),
-    ``"refine_rank/<module>"`` (the directions the refinement kept); with
+    ``"refine_rank/<module>"`` (the directions the refinement kept),
+    ``"majority_refit/<module>"`` (CLAIR refitted on a flagged majority); with
     ``detection="client"`` also ``"client_scores"`` and ``"client_threshold"``.
 
     Args:
@@ -525,6 +527,12 @@ def clair_aggregator(
         trained) or ``"global"`` (the global adapter).
       refine_rank: directions of ``Û`` the refinement keeps at most: ``"lora"``
         (the LoRA rank ``r``), an int, or ``None`` (all of ``Û``).
+      benign_majority: passed to :func:`clair_jax.clair`; True (default here,
+        unlike :func:`clair_jax.clair`) assumes, as the Byzantine-robust rules
+        do, that fewer than half of the clients are contaminated: a module whose
+        detection leaves a minority collaborative is refitted on the flagged
+        majority (a coordinated group of identical updates otherwise becomes the
+        shared subspace when the benign updates are diverse).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ...).
 
@@ -571,7 +579,7 @@ def clair_aggregator(
                 origin = jnp.einsum("npr,nrq->npq", f0.B, f0.A, precision=_HIGHEST)
             x = product - origin
             x = jnp.swapaxes(x, 1, 2) if row else x
-            res = clair_lib.clair(x, **clair_kwargs)
+            res = clair_lib.clair(x, benign_majority=benign_majority, **clair_kwargs)
             width = _refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
             fits[name] = (x, origin, res, width)
             outliers = outliers | ~res.collaborative
@@ -580,6 +588,7 @@ def clair_aggregator(
             diagnostics[f"threshold/{name}"] = res.threshold
             diagnostics[f"rank/{name}"] = res.rank
             diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, width)
+            diagnostics[f"majority_refit/{name}"] = res.majority_refit
         if detection == "client":
             scores = jnp.stack([fit[2].scores for fit in fits.values()])  # (K, n)
             typical = jnp.median(scores, axis=1, keepdims=True)
