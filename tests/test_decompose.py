@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 from jax.test_util import check_grads
@@ -310,6 +311,30 @@ def test_gradients_match_finite_differences(x64, method, offset, diff, constrain
 
     args = (jnp.asarray(prob["updates"]), lams["lam_nuc"], lams["lam_block"])
     check_grads(loss, args, order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+def test_unrolled_gradient_on_exactly_low_rank_data_is_finite_for_every_backend(x64):
+    """float64, wide M: ``svd="auto"`` picks the Gram route, whose eigh autodiff divides by
+    eigenvalue gaps (NaN for the repeated zero eigenvalues of rank-2 data); it uses the
+    closed-form SVT derivative instead, so it must agree with the full SVD's."""
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(8, 2))
+    x = jnp.asarray(np.einsum("pr,nrq->npq", u, rng.normal(size=(6, 2, 4))))
+    assert svd.resolve_backend((8, 24), "auto", None, x.dtype, unrolled=True)[0] == "gram"
+
+    def grad(backend):
+        def loss(x):
+            sol = cj.decompose(
+                x, lam_nuc=0.1, lam_block=0.5, svd=backend, diff="unrolled", max_iter=50
+            )
+            return jnp.sum(sol.low_rank**2) + jnp.sum(sol.sparse)
+
+        return jax.grad(loss)(x)
+
+    full = grad("full")
+    assert bool(jnp.all(jnp.isfinite(full)))
+    for backend in ("auto", "gram"):
+        np.testing.assert_allclose(grad(backend), full, rtol=1e-7, atol=1e-9)
 
 
 @pytest.mark.parametrize("rank_cap", [None, 6, 1])

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
@@ -98,22 +99,24 @@ def test_backend_errors():
         svd.select_backend((4, 6), "rank_capped", rank_cap=7)
 
 
+@pytest.mark.parametrize("backend", ["full", "gram"])
 @pytest.mark.parametrize("shape", [(6, 9), (9, 6)])
 @pytest.mark.parametrize("tau", [0.0, 0.7])
-def test_full_svt_closed_form_derivative_matches_finite_differences(x64, rng, shape, tau):
+def test_svt_closed_form_derivative_matches_finite_differences(x64, rng, shape, tau, backend):
     z = jnp.asarray(rng.normal(size=shape))
-    svt = lambda z, t: svd.singular_value_threshold(z, t)[0]  # noqa: E731
+    svt = lambda z, t: svd.singular_value_threshold(z, t, backend=backend)[0]  # noqa: E731
     jax.test_util.check_grads(svt, (z, tau), order=1, modes=["fwd", "rev"], eps=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["full", "gram"])
 @pytest.mark.parametrize("tau", [0.0, 0.5])
-def test_full_svt_derivative_is_finite_at_repeated_singular_values(x64, tau):
+def test_svt_derivative_is_finite_at_repeated_singular_values(x64, tau, backend):
     # Zero and rank-one matrices: autodiff through the SVD divides by s_i^2 - s_j^2 = 0.
     # Near a rank-one matrix with s > tau, SVT(z + t dz) - SVT(z) is smooth in t: the
     # closed form must match central differences there.
     rank_one = jnp.outer(jnp.arange(1.0, 7.0), jnp.ones(9))
     dz = jnp.asarray(np.random.default_rng(3).normal(size=(6, 9)))
-    svt = lambda z: svd.singular_value_threshold(z, tau)[0]  # noqa: E731
+    svt = lambda z: svd.singular_value_threshold(z, tau, backend=backend)[0]  # noqa: E731
     for z in (jnp.zeros((6, 9)), rank_one):
         _, tangent = jax.jvp(svt, (z,), (dz,))
         grad = jax.grad(lambda z: jnp.sum(svt(z) ** 2))(z)

@@ -9,6 +9,7 @@ import chex
 import cvxpy as cp
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 

@@ -16,7 +16,9 @@ backends compute it:
   ``Z`` is wide, ``Z^T Z`` when it is tall). Cheaper when the aspect ratio is
   large, but it squares the condition number: singular values below about
   ``sqrt(eps) * sigma_max`` are not resolved (harmless here, because they are
-  thresholded to zero whenever ``tau`` exceeds that level).
+  thresholded to zero whenever ``tau`` exceeds that level). Its derivative is
+  the closed form of the full route (from a thin SVD), not autodiff through
+  ``eigh``, which is NaN at repeated eigenvalues.
 * ``"rank_capped"``: a block power (subspace) iteration with ``rank_cap``
   columns, warm-started from the previous solver iteration's right singular
   vectors (Halko, Martinsson & Tropp 2011, arXiv:0909.4061). Cost
@@ -162,6 +164,12 @@ def _svt_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
 
 @_svt_wide.defjvp
 def _svt_wide_jvp(primals, tangents):
+    z, tau = primals
+    (out, s), tangent = _svt_wide_tangent(z, tau, *tangents)
+    return (out, s), tangent
+
+
+def _svt_wide_tangent(z, tau, dz, dtau):
     r"""The differential of SVT (Candès, Sing-Long & Trzasko 2013, arXiv:1210.4139).
 
     With ``z = U diag(s) V^T`` (thin, ``p <= m``), ``f(s) = max(s - tau, 0)`` and
@@ -180,8 +188,6 @@ def _svt_wide_jvp(primals, tangents):
     ``1[tau == 0]``. Autodiff through ``jnp.linalg.svd`` divides by
     ``s_i^2 - s_j^2`` instead and returns NaN there.
     """
-    z, tau = primals
-    dz, dtau = tangents
     u, s, vt = jnp.linalg.svd(z, full_matrices=False)
     f = _shrink(s, tau)
     active = (s > tau).astype(z.dtype)
@@ -198,8 +204,22 @@ def _svt_wide_jvp(primals, tangents):
 
 
 def _svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
-    wide = z.shape[0] <= z.shape[1]
-    gram = z @ z.T if wide else z.T @ z
+    if z.shape[0] > z.shape[1]:
+        out, s = _svt_gram_wide(z.T, tau)
+        return out.T, jnp.sum(s > tau)
+    out, s = _svt_gram_wide(z, tau)
+    return out, jnp.sum(s > tau)
+
+
+@jax.custom_jvp
+def _svt_gram_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
+    """``(SVT_tau(z), singular values of z)`` for ``p <= m`` from ``eigh(z z^T)``.
+
+    Differentiated with the closed form of :func:`_svt_wide_jvp` (from a thin
+    SVD of ``z``): autodiff through ``eigh`` divides by eigenvalue gaps and
+    returns NaN for repeated ones (exactly low-rank or zero data).
+    """
+    gram = z @ z.T
     gram = 0.5 * (gram + gram.T)
     evals, evecs = jnp.linalg.eigh(gram)
     s = jnp.sqrt(jnp.maximum(evals, 0.0))
@@ -207,11 +227,15 @@ def _svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     # Safe division: the ratio is only used where s > tau >= 0.
     s_safe = jnp.where(keep, s, 1.0)
     ratio = jnp.where(keep, (s - tau) / s_safe, 0.0)
-    if wide:
-        out = (evecs * ratio[None, :]) @ (evecs.T @ z)
-    else:
-        out = ((z @ evecs) * ratio[None, :]) @ evecs.T
-    return out, jnp.sum(keep)
+    return (evecs * ratio[None, :]) @ (evecs.T @ z), s
+
+
+@_svt_gram_wide.defjvp
+def _svt_gram_wide_jvp(primals, tangents):
+    z, tau = primals
+    out, s = _svt_gram_wide(z, tau)
+    _, tangent = _svt_wide_tangent(z, tau, *tangents)
+    return (out, s), (tangent[0], tangent[1][::-1])  # eigh orders s ascending
 
 
 def _svt_rank_capped(
