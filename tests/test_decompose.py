@@ -235,6 +235,21 @@ class TestTransforms(chex.TestCase):
         chex.assert_trees_all_close(sol, ref, atol=1e-6)
 
 
+def test_jit_with_closed_over_concrete_arguments():
+    """λ's and weights held as concrete jax.Arrays, closed over by a jitted function: their
+    checks run in NumPy (jnp operations on them would be traced inside the jit)."""
+    x = jnp.asarray(small_problem()["updates"], jnp.float32)
+    lam_nuc, lam_block, weights = jnp.asarray(1.0), jnp.asarray(1.0), jnp.ones(x.shape[0])
+    sol = jax.jit(lambda x: cj.decompose(x, lam_nuc=lam_nuc, lam_block=lam_block, weights=weights))(
+        x
+    )
+    ref = cj.decompose(x, lam_nuc=1.0, lam_block=1.0)
+    chex.assert_trees_all_close(sol, ref, atol=1e-6)
+    bad = jnp.asarray(-1.0)  # caught in Python or at run time, with the same message
+    with pytest.raises(Exception, match="lam_nuc must be finite and non-negative"):
+        jax.block_until_ready(jax.jit(lambda x: cj.decompose(x, lam_nuc=bad, lam_block=1.0))(x))
+
+
 def test_no_recompilation_on_second_call(rng):
     kw = {"lam_nuc": 1.0, "lam_block": 1.0, "method": "admm"}
     cj.decompose(rng.normal(size=(5, 6, 2)), **kw)

@@ -52,11 +52,13 @@ def check_finite(x: jax.Array, name: str) -> jax.Array:
 def check_nonnegative(x: jax.Array, name: str) -> jax.Array:
     """Rejects negative or non-finite entries."""
     msg = f"{name} must be finite and non-negative"
-    bad = ~(jnp.isfinite(x) & (x >= 0))
     if is_traced(x):
-        return eqx.error_if(x, jnp.any(bad), msg + ".")
-    if bool(np.any(np.asarray(bad))):
-        raise ValueError(f"{msg}, got {np.asarray(x)!r}.")
+        return eqx.error_if(x, jnp.any(~(jnp.isfinite(x) & (x >= 0))), msg + ".")
+    # A concrete array: checked with NumPy (jnp operations would be staged out, and so
+    # traced, when the caller is being traced, e.g. a jax.Array closed over by a jit).
+    value = np.asarray(x)
+    if np.any(~(np.isfinite(value) & (value >= 0))):
+        raise ValueError(f"{msg}, got {value!r}.")
     return x
 
 
