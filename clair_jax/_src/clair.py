@@ -105,6 +105,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import prox, validation
+from clair_jax._src import svd as svd_lib
 from clair_jax._src.decompose import Decomposition, decompose
 
 CONTAMINATED_CHOICES = ("consensus", "refine", "local")
@@ -221,7 +222,7 @@ def _spectral_noise_scale(blocks: Array, rows, cols) -> Array:
     ``β = min/max``. Low-rank spikes and a minority of contaminated blocks move
     this median little, and only upwards.
     """
-    s = jnp.linalg.svd(prox.blocks_to_matrix(blocks), compute_uv=False)  # descending
+    s = svd_lib.thin_svd(prox.blocks_to_matrix(blocks), compute_uv=False)  # descending
     rows = jnp.maximum(jnp.asarray(rows, s.dtype), 1.0)
     cols = jnp.maximum(jnp.asarray(cols, s.dtype), 1.0)
     small, large = jnp.minimum(rows, cols), jnp.maximum(rows, cols)
@@ -292,7 +293,7 @@ def refine(
 
 def _top_basis(blocks: Array, width: int) -> tuple[Array, Array]:
     """Left singular vectors (first ``width``) and singular values of ``[B_1 .. B_n]``."""
-    u, s, _ = jnp.linalg.svd(prox.blocks_to_matrix(blocks), full_matrices=False)
+    u, s, _ = svd_lib.thin_svd(prox.blocks_to_matrix(blocks))
     return u[:, :width], s
 
 

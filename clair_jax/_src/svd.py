@@ -11,7 +11,7 @@ thresholding (Cai, Candès & Shen 2010, arXiv:0810.3286):
 One factorisation per solver iteration is the cost that matters, so three
 backends compute it:
 
-* ``"full"``: the thin SVD of ``Z`` (``jnp.linalg.svd``), the most accurate.
+* ``"full"``: the thin SVD of ``Z`` (:func:`thin_svd`), the most accurate.
 * ``"gram"``: the eigen-decomposition of the smaller Gram matrix (``Z Z^T`` when
   ``Z`` is wide, ``Z^T Z`` when it is tall). Cheaper when the aspect ratio is
   large, but it squares the condition number: singular values below about
@@ -137,6 +137,42 @@ def resolve_backend(
     return select_backend(shape, backend, rank_cap, dtype), rank_cap
 
 
+#: Aspect ratio (long side / short side) from which :func:`thin_svd` first
+#: reduces the matrix to its short side by a QR factorisation.
+QR_FIRST_ASPECT = 2
+
+
+def thin_svd(z: Float[Array, "p m"], compute_uv: bool = True):
+    """Thin SVD ``z = U diag(s) V^T`` (``jnp.linalg.svd(z, full_matrices=False)``).
+
+    For a matrix at least ``QR_FIRST_ASPECT`` times wider than tall (or taller
+    than wide) it first factorises ``z^T = Q R`` (``z = Q R``) and takes the
+    SVD of the small square ``R^T`` (``R``): ``z = (U_R) Σ (Q W_R)^T``. Exact
+    (unlike the Gram route it does not square the condition number), and on
+    CPU about twice as fast for a ``64 x 1280`` float32 matrix (LAPACK's SVD of
+    a wide matrix costs several times its QR). Not meant for autodiff (the QR's
+    derivative is singular at rank-deficient inputs); the SVT has its own JVP.
+
+    Returns:
+      ``(U, s, V^T)``, or ``s`` alone when ``compute_uv`` is False; ``s``
+      descending.
+    """
+    rows, cols = z.shape
+    if cols >= QR_FIRST_ASPECT * rows:  # wide: z = R^T Q^T
+        q, r = jnp.linalg.qr(z.T)
+        if not compute_uv:
+            return jnp.linalg.svd(r, compute_uv=False)
+        u, s, wt = jnp.linalg.svd(r.T)
+        return u, s, wt @ q.T
+    if rows >= QR_FIRST_ASPECT * cols:  # tall: z = Q R
+        q, r = jnp.linalg.qr(z)
+        if not compute_uv:
+            return jnp.linalg.svd(r, compute_uv=False)
+        w, s, vt = jnp.linalg.svd(r)
+        return q @ w, s, vt
+    return jnp.linalg.svd(z, full_matrices=False, compute_uv=compute_uv)
+
+
 def _shrink(s: Array, tau: Array) -> Array:
     return jnp.maximum(s - tau, 0.0)
 
@@ -158,7 +194,7 @@ def _ratio(num, den, limit):
 @jax.custom_jvp
 def _svt_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     """``(SVT_tau(z), singular values of z)`` for ``p <= m``, with a closed-form JVP."""
-    u, s, vt = jnp.linalg.svd(z, full_matrices=False)
+    u, s, vt = thin_svd(z)
     return (u * _shrink(s, tau)[None, :]) @ vt, s
 
 
@@ -188,7 +224,7 @@ def _svt_wide_tangent(z, tau, dz, dtau):
     ``1[tau == 0]``. Autodiff through ``jnp.linalg.svd`` divides by
     ``s_i^2 - s_j^2`` instead and returns NaN there.
     """
-    u, s, vt = jnp.linalg.svd(z, full_matrices=False)
+    u, s, vt = thin_svd(z)
     f = _shrink(s, tau)
     active = (s > tau).astype(z.dtype)
     zero_limit = jnp.where(tau == 0, 1.0, 0.0).astype(z.dtype)
