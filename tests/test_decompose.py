@@ -10,6 +10,7 @@ from jax.test_util import check_grads
 
 import clair_jax as cj
 from clair_jax._src import decompose as decompose_module
+from clair_jax._src import problem as problem_module
 from clair_jax._src import svd
 
 from . import reference
@@ -179,6 +180,25 @@ def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
     np.testing.assert_allclose(batch.objective, [full.objective, alone.objective], rtol=1e-9)
     alone_full = cj.decompose(prob["updates"], lam_nuc=3.0, svd="full", **kw)
     np.testing.assert_allclose(alone.objective, alone_full.objective, rtol=1e-9)
+
+
+def test_binding_rank_cap_stops_the_capped_phase_after_the_patience(x64):
+    """A cap that binds from the start: the capped phase ends after SATURATION_PATIENCE
+    saturated iterations (it would only approach the wrong fixed point), so the whole
+    solve takes exactly that many iterations more than the exact continuation alone,
+    which starts where the capped phase stopped."""
+    prob = reference.make_problem(8, n=16, p=24, q=4, rank=2, n_outliers=5, noise=0.02)
+    x = prob["updates"]
+    kw = {"lam_nuc": 0.5, "lam_block": 0.8, "tol": 1e-9, "max_iter": 5000}
+    patience = problem_module.SATURATION_PATIENCE
+    capped_phase = cj.decompose(x, rank_cap=1, diff="unrolled", **{**kw, "max_iter": patience})
+    assert int(capped_phase.rank) == 1  # saturated in every one of the first iterations
+    sol = cj.decompose(x, rank_cap=1, **kw)
+    exact_from_there = cj.decompose(
+        x, svd="full", init=(capped_phase.low_rank, capped_phase.sparse), **kw
+    )
+    assert int(sol.num_iters) == patience + int(exact_from_there.num_iters)
+    np.testing.assert_allclose(sol.low_rank, exact_from_there.low_rank, atol=1e-9)
 
 
 def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):

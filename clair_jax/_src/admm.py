@@ -153,6 +153,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         num_iters=lambda s: s.num_iters,
         max_iter=options.max_iter,
         unrolled=options.unrolled,
+        **problem.saturation_stop(options),
     )
 
 

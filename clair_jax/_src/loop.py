@@ -26,6 +26,8 @@ def run_iterations(
     num_iters: Callable[[State], jax.Array],
     max_iter: int,
     unrolled: bool,
+    give_up: Callable[[State], jax.Array] | None = None,
+    patience: int = 1,
 ) -> State:
     """Applies ``step`` until ``done(state)`` or ``max_iter`` steps.
 
@@ -38,16 +40,32 @@ def run_iterations(
       unrolled: ``False`` for ``lax.while_loop``; ``True`` for a ``lax.scan`` of
         ``max_iter`` steps (reverse-mode differentiable), where steps after
         convergence leave the state unchanged.
+      give_up: optional ``state -> bool`` scalar (``while_loop`` only): the loop
+        also stops once it has been True after ``patience`` consecutive steps
+        (e.g. a rank cap that binds: going on cannot reach the minimiser).
+      patience: consecutive ``give_up`` steps that stop the loop.
 
     Returns:
       The final state.
     """
-    if not unrolled:
+    if not unrolled and give_up is None:
 
         def cond(s):
             return jnp.logical_and(jnp.logical_not(done(s)), num_iters(s) < max_iter)
 
         return lax.while_loop(cond, step, state)
+    if not unrolled:
+
+        def cond_streak(carry):
+            s, streak = carry
+            going = jnp.logical_and(jnp.logical_not(done(s)), num_iters(s) < max_iter)
+            return jnp.logical_and(going, streak < patience)
+
+        def step_streak(carry):
+            s = step(carry[0])
+            return s, jnp.where(give_up(s), carry[1] + 1, 0)
+
+        return lax.while_loop(cond_streak, step_streak, (state, jnp.zeros((), jnp.int32)))[0]
 
     def body(s, _):
         active = jnp.logical_not(done(s))

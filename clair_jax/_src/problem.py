@@ -54,6 +54,28 @@ class Data(NamedTuple):
     weights: Float[Array, " n"]
 
 
+#: Consecutive iterations at a full rank cap after which a capped solve stops (and
+#: :func:`clair_jax.decompose` continues with the exact factorisation).
+SATURATION_PATIENCE = 10
+
+
+def saturation_stop(options: Options) -> dict:
+    """``run_iterations`` keywords that end a rank-capped solve whose cap binds.
+
+    When the thresholded rank stays at ``rank_cap`` for ``SATURATION_PATIENCE``
+    iterations, the capped fixed point need not be the minimiser, and
+    :func:`clair_jax.decompose` continues exactly from where the capped phase
+    stopped: iterating on under the cap would only approach the wrong point.
+    Only for ``"rank_capped"`` solves with an exact continuation (not unrolled).
+    """
+    if options.backend != "rank_capped" or options.unrolled:
+        return {}
+    return {
+        "give_up": lambda state: state.rank >= options.rank_cap,
+        "patience": SATURATION_PATIENCE,
+    }
+
+
 def data_scale(data: Data) -> Array:
     """``||X||_F``, the scale residuals are measured against (1 for zero data)."""
     norm = jnp.sqrt(jnp.sum(data.updates**2))
