@@ -379,3 +379,18 @@ def test_benign_majority_trades_away_a_low_rank_minority():
     ruled = cj.clair(fed.updates, benign_majority=True)
     assert bool(ruled.majority_refit)
     assert np.sum(np.asarray(ruled.collaborative)) > 10
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"offset": True}, {"benign_majority": True}])
+def test_float32_data_stays_float32_with_x64_enabled(x64, kwargs):
+    """NumPy scalars in the λ and σ̂ rules used to promote σ̂ to float64 under x64, and the
+    noise passes' while_loop then failed on mismatched carry dtypes."""
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(0), n=12, p=10, q=3, rank=2, fraction=0.25, noise=0.01
+    )
+    x = fed.updates.astype(jnp.float32)
+    res = cj.clair(x, **kwargs)
+    for leaf in (res.refined, res.basis, res.noise_scale, res.threshold, res.lam_nuc):
+        assert leaf.dtype == jnp.float32
+    ref = cj.clair(fed.updates.astype(jnp.float64), **kwargs)
+    np.testing.assert_array_equal(res.collaborative, ref.collaborative)

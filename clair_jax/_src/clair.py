@@ -303,8 +303,9 @@ def _masked_basis(u: Array, rank: Array) -> Array:
 
 def _lambdas(given, sigma, lam_nuc, lam_block, n, p, q):
     """The given λ's where ``given``, the noise-scaled rules elsewhere."""
-    rule_nuc = LAM_NUC_FACTOR * sigma * (np.sqrt(p) + np.sqrt(n * q))
-    rule_block = LAM_BLOCK_FACTOR * sigma * np.sqrt(p * q)
+    # Python floats (weakly typed): σ̂ keeps the data dtype, also under jax_enable_x64.
+    rule_nuc = LAM_NUC_FACTOR * sigma * float(np.sqrt(p) + np.sqrt(n * q))
+    rule_block = LAM_BLOCK_FACTOR * sigma * float(np.sqrt(p * q))
     return jnp.where(given[0], lam_nuc, rule_nuc), jnp.where(given[1], lam_block, rule_block)
 
 
@@ -379,7 +380,7 @@ def _majority_fit(cfg: _Config, x, members, width, floor, given_sigma, detect):
 
     def fit_at(sigma):
         if cfg.rank is None:
-            lam = LAM_NUC_FACTOR * sigma * (np.sqrt(p) + jnp.sqrt(count * q))
+            lam = LAM_NUC_FACTOR * sigma * (float(np.sqrt(p)) + jnp.sqrt(count * q))
             rank = jnp.minimum(jnp.sum(s > lam), width).astype(jnp.int32)
         else:
             rank = jnp.asarray(cfg.rank, jnp.int32)
@@ -444,7 +445,7 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
     if cfg.given_noise:
         sigma = jnp.maximum(noise_scale, floor)
     else:
-        sigma = _spectral_noise_scale(centred, p, n * q) / np.sqrt(centring)
+        sigma = _spectral_noise_scale(centred, p, n * q) / float(np.sqrt(centring))
         sigma = jnp.maximum(sigma, floor)
     zeros = jnp.zeros_like(x)
     shapes = jax.eval_shape(lambda: solve(sigma, (zeros, zeros)))
