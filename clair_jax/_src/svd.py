@@ -263,7 +263,8 @@ def _svt_gram_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     # Safe division: the ratio is only used where s > tau >= 0.
     s_safe = jnp.where(keep, s, 1.0)
     ratio = jnp.where(keep, (s - tau) / s_safe, 0.0)
-    return (evecs * ratio[None, :]) @ (evecs.T @ z), s
+    # One p x p x m product instead of two: (U diag(ratio) U^T) z.
+    return ((evecs * ratio[None, :]) @ evecs.T) @ z, s
 
 
 @_svt_gram_wide.defjvp
