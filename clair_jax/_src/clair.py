@@ -222,7 +222,12 @@ def _spectral_noise_scale(blocks: Array, rows, cols) -> Array:
     ``β = min/max``. Low-rank spikes and a minority of contaminated blocks move
     this median little, and only upwards.
     """
-    s = svd_lib.thin_svd(prox.blocks_to_matrix(blocks), compute_uv=False)  # descending
+    s = svd_lib.thin_svd(prox.blocks_to_matrix(blocks), compute_uv=False)
+    return _noise_scale_from_spectrum(s, rows, cols)
+
+
+def _noise_scale_from_spectrum(s: Array, rows, cols) -> Array:
+    """:func:`_spectral_noise_scale` from the singular values ``s`` (descending)."""
     rows = jnp.maximum(jnp.asarray(rows, s.dtype), 1.0)
     cols = jnp.maximum(jnp.asarray(cols, s.dtype), 1.0)
     small, large = jnp.minimum(rows, cols), jnp.maximum(rows, cols)
@@ -376,7 +381,7 @@ def _majority_fit(cfg: _Config, x, members, width, floor, given_sigma, detect):
     if cfg.given_noise:
         sigma0 = given_sigma
     else:
-        sigma0 = jnp.maximum(_spectral_noise_scale(blocks, p, count * q), floor)
+        sigma0 = jnp.maximum(_noise_scale_from_spectrum(s, p, count * q), floor)
 
     def fit_at(sigma):
         if cfg.rank is None:
@@ -442,8 +447,9 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
             next_sigma = _residual_noise(cfg, x, fit, lower, floor)
         return _PassState(sigma, next_sigma, sol, lams, fit, collaborative, tau, state.count + 1)
 
+    given_sigma = jnp.maximum(noise_scale, floor)  # used when cfg.given_noise
     if cfg.given_noise:
-        sigma = jnp.maximum(noise_scale, floor)
+        sigma = given_sigma
     else:
         sigma = _spectral_noise_scale(centred, p, n * q) / float(np.sqrt(centring))
         sigma = jnp.maximum(sigma, floor)
@@ -485,8 +491,6 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
     if cfg.benign_majority:
         # Step 6: fewer than half collaborative contradicts the model (a benign
         # majority); refit on the flagged majority and keep that when it is one.
-        given_sigma = jnp.maximum(noise_scale, floor)
-
         def swap(_):
             return _majority_fit(cfg, x, ~collaborative, width, floor, given_sigma, detect)
 
