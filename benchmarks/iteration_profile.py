@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -30,6 +27,8 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
+from _environment import environment  # noqa: E402
+from solver_scaling import timed  # noqa: E402
 
 from clair_jax._src import admm, problem, prox  # noqa: E402
 from clair_jax._src import svd as svd_lib  # noqa: E402
@@ -39,13 +38,8 @@ N, P, Q, CAP = 32, 256, 16, 16
 
 
 def median_time(fn, arg, repeats: int = 20) -> float:
-    jax.block_until_ready(fn(arg))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn(arg)`` after a warm-up call (``solver_scaling.timed``)."""
+    return timed(lambda: fn(arg), repeats)[0]
 
 
 def per_trip(body, init, trips: int) -> float:
@@ -101,8 +95,7 @@ def main(argv=None) -> dict:
     for kind in ("f64", "f32"):
         rows[f"sum_of_squares_{kind}_ms"] -= rows["elementwise_pass_f64_ms"]
     result = {"n": N, "p": P, "q": Q, "rank_cap": CAP, "trips": args.trips, **rows}
-    result["jax"] = jax.__version__
-    result["cpus"] = os.cpu_count()
+    result["environment"] = environment()
     for k, v in rows.items():
         print(f"{k:32s} {v:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
