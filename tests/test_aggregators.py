@@ -352,6 +352,60 @@ def test_bad_adapters_are_rejected():
     )
 
 
+def test_non_finite_factors_are_rejected_by_every_rule():
+    clients, global_, w = make_adapters(16)
+    for value in (np.nan, np.inf):
+        B = np.array(clients["q_proj"].B)
+        B[0, 0, 0] = value
+        bad = dict(clients, q_proj=ag.LoRAFactors(B=B, A=clients["q_proj"].A))
+        for agg in (ag.fedit(), ag.flexlora(), ag.krum(1), ag.coordinate_median()):
+            with pytest.raises(ValueError, match=r"module 'q_proj': B contains NaN or inf"):
+                run(agg, bad, global_, w)
+    A_g = np.array(global_["v_proj"].A)
+    A_g[1, 1] = np.nan
+    bad_g = dict(global_, v_proj=ag.LoRAFactors(B=global_["v_proj"].B, A=A_g))
+    with pytest.raises(ValueError, match=r"module 'v_proj': A of global_ contains NaN"):
+        run(ag.fedit(), clients, bad_g, w)
+    # Traced (the round is jitted): a runtime error with the same message.
+    with pytest.raises(Exception, match="B contains NaN or inf"):
+        jax.block_until_ready(jax.jit(ag.fedit().aggregate)(bad, global_, w, 1, KEY))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_factors_are_factorised_in_float32(dtype):
+    clients, global_, w = make_adapters(17, dtype=np.float32)
+    half = jax.tree.map(lambda a: jnp.asarray(a, dtype), (clients, global_))
+    for agg in (ag.flexlora(), ag.fedrot(0.5), ag.clair_aggregator()):
+        res = run(agg, *half, w)
+        ref = run(agg, clients, global_, w)  # the same rule in float32
+        for name, g in res.global_.items():
+            assert g.B.dtype == dtype and res.clients[name].A.dtype == dtype
+            product = np.asarray(g.B, np.float32) @ np.asarray(g.A, np.float32)
+            expected = np.asarray(ref.global_[name].B) @ np.asarray(ref.global_[name].A)
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(product / scale, expected / scale, atol=0.1)
+
+
+def test_clair_aggregator_zero_weight_collaborative_clients_are_averaged_equally(x64):
+    rng = np.random.default_rng(18)
+    n, p, r, q = 10, 14, 2, 12
+    u = np.linalg.qr(rng.normal(size=(p, r)))[0]
+    B = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, r, r))) + 0.01 * rng.normal(size=(n, p, r))
+    A = rng.normal(size=(n, r, q))
+    B[[0, 1]], A[[0, 1]] = rng.normal(size=(2, p, r)), rng.normal(size=(2, r, q))
+    w = np.zeros(n)
+    w[[0, 1]] = 1.0  # only the (flagged) outliers carry weight
+    clients = {"w": ag.LoRAFactors(B=B, A=A)}
+    global_ = {"w": ag.LoRAFactors(B=np.zeros((p, r)), A=np.zeros((r, q)))}
+    res = run(ag.clair_aggregator(rank=r), clients, global_, w)
+    np.testing.assert_array_equal(np.flatnonzero(res.flagged), [0, 1])
+    x = np.einsum("npr,nrq->npq", B, A)
+    g = res.global_["w"]
+    np.testing.assert_allclose(
+        np.asarray(g.B) @ g.A, np_best_rank(x[2:].mean(axis=0), r), atol=1e-10
+    )
+
+
 def test_bad_configuration_is_rejected():
     clients, global_, w = make_adapters(14, n=6)
     with pytest.raises(ValueError, match=r"Krum with f=2 needs n >= 2f \+ 3 = 7 clients, got n=6"):
@@ -361,6 +415,7 @@ def test_bad_configuration_is_rejected():
     for bad in (0.5, -0.1, "x"):
         with pytest.raises(ValueError, match=r"beta must be a number in \[0, 0.5\)"):
             ag.trimmed_mean(bad)
+    ag.trimmed_mean(np.float32(0.1))  # any real number type
     with pytest.raises(ValueError, match="f must be an int >= 0"):
         ag.krum(-1)
     with pytest.raises(ValueError, match="m must be an int >= 1"):

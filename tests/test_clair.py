@@ -394,3 +394,33 @@ def test_float32_data_stays_float32_with_x64_enabled(x64, kwargs):
         assert leaf.dtype == jnp.float32
     ref = cj.clair(fed.updates.astype(jnp.float64), **kwargs)
     np.testing.assert_array_equal(res.collaborative, ref.collaborative)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_one_huge_client_neither_sets_the_noise_floor_nor_swamps_the_fit(offset):
+    """The noise floor used to be a fraction of the RMS entry of all clients, so one client
+    scaled by 3000 raised σ̂ 40-fold and hid the other contaminated clients; scaled by 1e6
+    it swamped float32 precision (wrong rank), by 1e19 its squares overflowed."""
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(0), n=12, p=10, q=3, rank=2, fraction=0.25, noise=0.01
+    )
+    clean = cj.clair(fed.updates, offset=offset)
+    contaminated = np.flatnonzero(np.asarray(fed.contaminated))
+    np.testing.assert_array_equal(np.flatnonzero(~np.asarray(clean.collaborative)), contaminated)
+    for scale in (300.0, 3e3, 1e6, 1e30):
+        x = fed.updates.at[contaminated[0]].multiply(scale)
+        res = cj.clair(x, offset=offset)
+        np.testing.assert_array_equal(res.collaborative, clean.collaborative)
+        assert int(res.rank) == 2
+        np.testing.assert_allclose(res.noise_scale, clean.noise_scale, rtol=0.1)
+        assert np.isfinite(np.asarray(res.refined)).all()
+        # Screened (step 0) beyond 1e3 times the median client's size: score inf.
+        assert np.isinf(res.scores[contaminated[0]]) == (scale > clair_module.SCREEN_RATIO)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_is_processed_in_float32(dtype):
+    fed = small_federation()
+    res = cj.clair(fed.updates.astype(dtype))
+    assert res.refined.dtype == jnp.float32
+    np.testing.assert_array_equal(res.collaborative, ~fed.contaminated)

@@ -273,6 +273,8 @@ A0, B0, AR0, BR0 = random_factors(0)  # A (5, 3, 6), B (5, 7, 3), A_ref (3, 6), 
         ((A0, B0, AR0, BR0), {"strength": np.ones(2)}, ValueError, "strength must be a scalar"),
         ((A0, B0, AR0, BR0), {"factor": "C"}, ValueError, "factor must be one of"),
         (("abc", B0, AR0, BR0), {}, TypeError, "A must be an array of real numbers"),
+        ((A0, np.where(B0 > 1, np.nan, B0), AR0, BR0), {}, ValueError, "B contains NaN or inf"),
+        ((A0, B0, np.full((3, 6), np.inf), BR0), {}, ValueError, "A_ref contains NaN or inf"),
     ],
 )
 def test_bad_input_is_rejected(args, kwargs, error, match):
@@ -350,3 +352,19 @@ def test_fedrot_aggregator_strength_zero_is_fedit(x64):
         rot = fedrot_round(cj.fedrot(0.0), A, B, a, b, w, t)
         fedit = fedrot_round(cj.fedit(), A, B, a, b, w, t)
         chex.assert_trees_all_close(rot.global_, fedit.global_, atol=1e-12)
+
+
+def test_aggregation_error_rejects_nan():
+    with pytest.raises(ValueError, match="A contains NaN or inf"):
+        cj.aggregation_error(np.full_like(A0, np.nan), B0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_is_aligned_in_float32(dtype):
+    A, B, A_ref, B_ref = (jnp.asarray(x, jnp.float32) for x in random_factors(3))
+    got = cj.fedrot_align(*(x.astype(dtype) for x in (A, B, A_ref, B_ref)), strength=0.4)
+    want = cj.fedrot_align(*(x.astype(dtype).astype(jnp.float32) for x in (A, B, A_ref, B_ref)),
+                           strength=0.4)  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=0.05)

@@ -203,3 +203,12 @@ def test_least_squares_bad_input():
         simulate.least_squares(np.ones((2, 5, 3)), np.ones((2, 4, 1)))
     with pytest.raises(ValueError, match="ridge must be finite and non-negative"):
         simulate.least_squares(np.ones((2, 5, 3)), np.ones((2, 5, 1)), ridge=-1.0)
+
+
+def test_half_precision_federation():
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(0), n=6, p=8, q=3, rank=2, fraction=0.3, dtype=jnp.float16
+    )
+    assert fed.updates.dtype == fed.basis.dtype == jnp.float16
+    gram = np.asarray(fed.basis, np.float32).T @ np.asarray(fed.basis, np.float32)
+    np.testing.assert_allclose(gram, np.eye(2), atol=1e-2)

@@ -30,10 +30,15 @@ Conventions shared by all rules:
   FedIT they see factors, not products, so they inherit the rotational
   ambiguity FedRot-LoRA removes; clients that start every round from the same
   broadcast adapter stay close in factor space, which is where they apply.
+* Factors with NaN or inf are rejected (``ValueError``; inside ``jit`` a runtime
+  error), for every rule: a non-finite update is a bug to surface, not a vote.
+* Half-precision factors (float16, bfloat16) are factorised (SVD/QR) in float32
+  and returned in their own dtype.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import NamedTuple
@@ -116,8 +121,9 @@ def check_adapters(
     """Checks stacked client adapters against the global one; returns them and ``p``.
 
     Raises:
-      ValueError: different module names, shapes that do not fit together, or bad
-        weights; the message names the module and the shapes.
+      ValueError: different module names, shapes that do not fit together, bad
+        weights, or NaN/inf in a factor (traced factors: a runtime error with the
+        same message); the message names the module and the shapes.
       TypeError: non-mappings or non-numeric factors.
     """
     if not isinstance(clients, Mapping) or not isinstance(global_, Mapping):
@@ -172,6 +178,15 @@ def factorwise_mean(factors: LoRAFactors, p: Array) -> LoRAFactors:
     return LoRAFactors(
         B=jnp.einsum("n,npr->pr", p, factors.B, precision=_HIGHEST),
         A=jnp.einsum("n,nrq->rq", p, factors.A, precision=_HIGHEST),
+    )
+
+
+def _selected_mean(factors: LoRAFactors, p: Array, selected: Array) -> LoRAFactors:
+    """:func:`factorwise_mean` over the ``selected`` clients only (the others' factors,
+    however large, never enter the sums: ``0 * inf`` would be NaN)."""
+    keep = selected[:, None, None]
+    return factorwise_mean(
+        LoRAFactors(B=jnp.where(keep, factors.B, 0), A=jnp.where(keep, factors.A, 0)), p
     )
 
 
@@ -347,8 +362,10 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int) -> LoRAFactors:
     ``p x q`` product is never formed: ``O((p + q) k^2 + k^3)``. Ranks beyond that
     of the product come out as zero columns/rows.
     """
-    q_b, r_b = jnp.linalg.qr(b_cat)  # (p, k1), (k1, k)
-    q_a, r_a = jnp.linalg.qr(a_cat.T)  # (q, k2), (k2, k)
+    dtype = b_cat.dtype
+    work = validation.working_dtype(dtype)
+    q_b, r_b = jnp.linalg.qr(b_cat.astype(work))  # (p, k1), (k1, k)
+    q_a, r_a = jnp.linalg.qr(a_cat.T.astype(work))  # (q, k2), (k2, k)
     u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=_HIGHEST), full_matrices=False)
     u = jnp.matmul(q_b, u, precision=_HIGHEST)
     v = jnp.matmul(q_a, vt.T, precision=_HIGHEST)
@@ -358,19 +375,21 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int) -> LoRAFactors:
         v = jnp.pad(v, ((0, 0), (0, rank - k)))
         s = jnp.pad(s, (0, rank - k))
     root = jnp.sqrt(s[:rank])
-    return LoRAFactors(B=u[:, :rank] * root[None, :], A=(v[:, :rank] * root[None, :]).T)
+    b, a = u[:, :rank] * root[None, :], (v[:, :rank] * root[None, :]).T
+    return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
 
 
 def dense_factors(m: Array, rank: int) -> LoRAFactors:
     """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    u, s, vt = jnp.linalg.svd(m.astype(validation.working_dtype(m.dtype)), full_matrices=False)
     k = s.shape[0]
     if k < rank:
         u = jnp.pad(u, ((0, 0), (0, rank - k)))
         vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
         s = jnp.pad(s, (0, rank - k))
     root = jnp.sqrt(s[:rank])
-    return LoRAFactors(B=u[:, :rank] * root[None, :], A=root[:, None] * vt[:rank])
+    b, a = u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+    return LoRAFactors(B=b.astype(m.dtype), A=a.astype(m.dtype))
 
 
 def flexlora() -> Aggregator:
@@ -606,12 +625,17 @@ def clair_aggregator(
             members = collaborative if detection == "client" else res.collaborative
             _, refined = clair_lib.refine(x, res.basis[:, :width], members)
             refined = jnp.swapaxes(refined, 1, 2) if row else refined
-            new_clients[name] = batching.map_matrices(
-                partial(dense_factors, rank=r), origin + refined
+            new_clients[name] = jax.tree.map(
+                lambda a, like: a.astype(like.dtype),
+                batching.map_matrices(partial(dense_factors, rank=r), origin + refined),
+                f,
             )
             # The module's own collaborative set ("module"), the pooled one ("client").
             w = jnp.where(members, p, 0.0)
-            w = jnp.where(jnp.sum(w) > 0, w, p)
+            # Collaborative clients all of weight zero: average them equally; none
+            # collaborative: every client, with its weight.
+            equal = members.astype(p.dtype)
+            w = jnp.where(jnp.sum(w) > 0, w, jnp.where(jnp.sum(equal) > 0, equal, p))
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
             new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
@@ -696,7 +720,7 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
       D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
       Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 0.5:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
         raise ValueError(f"beta must be a number in [0, 0.5), got {beta!r}.")
 
     def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
@@ -766,7 +790,7 @@ def multi_krum(f: int, m: int) -> Aggregator:
         # All selected weights zero (zero-weight clients): average them equally.
         w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
         w = w / jnp.sum(w)
-        new_global = {name: factorwise_mean(fac, w) for name, fac in clients.items()}
+        new_global = {name: _selected_mean(fac, w, selected) for name, fac in clients.items()}
         return _broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
 
     return Aggregator("krum" if m == 1 else "multi_krum", aggregate)

@@ -12,6 +12,13 @@ how well the reconstruction lives up to the abstract's claims.
 The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
 ``offset=True``, zero otherwise):
 
+0. **Screen.** A client whose root-mean-square entry is more than ``10^3``
+   times the median client's is flagged outright (score ``inf``) and fitted as
+   a zero block of weight zero (free to sit in ``S``): such a block is off any
+   structure the others share, and it would swamp the floating-point precision
+   of the whole fit (float32 lost the shared subspace beyond a ratio of about
+   ``10^5`` in a test) or overflow it.
+
 1. **Noise level.** ``σ̂``, the standard deviation per entry of the estimation
    error, starts from the median singular value of ``M`` (of ``M`` centred over
    clients with an offset), matched to the median of the Marchenko–Pastur law
@@ -23,8 +30,9 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    ``(p - r̂) x |C| q`` noise matrix whenever fewer than half of the clients are
    contaminated. At most ``noise_passes`` such passes precede the final
    decomposition; they stop early once ``σ̂`` moves by less than 5%. ``σ̂`` is
-   kept above ``10^-3`` times the root-mean-square entry of ``M``, so that
-   noiseless data get small positive λ's.
+   kept above ``10^-3`` times the median over clients of their blocks'
+   root-mean-square entry (about the entrywise median block with an offset),
+   so that noiseless data get small positive λ's.
 2. **Decomposition.** Penalised block Outlier Pursuit with
    ``λ_* = 2 σ̂ (sqrt(p) + sqrt(nq))`` (twice the spectral norm of a ``p x nq``
    noise matrix, so noise does not enter ``L``) and ``λ_S = 2 σ̂ sqrt(pq)``
@@ -119,9 +127,13 @@ THRESHOLD_Z = 3.5
 RELATIVE_SPREAD = 0.1
 #: Re-estimation rounds of the threshold's benign set.
 THRESHOLD_ITERS = 4
-#: σ̂ is kept above this fraction of the root-mean-square entry of the (centred)
-#: updates, so that noiseless data give small positive λ's rather than zero.
+#: σ̂ is kept above this fraction of the median client's root-mean-square entry
+#: (:func:`_client_sizes`), so that noiseless data give small positive λ's
+#: rather than zero.
 NOISE_FLOOR = 1e-3
+#: Clients whose root-mean-square entry exceeds this multiple of the median
+#: client's are flagged without entering the fit (step 0).
+SCREEN_RATIO = 1e3
 #: The noise passes stop once a pass changes σ̂ by less than this fraction.
 NOISE_RTOL = 0.05
 #: σ̂ re-estimations of the refit on the flagged majority (step 6).
@@ -139,7 +151,8 @@ class ClairResult(NamedTuple):
       collaborative: ``(n,)`` bool, the estimated benign set ``Ĉ``.
       refined: ``(n, p, q)`` refined per-client estimates ``X̃_i``.
       consensus: ``(p, q)`` mean update of the collaborative clients ``X̄_Ĉ``.
-      scores: ``(n,)`` detection scores ``d_i = ||(I - Û Û^T)(X_i - c)||_F``.
+      scores: ``(n,)`` detection scores ``d_i = ||(I - Û Û^T)(X_i - c)||_F``
+        (``inf`` for a client screened out for its size, step 0).
       threshold: the threshold ``τ`` applied to ``scores``.
       noise_scale: ``σ̂``: the given ``noise_scale``, or the final estimate
         (with ``refit=True`` from the collaborative clients' residuals about the
@@ -234,6 +247,20 @@ def _noise_scale_from_spectrum(s: Array, rows, cols) -> Array:
     k = jnp.minimum(small, s.shape[0]).astype(jnp.int32)
     med = 0.5 * (s[(k - 1) // 2] + s[k // 2])
     return med / jnp.sqrt(large * marchenko_pastur_median(small / large).astype(s.dtype))
+
+
+def _client_sizes(x: Array, offset: bool) -> Array:
+    """``(n,)`` root-mean-square entry of each ``X_i`` (of ``X_i - c̃`` with an offset).
+
+    ``c̃`` is the entrywise median of the blocks, which a few huge
+    (contaminated) clients do not move. Each block is divided by its largest
+    entry before squaring, so nothing overflows.
+    """
+    if offset:
+        x = x - jnp.median(x, axis=0)[None]
+    peak = jnp.max(jnp.abs(x), axis=(1, 2))
+    safe = jnp.where(peak > 0, peak, 1.0)
+    return peak * jnp.sqrt(jnp.mean((x / safe[:, None, None]) ** 2, axis=(1, 2)))
 
 
 def _off_subspace(x: Array, center: Array, basis: Array) -> Array:
@@ -418,18 +445,33 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
     dtype = x.dtype
     solver = dict(cfg.solver)
     width = cfg.rank if cfg.rank is not None else cfg.max_rank
+    # Step 0: clients far larger than the typical one are flagged outright and
+    # fitted as zero blocks of weight zero (they would swamp the float precision
+    # of everything below, or overflow it).
+    sizes = _client_sizes(x, cfg.offset)
+    typical = jnp.median(sizes)
+    screened = (typical > 0) & (sizes > SCREEN_RATIO * typical)
+    original, x = x, jnp.where(screened[:, None, None], 0.0, x).astype(dtype)
+    block_weights = jnp.where(screened, 0.0, 1.0).astype(dtype)
     centred = prox.center_clients(x) if cfg.offset else x
     centring = (n - 1) / n if cfg.offset else 1.0
-    floor = NOISE_FLOOR * jnp.sqrt(jnp.mean(centred**2) / centring)
+    floor = NOISE_FLOOR * typical
 
     def solve(sigma, init):
         lams = _lambdas(given, sigma, lam_nuc, lam_block, n, p, q)
         sol = decompose(
-            x, lam_nuc=lams[0], lam_block=lams[1], offset=cfg.offset, init=init, **solver
+            x,
+            lam_nuc=lams[0],
+            lam_block=lams[1],
+            offset=cfg.offset,
+            weights=block_weights,
+            init=init,
+            **solver,
         )
         return sol, lams
 
     def detect(scores, sigma):
+        scores = jnp.where(screened, jnp.inf, scores)
         tau = jnp.where(given[2], threshold, _threshold(scores, sigma))
         return scores <= tau, tau
 
@@ -492,7 +534,8 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
         # Step 6: fewer than half collaborative contradicts the model (a benign
         # majority); refit on the flagged majority and keep that when it is one.
         def swap(_):
-            return _majority_fit(cfg, x, ~collaborative, width, floor, given_sigma, detect)
+            members = ~collaborative & ~screened
+            return _majority_fit(cfg, x, members, width, floor, given_sigma, detect)
 
         def keep(_):
             return fit, sigma_hat, collaborative, tau
@@ -505,14 +548,14 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
         )
 
     basis = fit.basis
-    consensus, refined = refine(x, basis, collaborative)
+    consensus, refined = refine(original, basis, collaborative)
     return ClairResult(
         basis=basis,
         rank=fit.rank,
         collaborative=collaborative,
         refined=refined,
         consensus=consensus,
-        scores=fit.scores,
+        scores=jnp.where(screened, jnp.inf, fit.scores),
         threshold=tau,
         noise_scale=sigma_hat,
         lam_nuc=lam_nuc_used,
@@ -565,7 +608,7 @@ def clair(
       updates: ``(n, p, q)`` preliminary estimates of ``n >= 2`` clients; the
         shared structure is a column space in ``R^p`` (pass
         ``updates.transpose(0, 2, 1)`` for a shared row space). Batch modules
-        with ``jax.vmap``.
+        with ``jax.vmap``. Half precision is processed, and returned, in float32.
       rank: static rank ``r`` of the shared subspace; ``None`` estimates it.
       max_rank: columns of ``basis`` when ``rank=None`` (static; default
         ``min(p, nq)``); the estimate is clipped to it.
@@ -618,6 +661,7 @@ def clair(
       True
     """
     x = validation.as_float_array(updates, "updates")
+    x = x.astype(validation.working_dtype(x.dtype))  # half precision: float32
     if x.ndim != 3:
         raise ValueError(
             f"updates must have shape (n, p, q) (clients, rows, cols), got shape {tuple(x.shape)}; "

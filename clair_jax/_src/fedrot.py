@@ -44,12 +44,12 @@ def nearest_rotation(
     rotations (``det R = +1``): when ``det(U V^T) < 0`` the last (smallest)
     singular pair's sign is flipped (Kabsch 1976), which is optimal over SO(r).
     """
-    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
+    u, _, vt = jnp.linalg.svd(m.astype(validation.working_dtype(m.dtype)), full_matrices=False)
     if not allow_reflection:
         det = jnp.linalg.det(u) * jnp.linalg.det(vt)
-        sign = jnp.where(det < 0, -1.0, 1.0).astype(m.dtype)
+        sign = jnp.where(det < 0, -1.0, 1.0).astype(u.dtype)
         u = u.at[..., :, -1].multiply(sign[..., None])
-    return jnp.matmul(u, vt, precision=_HIGHEST)
+    return jnp.matmul(u, vt, precision=_HIGHEST).astype(m.dtype)
 
 
 def alignment_rotations(
@@ -136,8 +136,9 @@ def fedrot_align(
     Raises:
       ValueError: shapes that do not fit together (e.g. different ranks), a
         missing reference, ``strength`` outside ``[0, 1]`` or not a scalar,
-        unknown ``factor``. A traced ``strength`` outside ``[0, 1]`` raises at
-        run time with the same message.
+        unknown ``factor``, NaN or inf in the factors. A traced ``strength``
+        outside ``[0, 1]`` (or traced factors with NaN/inf) raises at run time
+        with the same message.
       TypeError: non-numeric arrays.
 
     Examples:
@@ -255,6 +256,7 @@ def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
         )
     if min(n, p, r, q) < 1:
         raise ValueError(f"A and B must be non-empty, got A {tuple(a.shape)}, B {tuple(b.shape)}.")
+    a, b = validation.check_finite(a, "A"), validation.check_finite(b, "B")
     out = []
     for name, ref, shape in ((f"A{suffix}", A_ref, (r, q)), (f"B{suffix}", B_ref, (p, r))):
         if ref is None:
@@ -268,7 +270,7 @@ def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
                 f"{name} must have shape {shape} for A {tuple(a.shape)} and B {tuple(b.shape)}, "
                 f"got {tuple(ref.shape)}."
             )
-        out.append(ref)
+        out.append(validation.check_finite(ref, name))
     return a, b, out[0], out[1]
 
 

@@ -72,7 +72,8 @@ def rpca(
     respect to ``matrix`` and ``lam`` by implicit differentiation.
 
     Args:
-      matrix: ``(m, N)`` data matrix ``M``.
+      matrix: ``(m, N)`` data matrix ``M`` (half precision is solved, and
+        returned, in float32).
       lam: weight of the sparse term; default ``1 / sqrt(max(m, N))``, the
         choice under which Candès et al. prove exact recovery (entry-wise
         sparsity). With ``sparsity="column"`` the right value depends on the
@@ -123,6 +124,7 @@ def rpca(
             f'method must be "admm" (the constrained problem has no FISTA form), got {method!r}.'
         )
     m = validation.as_float_array(matrix, "matrix")
+    m = m.astype(validation.working_dtype(m.dtype))  # half precision: float32
     if m.ndim != 2:
         raise ValueError(
             f"matrix must be 2-D (m, N), got shape {tuple(m.shape)}; batch with jax.vmap."

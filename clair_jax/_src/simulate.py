@@ -141,7 +141,12 @@ def _check_sizes(n, p, q, rank, fraction, samples=None) -> int:
 
 
 def _orthonormal(key, p: int, r: int, dtype) -> Array:
-    return jnp.linalg.qr(jax.random.normal(key, (p, r), dtype))[0]
+    return _q_factor(jax.random.normal(key, (p, r), dtype))
+
+
+def _q_factor(g: Array) -> Array:
+    """Orthonormal Q of ``g``'s thin QR (half precision factorised in float32)."""
+    return jnp.linalg.qr(g.astype(validation.working_dtype(g.dtype)))[0].astype(g.dtype)
 
 
 def _per_position(n: int, count: int, kinds: tuple[str, ...]) -> np.ndarray:
@@ -172,14 +177,14 @@ class _Model(NamedTuple):
 def _draw_model(normals, rank, spread, heterogeneity, offset_scale, dense_scale) -> _Model:
     g_u, coef, g, w0, dense, g_u2, coef2 = normals
     n, p, q = g.shape
-    basis = jnp.linalg.qr(g_u)[0]
+    basis = _q_factor(g_u)
     shared = jnp.einsum("pr,nqr->npq", basis, spread * coef)
     g = heterogeneity * g
     off_subspace = g - jnp.einsum("pr,nrq->npq", basis, jnp.einsum("pr,npq->nrq", basis, g))
     w0 = offset_scale / jnp.sqrt(p) * w0
     parameters = w0[None] + shared + off_subspace
     dense = w0[None] + dense_scale * jnp.sqrt(rank / p) * dense
-    other_basis = jnp.linalg.qr(g_u2)[0]
+    other_basis = _q_factor(g_u2)
     coordinated = w0[None] + jnp.einsum("pr,nqr->npq", other_basis, spread * coef2)
     return _Model(basis, w0, parameters, dense, coordinated)
 
@@ -431,7 +436,9 @@ def _least_squares(x, y, ridge):
     eye = jnp.broadcast_to(root * jnp.eye(p, dtype=x.dtype), (n, p, p))
     xa = jnp.concatenate([x, eye], axis=1)
     ya = jnp.concatenate([y, jnp.zeros((n, p, y.shape[2]), y.dtype)], axis=1)
-    return jax.vmap(lambda a, b: jnp.linalg.lstsq(a, b)[0])(xa, ya)
+    work = validation.working_dtype(x.dtype)  # half precision solved in float32
+    beta = jax.vmap(lambda a, b: jnp.linalg.lstsq(a, b)[0])(xa.astype(work), ya.astype(work))
+    return beta.astype(x.dtype)
 
 
 def least_squares(

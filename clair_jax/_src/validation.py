@@ -40,6 +40,15 @@ def as_float_array(x, name: str, dtype=None) -> jax.Array:
     return arr
 
 
+def working_dtype(dtype) -> jnp.dtype:
+    """The dtype factorisations run in: float32 for half precision, else ``dtype``.
+
+    LAPACK (and so ``jnp.linalg.svd``/``qr``/``eigh`` on CPU) has no float16 or
+    bfloat16 routines; half-precision inputs are factorised in float32.
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def check_finite(x: jax.Array, name: str) -> jax.Array:
     """Rejects NaN or inf entries (ValueError now, or a runtime error when traced)."""
     if is_traced(x):
