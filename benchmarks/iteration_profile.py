@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
 
     def threshold(c):
         m, b = c
-        out, _, b = svd_lib.singular_value_threshold(m, tau, backend="rank_capped", basis=b)
+        out, _, b = svd_lib.svt(m, tau, backend="rank_capped", basis=b)
         return m + 1e-3 * out, b
 
     options = problem.Options(

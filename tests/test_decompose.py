@@ -450,3 +450,51 @@ def test_cache_sized_cpu_batches_equal_a_loop(x64, monkeypatch, chunk):
         one_x, one_lam = jax.grad(loss, argnums=(0, 1))(xs[i], lams[i])
         np.testing.assert_allclose(g_x[i], one_x, atol=1e-8)
         np.testing.assert_allclose(g_lam[i], one_lam, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e8])
+def test_constrained_solution_depends_on_the_lambda_ratio_only(x64, scale):
+    """The constrained problem is invariant to a common scale of the λ's; the starting
+    penalty used to ignore λ_*, so λ's of 1e-6 stopped after one iteration at a wrong
+    point reported as converged, and 1e8 never converged."""
+    x = np.random.default_rng(3).standard_normal((5, 4, 3))
+    kw = {"method": "admm", "constrained": True}
+    ref = cj.decompose(x, lam_nuc=1.0, lam_block=0.7, **kw)
+    sol = cj.decompose(x, lam_nuc=scale, lam_block=0.7 * scale, **kw)
+    assert bool(sol.converged) and int(sol.num_iters) == int(ref.num_iters)
+    np.testing.assert_allclose(sol.low_rank, ref.low_rank, atol=1e-9)
+    np.testing.assert_allclose(sol.objective / scale, ref.objective, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["fista", "admm"])
+def test_a_common_base_weight_does_not_change_the_offset_solution(x64, method):
+    """The unpenalised offset absorbs a common W_0; the residuals used to be relative to
+    ||X||_F, W_0 included, so a large W_0 loosened the tolerance (FISTA's L off by 1.5%)."""
+    rng = np.random.default_rng(0)
+    x, w0 = rng.standard_normal((6, 5, 4)), rng.standard_normal((5, 4))
+    kw = {"lam_nuc": 1.0, "lam_block": 1.0, "offset": True, "method": method}
+    ref = cj.decompose(x, **kw)
+    sol = cj.decompose(x + 1000.0 * w0, **kw)
+    np.testing.assert_allclose(sol.low_rank, ref.low_rank, atol=1e-9)
+    np.testing.assert_allclose(sol.sparse, ref.sparse, atol=1e-9)
+    np.testing.assert_allclose(sol.offset, ref.offset + 1000.0 * w0, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["fista", "admm"])
+def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
+    """Autodiff through the capped map's QR and SVD gave gradients of 1e86 (rank-1 data,
+    cap 3) and NaN (zero data); it now uses the exact SVT's closed-form derivative.
+    Unrolled ADMM's starting penalty (a norm) also had a NaN derivative at zero data."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(np.einsum("pr,nrq->npq", rng.normal(size=(6, 1)), rng.normal(size=(5, 1, 3))))
+    kw = {"lam_block": 0.8, "method": method, "max_iter": 300}
+    capped = {"svd": "rank_capped", "rank_cap": 3, "diff": "unrolled", **kw}
+
+    implicit = jax.grad(lambda lam: cj.decompose(x, lam_nuc=lam, **kw).objective)(0.3)
+    unrolled = jax.grad(lambda lam: cj.decompose(x, lam_nuc=lam, **capped).objective)(0.3)
+    np.testing.assert_allclose(unrolled, implicit, rtol=1e-8)
+    for options in (capped, {**kw, "diff": "unrolled"}):
+        zero = jax.grad(lambda u, o=options: jnp.sum(cj.decompose(u, lam_nuc=0.3, **o).low_rank))(
+            jnp.zeros_like(x)
+        )
+        assert bool(jnp.all(jnp.isfinite(zero)))

@@ -20,13 +20,16 @@ The penalty adapts by residual balancing (Boyd et al. 2011, section 3.4.1):
 ``mu`` doubles when the primal residual exceeds 10x the dual one and halves in
 the opposite case. Stopping: both relative residuals,
 ``||X - c - L - S - N||_F / ||X||_F`` and
-``mu ||delta(S + N + c)||_F / ||X||_F``, below ``tol``.
+``mu ||delta(S + N + c)||_F / ||X||_F``, below ``tol``. In the constrained form
+the starting penalty is ``λ_* 1.25 / ||M||_2`` and the dual residual is divided
+by ``λ_*``: its solution depends on ``λ_S / λ_*`` only, and so do the iterates.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -78,9 +81,12 @@ def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
     return low_rank, sparse, noise, offset, dual, rank, basis
 
 
-def initial_penalty(data: problem.Data) -> Array:
-    """``1.25 / ||M||_2`` (Lin et al.), spectral norm by 30 power iterations."""
-    m = prox.blocks_to_matrix(data.updates)
+def initial_penalty(data: problem.Data, offset: bool = False) -> Array:
+    """``1.25 / ||M||_2`` (Lin et al.), spectral norm by 30 power iterations.
+
+    With an ``offset``, of ``M`` centred over clients (the offset absorbs the rest).
+    """
+    m = prox.blocks_to_matrix(prox.center_clients(data.updates) if offset else data.updates)
     v = jnp.ones((m.shape[1],), m.dtype) / jnp.sqrt(m.shape[1])
     for _ in range(30):
         v = m.T @ (m @ v)
@@ -97,15 +103,20 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
     ``mu`` (optional): the initial penalty (default :func:`initial_penalty`).
     """
     start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
-    scale = problem.data_scale(data)
+    scale = problem.data_scale(data, options.offset)
     dtype = data.updates.dtype
+    # The constrained problem depends on λ_S / λ_* only, and its multiplier scales
+    # with λ_*: so do the penalty and the dual residual, and the iterates are the
+    # same for every common scale of the λ's (the penalised form has a fixed scale,
+    # that of its misfit term).
+    dual_unit = jnp.where(data.lam_nuc > 0, data.lam_nuc, 1.0) if options.constrained else 1.0
 
     def step(state: AdmmState) -> AdmmState:
         mu = state.mu
         low_rank, sparse, noise, offset, dual, rank, basis = sweep(data, options, state, mu)
         primal = x_norm(data.updates - offset[None] - low_rank - sparse - noise) / scale
         moved = (sparse + noise + offset[None]) - (state.sparse + state.noise + state.offset[None])
-        dual_res = mu * x_norm(moved) / scale
+        dual_res = mu * x_norm(moved) / (scale * dual_unit)
         mu_next = jnp.where(
             primal > BALANCE_RATIO * dual_res,
             mu * PENALTY_FACTOR,
@@ -139,7 +150,13 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         noise=init_n,
         offset=init_c,
         dual=init_n,
-        mu=(initial_penalty(data) if mu is None else mu).astype(dtype),
+        # A starting value, not a function of the data to differentiate (its norm
+        # has no derivative at zero data).
+        mu=(
+            jax.lax.stop_gradient(initial_penalty(data, options.offset) * dual_unit)
+            if mu is None
+            else mu
+        ).astype(dtype),
         num_iters=jnp.zeros((), jnp.int32),
         primal_residual=jnp.asarray(start_residual, dtype),
         dual_residual=jnp.asarray(start_residual, dtype),

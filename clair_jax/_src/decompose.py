@@ -400,5 +400,5 @@ def _initial_point(init, x: Array) -> tuple[Array, Array]:
             raise ValueError(
                 f"{name} must have the shape of updates {tuple(x.shape)}, got {tuple(arr.shape)}."
             )
-        out.append(arr)
+        out.append(validation.check_finite(arr, name))
     return out[0], out[1]

@@ -76,9 +76,17 @@ def saturation_stop(options: Options) -> dict:
     }
 
 
-def data_scale(data: Data) -> Array:
-    """``||X||_F``, the scale residuals are measured against (1 for zero data)."""
+def data_scale(data: Data, offset: bool = False) -> Array:
+    """The scale residuals are measured against: ``||X||_F`` (1 for zero data).
+
+    With an ``offset``, ``||X - X̄||_F`` (``X̄`` the mean block), unless it is zero:
+    the unpenalised offset absorbs any common part of the blocks, so a large
+    common part (a base weight ``W_0``) must not loosen the tolerance.
+    """
     norm = jnp.sqrt(jnp.sum(data.updates**2))
+    if offset:
+        centred = jnp.sqrt(jnp.sum(prox.center_clients(data.updates) ** 2))
+        norm = jnp.where(centred > 0, centred, norm)
     return jnp.where(norm > 0, norm, 1.0)
 
 
@@ -91,7 +99,7 @@ def residual_blocks(data: Data, low_rank, sparse, offset: bool) -> Array:
 def svt_blocks(z, tau, options: Options, basis):
     """Singular value thresholding of ``(n, p, q)`` blocks as one ``p x nq`` matrix."""
     n = z.shape[0]
-    out, rank, basis = svd.singular_value_threshold(
+    out, rank, basis = svd.svt(
         prox.blocks_to_matrix(z),
         tau,
         backend=options.backend,

@@ -6,21 +6,43 @@ Client ``i`` owns the column block ``i`` of ``M = [X_1, ..., X_n]``
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from clair_jax._src import sparsity
+from clair_jax._src import sparsity, validation
 
 
 def blocks_to_matrix(x: Float[Array, "n p q"]) -> Float[Array, "p nq"]:
-    """``(n, p, q)`` client blocks to the side-by-side matrix ``[X_1 .. X_n]``."""
+    """``(n, p, q)`` client blocks to the side-by-side matrix ``[X_1 .. X_n]``.
+
+    Raises:
+      ValueError: ``x`` is not 3-D.
+    """
+    x = jnp.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape (n, p, q) (client blocks), got {tuple(x.shape)}.")
     n, p, q = x.shape
     return jnp.transpose(x, (1, 0, 2)).reshape(p, n * q)
 
 
 def matrix_to_blocks(m: Float[Array, "p nq"], n: int) -> Float[Array, "n p q"]:
-    """Inverse of :func:`blocks_to_matrix`."""
+    """Inverse of :func:`blocks_to_matrix`: ``p x nq`` to ``n`` blocks ``(n, p, q)``.
+
+    Raises:
+      ValueError: ``m`` is not 2-D, or its ``nq`` columns do not split into ``n``
+        equal blocks.
+    """
+    m = jnp.asarray(m)
+    if m.ndim != 2:
+        raise ValueError(f"m must be a (p, nq) matrix, got shape {tuple(m.shape)}.")
     p, nq = m.shape
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or nq % n:
+        raise ValueError(
+            f"n must be an int >= 1 dividing the {nq} columns of m {tuple(m.shape)}, got {n!r}."
+        )
+    n = int(n)
     return jnp.transpose(m.reshape(p, n, nq // n), (1, 0, 2))
 
 
@@ -42,11 +64,17 @@ def block_soft_threshold(
         S_i = \\max\\Big(0, 1 - \\frac{\\tau_i}{\\|Z_i\\|_F}\\Big) Z_i
 
     Args:
-      z: ``(n, p, q)`` blocks.
+      z: ``(n, p, q)`` blocks (integers become the default float).
       tau: non-negative threshold, a scalar or one per block ``(n,)``.
 
     Returns:
       The thresholded blocks, ``(n, p, q)``.
+
+    Raises:
+      ValueError: ``z`` not 3-D; ``tau`` negative, non-finite or of a shape
+        other than ``()`` or ``(n,)`` (a traced negative ``tau`` raises at run
+        time).
+      TypeError: non-numeric ``z`` or ``tau``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -54,7 +82,16 @@ def block_soft_threshold(
       >>> block_soft_threshold(z, 2.0)[:, 0, 0]
       Array([2., 0.], dtype=float32)
     """
-    return sparsity.prox(z, tau, "block")
+    z = validation.as_float_array(z, "z")
+    if z.ndim != 3:
+        raise ValueError(f"z must have shape (n, p, q) (client blocks), got {tuple(z.shape)}.")
+    tau = validation.as_float_array(tau, "tau", z.dtype)
+    if tau.shape not in ((), z.shape[:1]):
+        raise ValueError(
+            f"tau must be a scalar or have shape (n,) = ({z.shape[0]},) for z of shape "
+            f"{tuple(z.shape)}, got {tuple(tau.shape)}."
+        )
+    return sparsity.prox(z, validation.check_nonnegative(tau, "tau"), "block")
 
 
 def nuclear_norm(x: Float[Array, "n p q"]) -> Array:

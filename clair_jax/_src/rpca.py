@@ -86,7 +86,9 @@ def rpca(
       svd: ``"auto"``, ``"full"``, ``"gram"`` or ``"rank_capped"`` (see
         :func:`clair_jax.decompose`).
       rank_cap: singular triplets kept by ``"rank_capped"`` (selects it under
-        ``"auto"``); a cap reached is reported as ``converged=False``.
+        ``"auto"``); when the cap binds, the solve continues with the exact
+        factorisation (as :func:`clair_jax.decompose`), so the result is the
+        true minimiser (``diff="unrolled"`` has no continuation).
       power_iters: subspace iterations per step for ``"rank_capped"``.
       diff: ``"implicit"`` or ``"unrolled"`` gradients.
 

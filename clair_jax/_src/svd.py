@@ -41,11 +41,15 @@ tolerance of about 1e-6 when the threshold is small compared with ``sigma_max``.
 
 from __future__ import annotations
 
+import numbers
+from functools import partial
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from clair_jax._src import validation
 
 SvdBackend = Literal["auto", "full", "gram", "rank_capped"]
 SVD_BACKENDS = ("auto", "full", "gram", "rank_capped")
@@ -72,7 +76,10 @@ def select_backend(
         raise ValueError(f"svd must be one of {SVD_BACKENDS}, got {backend!r}.")
     small, large = sorted(shape)
     if rank_cap is not None:
-        if not isinstance(rank_cap, int) or not 1 <= rank_cap <= small:
+        if isinstance(rank_cap, bool) or not isinstance(rank_cap, numbers.Integral):
+            raise TypeError(f"rank_cap must be an int, got {type(rank_cap).__name__}.")
+        rank_cap = int(rank_cap)
+        if not 1 <= rank_cap <= small:
             raise ValueError(
                 f"rank_cap must be an int in [1, {small}] for a matrix of shape {shape}, "
                 f"got {rank_cap!r}."
@@ -134,7 +141,8 @@ def resolve_backend(
     """
     if rank_cap is None and not unrolled:
         rank_cap = auto_rank_cap(shape, backend)
-    return select_backend(shape, backend, rank_cap, dtype), rank_cap
+    used = select_backend(shape, backend, rank_cap, dtype)  # validates rank_cap
+    return used, None if rank_cap is None else int(rank_cap)
 
 
 #: Aspect ratio (long side / short side) from which :func:`thin_svd` first
@@ -278,6 +286,21 @@ def _svt_gram_wide_jvp(primals, tangents):
 def _svt_rank_capped(
     z: Float[Array, "p m"], tau, basis: Float[Array, "m k"], power_iters: int
 ) -> tuple[Array, Array, Array]:
+    # The basis is a warm start (a search direction), not differentiated.
+    out, s_new, new_basis = _svt_capped(z, tau, jax.lax.stop_gradient(basis), power_iters)
+    return out, jnp.sum(s_new > 0), new_basis
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _svt_capped(z, tau, basis, power_iters: int) -> tuple[Array, Array, Array]:
+    """``(SVT_tau(z) on the basis' subspace, shrunk singular values, new basis)``.
+
+    Differentiated (``diff="unrolled"``) with the exact SVT's closed form
+    (:func:`_svt_wide_tangent`, from a thin SVD of ``z``), the derivative of what
+    the capped map computes whenever the cap does not bind: autodiff through its
+    QR and SVD divides by singular-value gaps and blows up (or returns NaN) on
+    exactly low-rank or zero data.
+    """
     v = basis
     for _ in range(power_iters - 1):
         q, _ = jnp.linalg.qr(z @ v)
@@ -286,7 +309,20 @@ def _svt_rank_capped(
     ub, s, vt = jnp.linalg.svd(q.T @ z, full_matrices=False)
     s_new = _shrink(s, tau)
     out = ((q @ ub) * s_new[None, :]) @ vt
-    return out, jnp.sum(s_new > 0), vt.T
+    return out, s_new, vt.T
+
+
+@_svt_capped.defjvp
+def _svt_capped_jvp(power_iters, primals, tangents):
+    z, tau, basis = primals
+    dz, dtau, _ = tangents
+    out, s_new, new_basis = _svt_capped(z, tau, basis, power_iters)
+    if z.shape[0] <= z.shape[1]:
+        _, (d_out, _) = _svt_wide_tangent(z, tau, dz, dtau)
+    else:
+        _, (d_out, _) = _svt_wide_tangent(z.T, tau, dz.T, dtau)
+        d_out = d_out.T
+    return (out, s_new, new_basis), (d_out, jnp.zeros_like(s_new), jnp.zeros_like(new_basis))
 
 
 def _nuclear_value_and_direction(m, row_basis, exact, *, direction: bool) -> tuple:
@@ -370,8 +406,10 @@ def singular_value_threshold(
     """Proximal map of ``tau * ||.||_*`` at ``z``.
 
     Args:
-      z: matrix to threshold.
-      tau: non-negative threshold (scalar, may be traced).
+      z: matrix to threshold (half precision is thresholded, and returned, in
+        float32).
+      tau: non-negative threshold (scalar, may be traced: a negative traced
+        ``tau`` raises at run time).
       backend: a concrete backend (see :func:`select_backend`).
       basis: ``(cols, rank_cap)`` warm-start basis, ``"rank_capped"`` only.
       power_iters: subspace iterations per call, ``"rank_capped"`` only.
@@ -380,6 +418,11 @@ def singular_value_threshold(
       ``(svt, rank, new_basis)``: the thresholded matrix, the number of singular
       values above ``tau`` (int32), and the updated warm-start basis (``None``
       except for ``"rank_capped"``).
+
+    Raises:
+      ValueError: ``z`` not 2-D, ``tau`` negative, non-finite or not a scalar,
+        an unknown ``backend``, a missing or misshapen ``basis``.
+      TypeError: non-numeric ``z`` or ``tau``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -390,6 +433,32 @@ def singular_value_threshold(
       >>> int(rank)
       1
     """
+    validation.check_choice(backend, "backend", ("full", "gram", "rank_capped"))
+    z = validation.as_float_array(z, "z")
+    z = z.astype(validation.working_dtype(z.dtype))  # half precision: float32
+    if z.ndim != 2:
+        raise ValueError(
+            f"z must be a matrix (2-D), got shape {tuple(z.shape)}; threshold a batch with "
+            "jax.vmap."
+        )
+    tau = validation.as_float_array(tau, "tau", z.dtype)
+    validation.check_scalar(tau, "tau")
+    tau = validation.check_nonnegative(tau, "tau")
+    if backend == "rank_capped":
+        if basis is None:
+            raise ValueError('backend="rank_capped" needs a basis (cols, rank_cap).')
+        basis = validation.as_float_array(basis, "basis", z.dtype)
+        if basis.ndim != 2 or basis.shape[0] != z.shape[1] or basis.shape[1] > min(z.shape):
+            raise ValueError(
+                f"basis must have shape (cols, rank_cap) = ({z.shape[1]}, k) with "
+                f"1 <= k <= {min(z.shape)} for z of shape {tuple(z.shape)}, got "
+                f"{tuple(basis.shape)}."
+            )
+    return svt(z, tau, backend=backend, basis=basis, power_iters=power_iters)
+
+
+def svt(z, tau, *, backend: str, basis=None, power_iters: int = 1):
+    """:func:`singular_value_threshold` without argument checks (the solvers' inner call)."""
     if backend == "full":
         out, rank = _svt_full(z, tau)
         return out, rank.astype(jnp.int32), None
