@@ -529,6 +529,8 @@ def test_clair_aggregator_refines_on_at_most_the_lora_rank(x64):
 def test_clair_aggregator_rejects_bad_space():
     with pytest.raises(ValueError, match="shared_space must be one of"):
         ag.clair_aggregator(shared_space="diagonal")
+    with pytest.raises(ValueError, match="contaminated= has no effect"):
+        ag.clair_aggregator(contaminated="local")
 
 
 def np_threshold(scores, z=3.5, rho=0.1, iters=4):

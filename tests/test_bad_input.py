@@ -53,6 +53,8 @@ OK = {"lam_nuc": 1.0, "lam_block": 1.0}
         (X, {"init": (np.full_like(X, np.nan), 0 * X)}, ValueError, "init low_rank contains NaN"),
         (X, {"rank_cap": np.int64(2), "svd": "lapack"}, ValueError, "svd must be one of"),
         (X, {"rank_cap": True}, TypeError, "rank_cap must be an int"),
+        (X, {"offset": "no"}, TypeError, "offset must be a bool, got str 'no'"),
+        (X, {"constrained": 1}, TypeError, "constrained must be a bool"),
     ],
 )
 def test_bad_input_is_rejected(updates, kwargs, error, match):

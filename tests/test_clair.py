@@ -262,6 +262,8 @@ X = np.random.default_rng(0).normal(size=(5, 4, 2))
         (X, {"noise_scale": np.nan}, ValueError, "noise_scale must be finite and non-negative"),
         (X, {"contaminated": "drop"}, ValueError, "contaminated must be one of"),
         (X, {"noise_passes": -1}, ValueError, "noise_passes must be an int >= 0"),
+        (X, {"noise_passes": True}, TypeError, "noise_passes must be an int"),
+        (X, {"offset": "no"}, TypeError, "offset must be a bool"),
         (X, {"method": "sgd"}, ValueError, "method must be one of"),
         (X, {"tol": 0.0}, ValueError, "tol must be finite and > 0"),
     ],

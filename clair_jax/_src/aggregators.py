@@ -557,8 +557,9 @@ def clair_aggregator(
 
     Raises:
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
-        ``flagged``; at aggregation, ``measure="update"`` without ``start`` or
-        with a ``start`` unlike ``clients``.
+        ``flagged``; ``contaminated`` among ``clair_kwargs``; at aggregation,
+        ``measure="update"`` without ``start`` or with a ``start`` unlike
+        ``clients``.
 
     References:
       CLAIR, arXiv:2605.21217 (abstract only; see :func:`clair_jax.clair`).
@@ -572,6 +573,11 @@ def clair_aggregator(
             raise ValueError(
                 f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
             )
+    if "contaminated" in clair_kwargs:
+        raise ValueError(
+            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
+            "next is set by flagged= ('trained' or 'global')."
+        )
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 

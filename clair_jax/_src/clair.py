@@ -609,6 +609,11 @@ def clair(
         shared structure is a column space in ``R^p`` (pass
         ``updates.transpose(0, 2, 1)`` for a shared row space). Batch modules
         with ``jax.vmap``. Half precision is processed, and returned, in float32.
+        Detection's robust statistics need several clients: on uncontaminated
+        simulated federations (``p=10, q=3``, rank 2, noise 0.01, 20 seeds) a
+        clean client was flagged in 17/20 federations at ``n=2``, 4/20 at
+        ``n=3``, 3/20 at ``n=4``, 1/20 at ``n=6``, 3/20 at ``n=8``, 0/20 at
+        ``n=12``, 1/20 at ``n=20`` and 0/20 at ``n=40``.
       rank: static rank ``r`` of the shared subspace; ``None`` estimates it.
       max_rank: columns of ``basis`` when ``rank=None`` (static; default
         ``min(p, nq)``); the estimate is clipped to it.
@@ -682,9 +687,11 @@ def clair(
             )
     max_rank = full if max_rank is None else _check_rank(max_rank, "max_rank", full, (n, p, q))
     validation.check_choice(contaminated, "contaminated", CONTAMINATED_CHOICES)
-    if not isinstance(benign_majority, (bool, np.bool_)):
-        raise TypeError(f"benign_majority must be a bool, got {type(benign_majority).__name__}.")
-    if isinstance(noise_passes, bool) or not isinstance(noise_passes, int) or noise_passes < 0:
+    for flag, name in ((benign_majority, "benign_majority"), (offset, "offset"), (refit, "refit")):
+        validation.check_bool(flag, name)
+    if isinstance(noise_passes, bool) or not isinstance(noise_passes, int):
+        raise TypeError(f"noise_passes must be an int, got {type(noise_passes).__name__}.")
+    if noise_passes < 0:
         raise ValueError(f"noise_passes must be an int >= 0, got {noise_passes!r}.")
 
     scalars = {}

@@ -287,6 +287,8 @@ def decompose(
     validation.check_choice(method, "method", METHODS)
     validation.check_choice(diff, "diff", DIFF_MODES)
     validation.check_choice(sparsity, "sparsity", sparsity_lib.SPARSITIES)
+    constrained = validation.check_bool(constrained, "constrained")
+    offset = validation.check_bool(offset, "offset")
     if constrained and method != "admm":
         raise ValueError('constrained=True is solved by method="admm" only.')
     tol = validation.check_positive_float(tol, "tol")

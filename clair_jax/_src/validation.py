@@ -100,6 +100,13 @@ def check_positive_int(x, name: str) -> int:
     return int(x)
 
 
+def check_bool(x, name: str) -> bool:
+    """A static Python (or NumPy) bool; strings such as ``"no"`` are not truthy flags."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}.")
+    return bool(x)
+
+
 def check_choice(x, name: str, choices: tuple) -> str:
     if x not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {x!r}.")
