@@ -1,5 +1,8 @@
 """Proximal maps and the SVT backends against NumPy closed forms."""
 
+from functools import partial
+
+import chex
 import jax
 import jax.numpy as jnp
 import jax.test_util
@@ -124,3 +127,19 @@ def test_svt_derivative_is_finite_at_repeated_singular_values(x64, tau, backend)
     eps = 1e-6
     central = (svt(rank_one + eps * dz) - svt(rank_one - eps * dz)) / (2 * eps)
     np.testing.assert_allclose(jax.jvp(svt, (rank_one,), (dz,))[1], central, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 12), (12, 4)])
+def test_thin_svd_under_vmap_equals_a_loop(shape):
+    """thin_svd batches with its own rule (one matrix at a time on CPU: jaxlib 0.10's
+    batched QR/SVD kernels deadlocked jax.vmap(cj.clair)); nested vmaps too."""
+    z = jax.random.normal(jax.random.key(0), (2, 3, *shape))
+    for compute_uv in (True, False):
+        fn = partial(svd.thin_svd, compute_uv=compute_uv)
+        batched = jax.jit(jax.vmap(jax.vmap(fn)))(z)
+        loop = [[fn(m) for m in row] for row in z]
+        for i in range(2):
+            for j in range(3):
+                chex.assert_trees_all_close(
+                    jax.tree.map(lambda a, i=i, j=j: a[i, j], batched), loop[i][j], atol=1e-6
+                )
