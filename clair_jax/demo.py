@@ -34,6 +34,25 @@ def synthetic_updates(
     return updates, basis, contaminated
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for flag values the demo cannot run with."""
+    for name in ("clients", "rows", "cols", "rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.rank > args.rows:
+        parser.error(f"--rank ({args.rank}) must not exceed --rows ({args.rows})")
+    if not 0.0 <= args.fraction < 1.0:  # NaN fails too
+        parser.error(f"--fraction must be in [0, 1), got {args.fraction}")
+    bad = int(round(args.fraction * args.clients))
+    if bad >= args.clients:
+        parser.error(
+            f"--fraction {args.fraction} of --clients {args.clients} makes {bad} contaminated "
+            "clients, leaving no benign client"
+        )
+    if not (np.isfinite(args.noise) and args.noise >= 0):
+        parser.error(f"--noise must be finite and >= 0, got {args.noise}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=40)
@@ -44,6 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--noise", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    check_args(parser, args)
 
     x, basis, contaminated = synthetic_updates(
         jax.random.key(args.seed),

@@ -110,6 +110,10 @@ def test_no_contamination():
         ({"specific_tokens": -1}, ValueError, "specific_tokens"),
         ({"attack_scale": 0.0}, ValueError, "attack_scale"),
         ({"length": 2.5}, TypeError, "length"),
+        ({"contaminated_fraction": float("nan")}, ValueError, "contaminated_fraction"),
+        # Rounding must leave a benign client (0.9 * 4 -> 4, 0.75 * 2 -> 2 contaminated).
+        ({"num_clients": 4, "contaminated_fraction": 0.9}, ValueError, "no benign client"),
+        ({"num_clients": 2, "contaminated_fraction": 0.75}, ValueError, "no benign client"),
     ],
 )
 def test_bad_config(change, error, match):

@@ -1,13 +1,15 @@
 """The text-copying experiment end to end on a tiny configuration, and its pieces."""
 
 import json
+import re
 
 import jax
 import numpy as np
 import pytest
 
+from clair_jax import demo
 from clair_jax._src import data as data_lib
-from clair_jax._src import lora
+from clair_jax._src import federated, lora
 from clair_jax.experiments import text_copy
 
 TINY = [
@@ -64,6 +66,72 @@ def test_parse_args_defaults_and_errors(capsys):
         "clair", participants=4, fraction=0.25, clair_measure="update", clair_detection="client"
     )
     assert rule.uses_start
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--clients", "1"], "--clients must be >= 2, got 1"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--layers", "0"], "--layers must be >= 1"),
+        (["--local-steps", "0"], "--local-steps must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--train-examples", "0"], "--train-examples must be >= 1"),
+        (["--test-examples", "0"], "--test-examples must be >= 1"),
+        (["--pretrain-steps", "-5"], "--pretrain-steps must be >= 0"),
+        (["--fraction", "1.5"], r"--fraction must be in \[0, 1\)"),
+        (["--fraction", "nan"], r"--fraction must be in \[0, 1\)"),
+        (["--fraction", "-0.1"], r"--fraction must be in \[0, 1\)"),
+        (["--clients", "4", "--fraction", "0.9"], "leaving no benign client"),
+        (["--lr", "0"], "--lr must be finite and > 0"),
+        (["--lr", "nan"], "--lr must be finite and > 0"),
+        (["--lr", "-1"], "--lr must be finite and > 0"),
+        (["--clients", "4", "--participation", "0"], r"--participation must be in \[1, "),
+        (["--clients", "4", "--participation", "5"], r"--participation must be in \[1, "),
+        (["--methods", ""], "--methods is empty"),
+        (["--methods", " , "], "--methods is empty"),
+        # Krum named explicitly: f = round(0.3 * 5) = 2 needs 7 participants.
+        (["--clients", "5", "--methods", "fedit,krum"], "krum needs at least 2f \\+ 3 = 7"),
+        (["--participation", "2", "--methods", "multi_krum"], "got 2 \\(--participation"),
+    ],
+)
+def test_parse_args_rejects_bad_numbers(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        text_copy.parse_args(argv)
+    err = capsys.readouterr().err
+    assert "usage:" in err and re.search(message, err), err
+
+
+def test_parse_args_krum_in_the_default_methods(capsys):
+    # All methods by default: Krum and Multi-Krum are left out, with a note, when they
+    # cannot run (f = 2 of 5 clients), and kept when they can.
+    args = text_copy.parse_args(["--clients", "5"])
+    assert args.methods == [m for m in text_copy.METHODS if m not in text_copy.KRUM_METHODS]
+    assert "note: skipping krum, multi_krum" in capsys.readouterr().err
+    assert text_copy.parse_args(["--clients", "7"]).methods == list(text_copy.METHODS)
+    zero = text_copy.parse_args(["--clients", "3", "--fraction", "0", "--methods", "krum"])
+    assert zero.methods == ["krum"]  # f = 0 needs 3
+    assert text_copy.parse_args(["--pretrain-steps", "0"]).pretrain_steps == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rank", "100"], r"--rank \(100\) must not exceed --rows \(64\)"),
+        (["--rank", "0"], "--rank must be >= 1"),
+        (["--noise", "-1"], "--noise must be finite and >= 0"),
+        (["--noise", "inf"], "--noise must be finite and >= 0"),
+        (["--fraction", "1.5"], r"--fraction must be in \[0, 1\)"),
+        (["--clients", "2", "--fraction", "0.75"], "leaving no benign client"),
+        (["--clients", "0"], "--clients must be >= 1"),
+    ],
+)
+def test_demo_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(argv)
+    err = capsys.readouterr().err
+    assert "usage:" in err and re.search(message, err), err
 
 
 def test_token_kinds_and_accuracy_by_token():
@@ -140,15 +208,41 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
     assert (out_dir / "text_copy.png").stat().st_size > 0
 
 
-def test_runs_are_deterministic_and_checkpoints_resume(tmp_path):
+class _Interrupted(Exception):
+    pass
+
+
+def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
     common = TINY + ["--methods", "fedit", "--cache-dir", str(tmp_path / "cache")]
     first = text_copy.run(text_copy.parse_args(common))
     ckpt = str(tmp_path / "ckpt")
-    second = text_copy.run(text_copy.parse_args(common + ["--checkpoint-dir", ckpt]))
-    # Resuming from a finished checkpoint runs no more rounds and gives the same state.
-    third = text_copy.run(text_copy.parse_args(common + ["--checkpoint-dir", ckpt]))
+    with_ckpt = text_copy.parse_args(common + ["--checkpoint-dir", ckpt])
+
+    # Interrupted after round 1 of 2 (its checkpoint and history written) ...
+    run_rounds = federated.run_rounds
+
+    def interrupted(*args, callback, **kwargs):
+        def stop(state, metrics):
+            callback(state, metrics)
+            raise _Interrupted
+
+        return run_rounds(*args, callback=stop, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(federated, "run_rounds", interrupted)
+        with pytest.raises(_Interrupted):
+            text_copy.run(with_ckpt)
+    # ... then resumed, and resumed again once finished (no more rounds run).
+    second = text_copy.run(with_ckpt)
+    third = text_copy.run(with_ckpt)
+    expected = first["methods"]["fedit"]
+    assert len(expected["curve"]) == len(expected["round_f1"]) == 2
     for other in (second, third):
-        np.testing.assert_array_equal(
-            first["methods"]["fedit"]["accuracy_per_client"],
-            other["methods"]["fedit"]["accuracy_per_client"],
-        )
+        got = other["methods"]["fedit"]
+        np.testing.assert_array_equal(expected["accuracy_per_client"], got["accuracy_per_client"])
+        # The per-round results of the earlier runs are kept, not only this call's rounds.
+        assert got["curve"] == expected["curve"] and got["round_f1"] == expected["round_f1"]
+    (history_file,) = (tmp_path / "ckpt").glob("*/fedit.history.json")
+    history = json.loads(history_file.read_text())
+    assert history["curve"] == expected["curve"] and len(history["seconds"]) == 2
+    assert third["methods"]["fedit"]["seconds"] >= history["seconds"][-1] > 0

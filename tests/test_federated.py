@@ -274,7 +274,49 @@ def test_checkpoint_mismatch_is_an_error(parts, tmp_path):
         cj.load_checkpoint(path, like={"other": jnp.zeros(3)})
 
 
+def test_half_precision_checkpoints_round_trip_exactly(parts, tmp_path):
+    _, _, adapters, _ = parts
+    tree = {
+        "state": cj.init_server_state(jax.tree.map(lambda x: x.astype(jnp.bfloat16), adapters), 2),
+        "f16": jnp.linspace(-1, 1, 5).astype(jnp.float16) / 3,
+        "bf16": jnp.linspace(-1, 1, 5).astype(jnp.bfloat16) / 3,
+        "scalar": jnp.asarray(1 / 3, jnp.bfloat16),
+    }
+    path = tmp_path / "half.npz"
+    cj.save_checkpoint(path, tree)
+    loaded = cj.load_checkpoint(path, like=tree)
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # bit for bit
+    with pytest.raises(ValueError, match=r"stored \(5,\) bfloat16, expected \(5,\) float16"):
+        cj.load_checkpoint(path, like={**tree, "bf16": tree["f16"]})
+    # Checkpoints written by plain numpy.savez still load (bfloat16 there is raw void '|V2').
+    old = tmp_path / "old.npz"
+    np.savez(old, **{"['a']": np.arange(3, dtype=np.float32), "['b']": np.asarray(tree["bf16"])})
+    like = {"a": jnp.zeros(3), "b": jnp.zeros(5, jnp.bfloat16)}
+    got = cj.load_checkpoint(old, like=like)
+    np.testing.assert_array_equal(got["a"], np.arange(3))
+    np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(tree["bf16"]))
+
+
 # --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_local_train_arguments(parts):
+    graphdef, base, adapters, fed = parts
+    args = (graphdef, base, adapters, fed.train.inputs[0], fed.train.targets[0])
+    mask, key = fed.train.mask[0], jax.random.key(0)
+    kwargs = dict(optimizer=optax.sgd(0.1), steps=1, batch_size=2)
+    with pytest.raises(ValueError, match="frozen_factor must be None, 'A' or 'B', got 'C'"):
+        cj.local_train(*args, mask, key, **kwargs, frozen_factor="C")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        cj.local_train(*args, mask, key, **{**kwargs, "batch_size": 0})
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        cj.local_train(*args, mask, key, **{**kwargs, "steps": 0})
+    with pytest.raises(ValueError, match=r"mask \(4, 5\)"):
+        cj.local_train(*args, mask[:, :5], key, **kwargs)
+    with pytest.raises(ValueError, match="aggregator.frozen_factor"):
+        cj.make_round(graphdef, base, cj.fedit()._replace(frozen_factor="C"))
 
 
 def test_bad_round_arguments(parts):

@@ -212,12 +212,51 @@ def test_vmapped_apply_matches_per_client_apply():
         ({"lora_targets": ()}, "lora_targets"),
         ({"lora_rank": 0}, "lora_rank"),
         ({"lora_alpha": 0.0}, "lora_alpha"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be finite"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be finite"),
         ({"width": 0}, "width"),
     ],
 )
 def test_bad_config(change, match):
     with pytest.raises(ValueError, match=match):
         cj.LoRATransformer(TINY._replace(**change), rngs=nnx.Rngs(0))
+
+
+def test_config_targets_list_is_stored_as_a_tuple():
+    model = cj.LoRATransformer(TINY._replace(lora_targets=["query"]), rngs=nnx.Rngs(0))
+    assert model.config.lora_targets == ("query",)
+    graphdef, base, adapters = cj.split_lora(model)
+    hash(graphdef)  # static: usable as a jit static argument
+    toks = tokens((2, 6), TINY.vocab_size)
+    np.testing.assert_allclose(
+        jax.jit(cj.apply_lora, static_argnums=0)(graphdef, base, adapters, toks),
+        cj.apply_lora(graphdef, base, adapters, toks),
+        atol=1e-5,
+    )
+    with pytest.raises(TypeError, match="lora_alpha must be a real number"):
+        cj.LoRATransformer(TINY._replace(lora_alpha="x"), rngs=nnx.Rngs(0))
+
+
+def test_adapters_must_fit_the_model():
+    config = TINY._replace(lora_targets=("query", "value"))
+    graphdef, base, adapters = cj.split_lora(cj.LoRATransformer(config, rngs=nnx.Rngs(0)))
+    toks = tokens((2, 6), TINY.vocab_size)
+    # Rank 3 adapters in a rank-2 model (would be scaled by alpha / 2).
+    rank3 = cj.split_lora(cj.LoRATransformer(config._replace(lora_rank=3), rngs=nnx.Rngs(0)))[2]
+    with pytest.raises(ValueError, match=r"'blocks/0/attn/query': B \(8, 3\) and A \(3, 8\)"):
+        cj.apply_lora(graphdef, base, rank3, toks)
+    with pytest.raises(ValueError, match=r"missing \['blocks/1/attn/value'\], unexpected \[\]"):
+        cj.merge_lora(
+            graphdef, base, {k: v for k, v in adapters.items() if k != "blocks/1/attn/value"}
+        )
+    # Same number of modules, other names: nnx.merge alone would fill them in silently.
+    swapped = {k.replace("value", "key"): v for k, v in adapters.items()}
+    with pytest.raises(ValueError, match="missing .*blocks/0/attn/value.*unexpected .*attn/key"):
+        jax.jit(cj.apply_lora, static_argnums=0)(graphdef, base, swapped, toks)
+    stacked = jax.tree.map(lambda x: x[None], adapters)
+    with pytest.raises(ValueError, match=r"B \(1, 8, 2\)"):
+        cj.merge_lora(graphdef, base, stacked)
+    assert lora.adapter_shapes(graphdef)["blocks/1/attn/value"] == ((8, 2), (2, 8))
 
 
 def test_bad_inputs():

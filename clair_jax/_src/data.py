@@ -157,7 +157,8 @@ class FederationConfig(NamedTuple):
 
     Attributes:
       num_clients: ``n``.
-      contaminated_fraction: fraction of contaminated clients (rounded).
+      contaminated_fraction: fraction of contaminated clients (rounded; at least
+        one client must stay benign).
       contamination: one of ``"random"``, ``"adversarial"``, ``"scaled"``,
         ``"sign_flip"``, ``"coordinated"`` (see the module docstring).
       vocab_size: tokens, the separator included.
@@ -216,6 +217,13 @@ def check_federation_config(config: FederationConfig) -> FederationConfig:
     fraction = float(config.contaminated_fraction)
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"config.contaminated_fraction must be in [0, 1), got {fraction!r}.")
+    n_bad = num_contaminated(config)
+    if n_bad >= config.num_clients:
+        raise ValueError(
+            f"config.contaminated_fraction={fraction!r} of config.num_clients="
+            f"{config.num_clients} rounds to {n_bad} contaminated clients, leaving no benign "
+            "client; lower the fraction or add clients."
+        )
     content = config.vocab_size - 1
     if content < 2 or config.shared_tokens + config.specific_tokens > content:
         raise ValueError(

@@ -34,10 +34,14 @@ train ``B`` only.
 ``t``'s key as ``fold_in(key, t)`` and checkpointing the state after every
 round (atomically, with ``numpy.savez``), so that a crash loses at most the
 round in flight and a resumed run is identical to an uninterrupted one.
+Leaves of the ``ml_dtypes`` types NumPy cannot store (``bfloat16``, the
+``float8`` types, ...) are saved as their raw bits (unsigned integers of the
+same width) together with their dtype name, and loaded back bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -150,6 +154,17 @@ def _combine(trainable, fixed, frozen_factor: str | None) -> Adapters:
     return {k: LoRAFactors(B=fixed[k], A=trainable[k]) for k in trainable}
 
 
+def _check_train_args(
+    steps, batch_size, frozen_factor, *, steps_name="steps", factor_name="frozen_factor"
+) -> tuple[int, int]:
+    """Checks the local-training settings; returns ``(steps, batch_size)`` as ints."""
+    steps = validation.check_positive_int(steps, steps_name)
+    batch_size = validation.check_positive_int(batch_size, "batch_size")
+    if frozen_factor not in (None, "A", "B"):
+        raise ValueError(f"{factor_name} must be None, 'A' or 'B', got {frozen_factor!r}.")
+    return steps, batch_size
+
+
 def local_train(
     graphdef: nnx.GraphDef,
     base: Mapping,
@@ -174,7 +189,18 @@ def local_train(
 
     Returns:
       The trained adapters and the ``(steps,)`` minibatch losses (before each step).
+
+    Raises:
+      ValueError: ``steps`` or ``batch_size`` not a positive int, ``frozen_factor``
+        not ``None``, ``"A"`` or ``"B"``, or ``inputs``/``targets``/``mask`` not
+        of one ``(m, t)`` shape.
     """
+    steps, batch_size = _check_train_args(steps, batch_size, frozen_factor)
+    if inputs.ndim != 2 or targets.shape != inputs.shape or mask.shape != inputs.shape:
+        raise ValueError(
+            f"inputs, targets and mask must have one shape (examples, time), got inputs "
+            f"{tuple(inputs.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}."
+        )
     m = inputs.shape[0]
     trainable, fixed = _partition(adapters, frozen_factor)
     opt_state = optimizer.init(trainable)
@@ -316,16 +342,17 @@ def make_round(
     if not isinstance(aggregator, Aggregator):
         raise TypeError(f"aggregator must be an Aggregator, got {type(aggregator).__name__}.")
     validation.check_choice(client_map, "client_map", CLIENT_MAPS)
-    local_steps = validation.check_positive_int(local_steps, "local_steps")
-    batch_size = validation.check_positive_int(batch_size, "batch_size")
+    local_steps, batch_size = _check_train_args(
+        local_steps,
+        batch_size,
+        aggregator.frozen_factor,
+        steps_name="local_steps",
+        factor_name="aggregator.frozen_factor",
+    )
     if participation is not None:
         validation.check_positive_int(participation, "participation")
     if client_sharding is not None and client_map != "vmap":
         raise ValueError(f"client_sharding needs client_map='vmap', got {client_map!r}.")
-    if aggregator.frozen_factor not in (None, "A", "B"):
-        raise ValueError(
-            f"aggregator.frozen_factor must be None, 'A' or 'B', got {aggregator.frozen_factor!r}."
-        )
     optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     train_kwargs = dict(
         optimizer=optimizer,
@@ -443,9 +470,28 @@ def make_round(
 # --- checkpoints -------------------------------------------------------------------------
 
 
+#: Entry of a checkpoint holding ``{entry: dtype name}`` (JSON) for leaves stored as raw bits.
+_DTYPES_ENTRY = "__dtypes__"
+
+
+def _stored_as_bits(dtype: np.dtype) -> bool:
+    """Whether ``numpy.savez`` cannot store ``dtype`` (ml_dtypes types: void to NumPy)."""
+    return dtype.kind == "V" and not dtype.fields
+
+
 def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    arrays, dtypes = {}, {}
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        value = np.asarray(leaf)
+        if _stored_as_bits(value.dtype):  # e.g. bfloat16: NumPy would write raw void '|V2'
+            dtypes[name] = value.dtype.name
+            value = value.view(np.dtype(f"u{value.dtype.itemsize}"))
+        arrays[name] = value
+    if dtypes:
+        arrays[_DTYPES_ENTRY] = np.asarray(json.dumps(dtypes, sort_keys=True))
+    return arrays
 
 
 def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
@@ -453,6 +499,11 @@ def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
 
     The file is written to a temporary name in the same directory and renamed
     over ``path``, so a crash never leaves a half-written checkpoint.
+
+    Leaves of a dtype NumPy cannot store (``bfloat16``, ``float8_*``, ...:
+    ``ml_dtypes`` types) are written as their raw bits, unsigned integers of the
+    same width, with their dtype names in an extra entry; :func:`load_checkpoint`
+    restores them exactly.
 
     Args:
       path: destination file (conventionally ``*.npz``).
@@ -488,7 +539,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     with np.load(os.fspath(path)) as stored:
-        names = set(stored.files)
+        names = set(stored.files) - {_DTYPES_ENTRY}
+        dtypes = json.loads(str(stored[_DTYPES_ENTRY])) if _DTYPES_ENTRY in stored.files else {}
         expected = [jax.tree_util.keystr(p) for p, _ in leaves]
         if names != set(expected):
             missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
@@ -500,6 +552,17 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
         for name, (_, leaf) in zip(expected, leaves, strict=True):
             value = stored[name]
             leaf = np.asarray(leaf)
+            if name in dtypes:  # raw bits of an ml_dtypes type, with its name
+                if dtypes[name] != leaf.dtype.name:
+                    raise ValueError(
+                        f"checkpoint entry {name}: stored {value.shape} {dtypes[name]}, "
+                        f"expected {leaf.shape} {leaf.dtype}."
+                    )
+                value = value.view(leaf.dtype)
+            elif value.dtype.kind == "V" and _stored_as_bits(leaf.dtype):
+                # Written before the dtype names were stored: raw void of the same width.
+                if value.dtype.itemsize == leaf.dtype.itemsize:
+                    value = value.view(leaf.dtype)
             if value.shape != leaf.shape or value.dtype != leaf.dtype:
                 raise ValueError(
                     f"checkpoint entry {name}: stored {value.shape} {value.dtype}, expected "

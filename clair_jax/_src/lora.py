@@ -32,6 +32,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -79,7 +81,12 @@ class TransformerConfig(NamedTuple):
 
 
 def check_config(config: TransformerConfig) -> TransformerConfig:
-    """Raises a clear ``ValueError``/``TypeError`` for an invalid configuration."""
+    """Raises a clear ``ValueError``/``TypeError`` for an invalid configuration.
+
+    Returns:
+      The configuration with ``lora_targets`` as a tuple (a list given there
+      would make the configuration, and so a model's ``graphdef``, unhashable).
+    """
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
     for name in ("vocab_size", "max_len", "num_layers", "width", "num_heads", "mlp_width"):
@@ -90,8 +97,16 @@ def check_config(config: TransformerConfig) -> TransformerConfig:
         raise TypeError(f"config.lora_rank must be an int, got {config.lora_rank!r}.")
     if config.lora_rank < 1:
         raise ValueError(f"config.lora_rank must be >= 1, got {config.lora_rank}.")
-    if not float(config.lora_alpha) > 0:
-        raise ValueError(f"config.lora_alpha must be > 0, got {config.lora_alpha!r}.")
+    try:
+        if isinstance(config.lora_alpha, (bool, str, bytes)):
+            raise TypeError
+        alpha = float(config.lora_alpha)  # ints, floats, NumPy and JAX scalars
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"config.lora_alpha must be a real number, got {config.lora_alpha!r}."
+        ) from None
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"config.lora_alpha must be finite and > 0, got {config.lora_alpha!r}.")
     if config.width % config.num_heads:
         raise ValueError(
             f"config.num_heads ({config.num_heads}) must divide config.width ({config.width})."
@@ -102,7 +117,7 @@ def check_config(config: TransformerConfig) -> TransformerConfig:
         raise ValueError(
             f"config.lora_targets must be a non-empty subset of {LORA_TARGETS}, got {targets!r}."
         )
-    return config
+    return config._replace(lora_targets=targets)
 
 
 class LoRALinear(nnx.Module):
@@ -252,7 +267,7 @@ class LoRATransformer(nnx.Module):
     def __init__(
         self, config: TransformerConfig, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs
     ):
-        check_config(config)
+        config = check_config(config)
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.width, param_dtype=param_dtype, rngs=rngs)
         self.position = nnx.Param(
@@ -358,15 +373,87 @@ def split_lora(model: LoRATransformer) -> tuple[nnx.GraphDef, dict, Adapters]:
     return graphdef, nnx.to_pure_dict(base_state), lora_state_to_adapters(lora_state)
 
 
+def _compute_adapter_shapes(graphdef: nnx.GraphDef) -> dict[str, tuple[tuple, tuple]] | None:
+    # nnx.merge fills the variables from the states' leaves in order (their paths are not
+    # compared), so placeholders rebuild the modules, whose static attributes give the
+    # adapter shapes. None (no check) when some adapter is not a LoRALinear's.
+    try:
+        model = nnx.merge(graphdef, [None] * graphdef.num_leaves)
+        nodes = list(nnx.iter_graph(model))
+    except Exception:  # noqa: BLE001 - a graphdef this cannot rebuild is left unchecked
+        return None
+    shapes = {
+        module_name(path): ((m.in_features, m.lora_rank), (m.lora_rank, m.out_features))
+        for path, m in nodes
+        if isinstance(m, LoRALinear) and m.lora_rank > 0
+    }
+    num_lora = sum(isinstance(node, nnx.LoRAParam) for _, node in nodes)
+    return shapes if num_lora == 2 * len(shapes) else None
+
+
+_cached_adapter_shapes = functools.lru_cache(maxsize=64)(_compute_adapter_shapes)
+
+
+def adapter_shapes(graphdef: nnx.GraphDef) -> dict[str, tuple[tuple, tuple]] | None:
+    """The adapters a model's ``graphdef`` holds: ``{module name: (B shape, A shape)}``.
+
+    ``None`` when the graphdef has adapters other than :class:`LoRALinear`'s.
+    """
+    try:
+        return _cached_adapter_shapes(graphdef)
+    except TypeError:  # an unhashable graphdef (a static attribute holds a list)
+        return _compute_adapter_shapes(graphdef)
+
+
+def check_adapters(graphdef: nnx.GraphDef, adapters: Adapters) -> None:
+    """Raises a ``ValueError`` when ``adapters`` do not fit the model ``graphdef``.
+
+    The module names must be those of the model's adapters, and every module's
+    ``B`` and ``A`` must have the model's ``(in, r)`` and ``(r, out)`` shapes
+    (unstacked: no leading client axis).
+    """
+    if not isinstance(adapters, Mapping):
+        raise TypeError(
+            f"adapters must be a dict of module name -> LoRAFactors, got {type(adapters).__name__}."
+        )
+    expected = adapter_shapes(graphdef)
+    if expected is None:
+        return
+    if set(adapters) != set(expected):
+        missing = sorted(set(expected) - set(adapters))
+        extra = sorted(set(adapters) - set(expected))
+        raise ValueError(
+            f"adapters do not match the model's adapted modules: missing {missing}, "
+            f"unexpected {extra}."
+        )
+    for name, (b_shape, a_shape) in expected.items():
+        b, a = adapters[name]
+        if tuple(b.shape) != b_shape or tuple(a.shape) != a_shape:
+            raise ValueError(
+                f"adapter {name!r}: B {tuple(b.shape)} and A {tuple(a.shape)}, the model "
+                f"expects B {b_shape} and A {a_shape} (rank {b_shape[1]})."
+            )
+
+
 def merge_lora(graphdef: nnx.GraphDef, base: Mapping, adapters: Adapters) -> LoRATransformer:
-    """Rebuilds the NNX model from :func:`split_lora`'s pieces."""
+    """Rebuilds the NNX model from :func:`split_lora`'s pieces.
+
+    Raises:
+      ValueError: the adapters' modules or shapes differ from the model's
+        (see :func:`check_adapters`).
+    """
+    check_adapters(graphdef, adapters)
     return nnx.merge(graphdef, adapters_to_lora_state(adapters), base)
 
 
 def apply_lora(
     graphdef: nnx.GraphDef, base: Mapping, adapters: Adapters, tokens: Int[Array, "b t"]
 ) -> Float[Array, "b t v"]:
-    """Pure forward pass: logits of the model ``(graphdef, base, adapters)`` on ``tokens``."""
+    """Pure forward pass: logits of the model ``(graphdef, base, adapters)`` on ``tokens``.
+
+    Raises:
+      ValueError: the adapters do not fit the model (see :func:`check_adapters`).
+    """
     return merge_lora(graphdef, base, adapters)(tokens)
 
 

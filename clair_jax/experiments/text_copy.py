@@ -48,6 +48,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -208,7 +209,7 @@ def make_aggregator(
     ``"estimate"`` (refinement on all of it) or a fixed rank for both (a string
     of digits).
     """
-    f = int(np.round(fraction * participants))
+    f = byzantine_budget(fraction, participants)
     rank_kwargs = clair_rank_kwargs(clair_rank)
     factories = {
         "local_only": agg_lib.local_only,
@@ -233,6 +234,15 @@ def make_aggregator(
     if name not in factories:
         raise ValueError(f"unknown method {name!r}; choose from {METHODS}.")
     return factories[name]()
+
+
+def byzantine_budget(fraction: float, participants: int) -> int:
+    """Krum's and Multi-Krum's assumed attacker count ``f = round(fraction * participants)``."""
+    return int(np.round(fraction * participants))
+
+
+KRUM_METHODS = ("krum", "multi_krum")
+"""The rules that need ``participants >= 2 f + 3`` (:func:`byzantine_budget`)."""
 
 
 def clair_rank_kwargs(clair_rank: str) -> dict[str, Any]:
@@ -417,7 +427,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help=f"base cache (${CACHE_ENV})")
     parser.add_argument("--no-cache", action="store_true", help="do not read/write the cache")
     parser.add_argument(
-        "--checkpoint-dir", default=None, help="checkpoint each method's state here and resume"
+        "--checkpoint-dir",
+        default=None,
+        help="checkpoint each method's state and per-round results here and resume",
     )
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
     parser.add_argument("--name", default="text_copy", help="output file stem")
@@ -435,14 +447,69 @@ def parse_args(argv=None) -> argparse.Namespace:
         clair_rank_kwargs(args.clair_rank)
     except ValueError as err:
         parser.error(f"--{err}".replace("clair_rank", "clair-rank", 1))
-    if args.methods == "all":
+    _check_numbers(parser, args)
+    default_methods = args.methods == "all"
+    if default_methods:
         args.methods = list(METHODS)
     else:
         args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(args.methods) - set(METHODS))
         if unknown:
             parser.error(f"unknown methods {unknown}; choose from {','.join(METHODS)}")
+        if not args.methods:
+            parser.error(f"--methods is empty; choose from {','.join(METHODS)} (or 'all')")
+    participants = args.participation or args.clients
+    f = byzantine_budget(args.fraction, participants)
+    krum = [m for m in args.methods if m in KRUM_METHODS]
+    if krum and participants < 2 * f + 3:
+        why = (
+            f"{' and '.join(krum)} need{'s' * (len(krum) == 1)} at least 2f + 3 = {2 * f + 3} "
+            f"participants per round, with f = round(--fraction * participants) = {f}; got "
+            f"{participants} (--participation, or --clients)"
+        )
+        if not default_methods:
+            parser.error(why)
+        print(f"note: skipping {', '.join(krum)}: {why}.", file=sys.stderr)
+        args.methods = [m for m in args.methods if m not in KRUM_METHODS]
     return args
+
+
+#: Smallest accepted value of each integer flag.
+_MINIMUMS = {
+    "clients": 2,
+    "rounds": 1,
+    "rank": 1,
+    "layers": 1,
+    "local_steps": 1,
+    "batch_size": 1,
+    "train_examples": 1,
+    "test_examples": 1,
+    "pretrain_steps": 0,
+}
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` for numeric flags out of range (before anything runs)."""
+    for name, minimum in _MINIMUMS.items():
+        value = getattr(args, name)
+        if value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if not 0.0 <= args.fraction < 1.0:  # NaN fails too
+        parser.error(f"--fraction must be in [0, 1), got {args.fraction}")
+    bad = data_lib.num_contaminated(
+        data_lib.FederationConfig(num_clients=args.clients, contaminated_fraction=args.fraction)
+    )
+    if bad >= args.clients:
+        parser.error(
+            f"--fraction {args.fraction} of --clients {args.clients} makes {bad} contaminated "
+            "clients, leaving no benign client"
+        )
+    if not (np.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be finite and > 0, got {args.lr}")
+    if args.participation is not None and not 1 <= args.participation <= args.clients:
+        parser.error(
+            f"--participation must be in [1, --clients = {args.clients}], got {args.participation}"
+        )
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -470,6 +537,66 @@ def format_table(results: dict[str, dict]) -> str:
             f"{_fmt(d['f1'], '.2f')} | {_fmt(mean_round_f1(r), '.2f')} | {r['seconds']:.1f} |"
         )
     return "\n".join([header, *rows])
+
+
+HISTORY_KEYS = ("curve", "round_f1", "seconds")
+"""Per-round results kept beside a method's checkpoint: benign accuracy, F1, elapsed time."""
+
+
+def _write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def resume(
+    checkpoint: str | None, history_file: str | None, state: federated.ServerState
+) -> tuple[federated.ServerState, dict[str, list]]:
+    """The state and per-round history a method's earlier run saved, else a fresh start.
+
+    After every round the experiment writes the history (``HISTORY_KEYS``: the
+    benign accuracy curve, each round's F1 and the seconds elapsed since the
+    method started) and then the state's checkpoint, so the history covers at
+    least the checkpoint's rounds; it is cut to them. A checkpoint without its
+    history (e.g. written by an older version) is not used: the method restarts
+    from ``state`` (with the same keys, so with the same results).
+
+    Args:
+      checkpoint: the method's checkpoint file (``None``: no checkpointing).
+      history_file: the JSON file of its per-round history.
+      state: the initial state (also the structure the checkpoint must have).
+
+    Returns:
+      ``(state, history)`` with ``history`` a dict of lists, one entry per round done.
+    """
+    fresh = {k: [] for k in HISTORY_KEYS}
+    if checkpoint is None or not os.path.exists(checkpoint):
+        return state, fresh
+    loaded = federated.load_checkpoint(checkpoint, like=state)
+    done = int(loaded.round)
+    try:
+        with open(history_file) as f:
+            history = json.load(f)
+    except (OSError, ValueError):
+        history = {}
+    if not all(isinstance(history.get(k), list) and len(history[k]) >= done for k in HISTORY_KEYS):
+        print(
+            f"  {checkpoint}: no per-round history for its {done} rounds; starting from round 0",
+            flush=True,
+        )
+        return state, fresh
+    return loaded, {k: list(history[k][:done]) for k in HISTORY_KEYS}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -557,34 +684,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             optimizer=optimizer,
             participation=args.participation,
         )
-        curve, round_f1 = [], []
+        state = federated.init_server_state(adapters, args.clients)
+        checkpoint = history_file = None
+        if args.checkpoint_dir:
+            checkpoint = os.path.join(args.checkpoint_dir, run_id, f"{name}.npz")
+            history_file = os.path.join(args.checkpoint_dir, run_id, f"{name}.history.json")
+        state, history = resume(checkpoint, history_file, state)
+        curve, round_f1, elapsed = history["curve"], history["round_f1"], history["seconds"]
+        earlier = elapsed[-1] if elapsed else 0.0  # seconds spent by the runs resumed from
+        t0 = time.perf_counter()
 
-        def record(state, metrics, curve=curve, round_f1=round_f1):
+        def record(
+            state,
+            metrics,
+            curve=curve,
+            round_f1=round_f1,
+            elapsed=elapsed,
+            t0=t0,
+            earlier=earlier,
+            checkpoint=checkpoint,
+            history_file=history_file,
+        ):
             ev = evaluate(graphdef, base, state.clients, fed.test)
             curve.append(float(np.mean(np.asarray(ev.accuracy)[benign])))
             joined = np.zeros(len(truth), int)
             joined[np.asarray(metrics.participants)] = 1
             flags = np.asarray(metrics.flagged, int) * joined
             round_f1.append(detection(flags, joined, truth & (joined > 0))["f1"])
+            elapsed.append(earlier + time.perf_counter() - t0)
+            if checkpoint is not None:
+                # The history first: it is never behind the state (resume() truncates it).
+                _write_json(
+                    history_file, {"curve": curve, "round_f1": round_f1, "seconds": elapsed}
+                )
+                federated.save_checkpoint(checkpoint, state)
 
-        checkpoint = None
-        if args.checkpoint_dir:
-            checkpoint = os.path.join(args.checkpoint_dir, run_id, f"{name}.npz")
-        t0 = time.perf_counter()
         state, _ = federated.run_rounds(
             round_fn,
-            federated.init_server_state(adapters, args.clients),
+            state,
             fed.train,
             round_key,
             args.rounds,
-            checkpoint=checkpoint,
             progress=args.progress,
             desc=f"{name:>17s}",
             callback=record,
         )
         final = evaluate(graphdef, base, state.clients, fed.test)
         jax.block_until_ready(final)
-        seconds = time.perf_counter() - t0
+        seconds = earlier + time.perf_counter() - t0
         accuracy = np.asarray(final.accuracy)[benign]
         results[name] = {
             "accuracy": float(accuracy.mean()),
