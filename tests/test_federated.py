@@ -262,6 +262,10 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(parts, tmp_path):
     # Nothing left to do: the state comes back unchanged.
     again, history = cj.run_rounds(round_fn, init, fed.train, key, 3, checkpoint=path)
     assert history == [] and trees_equal(again, full)
+    with pytest.raises(ValueError, match="num_rounds must be >= 0, got -1"):
+        cj.run_rounds(round_fn, init, fed.train, key, -1)
+    with pytest.raises(TypeError, match="num_rounds must be an int, got float"):
+        cj.run_rounds(round_fn, init, fed.train, key, 2.5)
 
 
 def test_checkpoint_mismatch_is_an_error(parts, tmp_path):

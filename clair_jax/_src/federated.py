@@ -42,6 +42,7 @@ same width) together with their dtype name, and loaded back bit for bit.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -509,14 +510,20 @@ def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
       path: destination file (conventionally ``*.npz``).
       tree: a pytree whose leaves are arrays (no PRNG key arrays).
     """
+    arrays = _flat_arrays(tree)
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> None:
+    """Calls ``write(file)`` on a temporary file beside ``path``, then renames it over
+    ``path``: a crash leaves the old file or the new one, never half of one."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    arrays = _flat_arrays(tree)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -597,7 +604,8 @@ def run_rounds(
       state: the initial state (:func:`init_server_state`).
       client_data: the clients' training data.
       key: ``jax.random`` key of the whole run.
-      num_rounds: total rounds (including those already in the checkpoint).
+      num_rounds: total rounds (including those already in the checkpoint); a
+        state (or checkpoint) already that far is returned as it is.
       checkpoint: file to resume from and to save to after every round.
       progress: show a text progress bar (``None``: only on a terminal).
       desc: the progress bar's label.
@@ -607,6 +615,10 @@ def run_rounds(
     Returns:
       The final state and the metrics of the rounds run by this call.
     """
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, numbers.Integral):
+        raise TypeError(f"num_rounds must be an int, got {type(num_rounds).__name__}.")
+    if num_rounds < 0:
+        raise ValueError(f"num_rounds must be >= 0, got {num_rounds}.")
     num_rounds = int(num_rounds)
     if checkpoint is not None and os.path.exists(checkpoint):
         state = load_checkpoint(checkpoint, like=state)

@@ -48,7 +48,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -545,19 +544,7 @@ HISTORY_KEYS = ("curve", "round_f1", "seconds")
 
 def _write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    federated.atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 
 def resume(
