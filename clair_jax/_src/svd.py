@@ -145,82 +145,22 @@ def resolve_backend(
     return used, None if rank_cap is None else int(rank_cap)
 
 
-#: Aspect ratio (long side / short side) from which :func:`thin_svd` first
-#: reduces the matrix to its short side by a QR factorisation.
-QR_FIRST_ASPECT = 2
-
-
 def thin_svd(z: Float[Array, "p m"], compute_uv: bool = True):
     """Thin SVD ``z = U diag(s) V^T`` (``jnp.linalg.svd(z, full_matrices=False)``).
 
-    For a matrix at least ``QR_FIRST_ASPECT`` times wider than tall (or taller
-    than wide) it first factorises ``z^T = Q R`` (``z = Q R``) and takes the
-    SVD of the small square ``R^T`` (``R``): ``z = (U_R) Σ (Q W_R)^T``. Exact
-    (unlike the Gram route it does not square the condition number), and on
-    CPU about twice as fast for a ``64 x 1280`` float32 matrix (LAPACK's SVD of
-    a wide matrix costs several times its QR). Not meant for autodiff (the QR's
-    derivative is singular at rank-deficient inputs); the SVT has its own JVP.
-
-    Under ``jax.vmap`` on CPU the matrices are factorised one at a time
-    (:func:`clair_jax._src.batching.map_matrices`): the batched QR and SVD
-    kernels of jaxlib 0.10 deadlock XLA:CPU's thread pool when two run
-    concurrently (``jax.vmap(cj.clair)`` over 20 federations of 40 clients,
-    ``64 x 640`` blocks, hung at 0% CPU).
+    One LAPACK call. A QR-first variant (factorise ``z^T = Q R``, then the
+    square ``R``; about twice as fast for a ``64 x 1280`` float32 matrix on
+    CPU) was tried and removed: under ``jax.vmap`` on CPU its batched QR and SVD
+    kernels deadlocked jaxlib 0.10's thread pool (``jax.vmap(cj.clair)`` over
+    20 federations of 40 clients hung at 0% CPU), and a ``custom_vmap`` rule
+    factorising one matrix at a time made XLA:CPU crash (segmentation fault
+    while compiling) later in the test suite.
 
     Returns:
       ``(U, s, V^T)``, or ``s`` alone when ``compute_uv`` is False; ``s``
       descending.
     """
-    return _thin_svd_factors(z) if compute_uv else _thin_svd_values(z)
-
-
-def _thin_svd(z: Array, compute_uv: bool):
-    rows, cols = z.shape
-    if cols >= QR_FIRST_ASPECT * rows:  # wide: z = R^T Q^T
-        q, r = jnp.linalg.qr(z.T)
-        if not compute_uv:
-            return jnp.linalg.svd(r, compute_uv=False)
-        u, s, wt = jnp.linalg.svd(r.T)
-        return u, s, wt @ q.T
-    if rows >= QR_FIRST_ASPECT * cols:  # tall: z = Q R
-        q, r = jnp.linalg.qr(z)
-        if not compute_uv:
-            return jnp.linalg.svd(r, compute_uv=False)
-        w, s, vt = jnp.linalg.svd(r)
-        return q @ w, s, vt
     return jnp.linalg.svd(z, full_matrices=False, compute_uv=compute_uv)
-
-
-@jax.custom_batching.custom_vmap
-def _thin_svd_factors(z: Array):
-    return tuple(_thin_svd(z, True))  # a plain tuple (jnp's SVDResult is a namedtuple)
-
-
-@jax.custom_batching.custom_vmap
-def _thin_svd_values(z: Array):
-    return _thin_svd(z, False)
-
-
-def _one_at_a_time_on_cpu(single, compute_uv: bool):
-    """A ``custom_vmap`` rule: ``single`` over the batch (sequential on CPU)."""
-
-    def rule(axis_size, in_batched, z):
-        (batched,) = in_batched
-        outputs = 3 if compute_uv else 1
-        if not batched:
-            out = single(z)
-            return out, (False,) * 3 if compute_uv else False
-        if jax.default_backend() == "cpu":
-            out = jax.lax.map(single, z)  # an outer vmap batches `single` again
-        else:
-            out = jax.vmap(single.fun)(z)
-        return out, (True,) * outputs if compute_uv else True
-
-    return rule
-
-
-_thin_svd_factors.def_vmap(_one_at_a_time_on_cpu(_thin_svd_factors, True))
-_thin_svd_values.def_vmap(_one_at_a_time_on_cpu(_thin_svd_values, False))
 
 
 def _shrink(s: Array, tau: Array) -> Array:
