@@ -7,6 +7,18 @@ import pytest
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after every test module.
+
+    The whole suite compiles thousands of XLA:CPU programs in one process; with
+    all of them kept alive, XLA crashed (segmentation fault while compiling) about
+    80% of the way through the suite, at a different test as tests were added.
+    """
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
     """Runs the test with ``jax_enable_x64`` on (float64 arrays by default)."""
