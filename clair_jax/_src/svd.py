@@ -152,9 +152,11 @@ def thin_svd(z: Float[Array, "p m"], compute_uv: bool = True):
     square ``R``; about twice as fast for a ``64 x 1280`` float32 matrix on
     CPU) was tried and removed: under ``jax.vmap`` on CPU its batched QR and SVD
     kernels deadlocked jaxlib 0.10's thread pool (``jax.vmap(cj.clair)`` over
-    20 federations of 40 clients hung at 0% CPU), and a ``custom_vmap`` rule
-    factorising one matrix at a time made XLA:CPU crash (segmentation fault
-    while compiling) later in the test suite.
+    20 federations of 40 clients hung at 0% CPU). A ``custom_vmap`` rule
+    factorising one matrix at a time avoided the hang; it was dropped while a
+    test-suite crash was being chased, which turned out to have another cause
+    (too many compiled programs alive, ``tests/conftest.py``), so it may be
+    worth restoring.
 
     Returns:
       ``(U, s, V^T)``, or ``s`` alone when ``compute_uv`` is False; ``s``
