@@ -174,7 +174,7 @@ class TestTransforms:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"matrix": np.ones((2, 3, 4))}, r"matrix must be 2-D \(m, N\), got shape \(2, 3, 4\)"),
+        ({"matrix": np.ones((2, 3, 4))}, r"matrix must have shape \(m, N\), got shape \(2, 3, 4\)"),
         ({"matrix": np.ones((0, 3))}, "non-empty"),
         ({"matrix": np.array([[1.0, np.nan]])}, "matrix"),
         ({"matrix": np.ones((3, 3)), "lam": -1.0}, "lam"),

@@ -665,13 +665,9 @@ def clair(
       >>> bool((res.collaborative == ~fed.contaminated).all())
       True
     """
-    x = validation.as_float_array(updates, "updates")
-    x = x.astype(validation.working_dtype(x.dtype))  # half precision: float32
-    if x.ndim != 3:
-        raise ValueError(
-            f"updates must have shape (n, p, q) (clients, rows, cols), got shape {tuple(x.shape)}; "
-            "batch several modules with jax.vmap."
-        )
+    x = validation.as_factorisable(
+        updates, "updates", "(n, p, q) (clients, rows, cols)", "batch several modules with jax.vmap"
+    )
     n, p, q = x.shape
     if n < 2 or p < 1 or q < 1:
         raise ValueError(

@@ -295,15 +295,9 @@ def decompose(
     max_iter = validation.check_positive_int(max_iter, "max_iter")
     power_iters = validation.check_positive_int(power_iters, "power_iters")
 
-    x = validation.as_float_array(updates, "updates")
-    x = x.astype(validation.working_dtype(x.dtype))  # half precision: float32
-    if x.ndim != 3:
-        raise ValueError(
-            f"updates must have shape (n, p, q) (clients, rows, cols), got shape {tuple(x.shape)}; "
-            "batch several problems with jax.vmap."
-        )
-    if min(x.shape) < 1:
-        raise ValueError(f"updates must be non-empty, got shape {tuple(x.shape)}.")
+    x = validation.as_factorisable(
+        updates, "updates", "(n, p, q) (clients, rows, cols)", "batch several problems with jax.vmap"
+    )
     n, p, q = x.shape
     backend, rank_cap = svd_lib.resolve_backend(
         (p, n * q), svd, rank_cap, x.dtype, unrolled=diff == "unrolled"

@@ -125,14 +125,7 @@ def rpca(
         raise ValueError(
             f'method must be "admm" (the constrained problem has no FISTA form), got {method!r}.'
         )
-    m = validation.as_float_array(matrix, "matrix")
-    m = m.astype(validation.working_dtype(m.dtype))  # half precision: float32
-    if m.ndim != 2:
-        raise ValueError(
-            f"matrix must be 2-D (m, N), got shape {tuple(m.shape)}; batch with jax.vmap."
-        )
-    if min(m.shape) < 1:
-        raise ValueError(f"matrix must be non-empty, got shape {tuple(m.shape)}.")
+    m = validation.as_factorisable(matrix, "matrix", "(m, N)", "batch with jax.vmap")
     m = validation.check_finite(m, "matrix")
     if lam is None:
         lam = 1.0 / math.sqrt(max(m.shape))

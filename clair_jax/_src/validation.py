@@ -49,6 +49,30 @@ def working_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def as_factorisable(x, name: str, layout: str, hint: str) -> jax.Array:
+    """Converts an input that will be factorised: checks its rank and size.
+
+    Args:
+      x: the array-like input.
+      name: its argument name, for the messages.
+      layout: its expected shape, e.g. ``"(n, p, q) (clients, rows, cols)"``; the
+        number of comma-separated axes in the first parenthesis is its rank.
+      hint: how to pass more than one, appended to the rank error.
+
+    Returns:
+      A floating JAX array in its :func:`working_dtype` (half precision becomes
+      float32), with ``ndim`` as in ``layout`` and no empty axis.
+    """
+    arr = as_float_array(x, name)
+    arr = arr.astype(working_dtype(arr.dtype))
+    ndim = layout[: layout.index(")")].count(",") + 1
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must have shape {layout}, got shape {tuple(arr.shape)}; {hint}.")
+    if min(arr.shape) < 1:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(arr.shape)}.")
+    return arr
+
+
 def check_finite(x: jax.Array, name: str) -> jax.Array:
     """Rejects NaN or inf entries (ValueError now, or a runtime error when traced)."""
     if is_traced(x):
