@@ -143,3 +143,24 @@ def test_thin_svd_under_vmap_equals_a_loop(shape):
                 chex.assert_trees_all_close(
                     jax.tree.map(lambda a, i=i, j=j: a[i, j], batched), loop[i][j], atol=1e-6
                 )
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (4, 12), (12, 4)])
+def test_thin_svd_matches_numpy_and_batches_like_a_loop(shape):
+    """thin_svd (QR first for wide and tall matrices) against NumPy's SVD, and its
+    own batching rule (one matrix at a time on CPU: jaxlib 0.10's batched QR/SVD
+    kernels deadlocked jax.vmap(cj.clair)) against a loop, nested vmaps too."""
+    z = jax.random.normal(jax.random.key(0), (2, 3, *shape))
+    u, s, vt = svd.thin_svd(z[0, 0])
+    np.testing.assert_allclose(s, np.linalg.svd(np.asarray(z[0, 0]), compute_uv=False), rtol=1e-5)
+    np.testing.assert_allclose((u * s[None]) @ vt, z[0, 0], atol=1e-5)
+    np.testing.assert_allclose(u.T @ u, np.eye(len(s)), atol=1e-5)
+    np.testing.assert_allclose(vt @ vt.T, np.eye(len(s)), atol=1e-5)
+    for compute_uv in (True, False):
+        fn = partial(svd.thin_svd, compute_uv=compute_uv)
+        batched = jax.jit(jax.vmap(jax.vmap(fn)))(z)
+        for i in range(2):
+            for j in range(3):
+                chex.assert_trees_all_close(
+                    jax.tree.map(lambda a, i=i, j=j: a[i, j], batched), fn(z[i, j]), atol=1e-6
+                )
