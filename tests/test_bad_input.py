@@ -91,7 +91,11 @@ def test_numpy_integer_rank_cap_is_accepted():
     "call,error,match",
     [
         (lambda: cj.singular_value_threshold(jnp.eye(3), -1.0), ValueError, "tau must be finite"),
-        (lambda: cj.singular_value_threshold(jnp.ones(3), 1.0), ValueError, r"z must have shape \(p, m\), got shape \(3,\)"),
+        (
+            lambda: cj.singular_value_threshold(jnp.ones(3), 1.0),
+            ValueError,
+            r"z must have shape \(p, m\), got shape \(3,\)",
+        ),
         (lambda: cj.singular_value_threshold([[1.0]], jnp.ones(2)), ValueError, "tau must be a sc"),
         (lambda: cj.singular_value_threshold(jnp.eye(3), 1.0, backend="x"), ValueError, "backend"),
         (

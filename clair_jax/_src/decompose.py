@@ -296,7 +296,10 @@ def decompose(
     power_iters = validation.check_positive_int(power_iters, "power_iters")
 
     x = validation.as_factorisable(
-        updates, "updates", "(n, p, q) (clients, rows, cols)", "batch several problems with jax.vmap"
+        updates,
+        "updates",
+        "(n, p, q) (clients, rows, cols)",
+        "batch several problems with jax.vmap",
     )
     n, p, q = x.shape
     backend, rank_cap = svd_lib.resolve_backend(
