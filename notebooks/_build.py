@@ -217,7 +217,7 @@ baselines."""
         """SMALL = os.environ.get("CLAIR_JAX_NOTEBOOK_SMALL") == "1"
 if SMALL:
     argv = ["--clients", "8", "--rounds", "2", "--local-steps", "2", "--pretrain-steps", "50",
-            "--rank", "4", "--methods", "fedit,clair", "--no-cache"]
+            "--rank", "4", "--layers", "1", "--methods", "fedit,clair", "--no-cache"]
 else:
     argv = ["--quick", "--methods", "local_only,fedit,fedrot,trimmed_mean,krum,clair"]
 args = text_copy.parse_args(argv)
