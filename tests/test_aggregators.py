@@ -436,6 +436,43 @@ def np_best_rank(x, r):
     return (u[..., :, :r] * s[..., None, :r]) @ vt[..., :r, :]
 
 
+def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x64):
+    """Modules of one shape are stacked and mapped (one compiled CLAIR per shape); the
+    diagnostics and adapters equal CLAIR run on each module alone."""
+    from clair_jax._src.clair import clair, refine
+
+    rng = np.random.default_rng(16)
+    n, r = 8, 2
+    shapes = {"a": (10, 6), "b": (10, 6), "c": (6, 10), "d": (10, 6)}
+    clients = {}
+    for name, (p, q) in shapes.items():
+        u = np.linalg.qr(rng.normal(size=(p, r)))[0]
+        B = np.einsum("pk,nkr->npr", u, rng.normal(size=(n, r, r)))
+        B[[2, 5]] = rng.normal(size=(2, p, r))
+        clients[name] = ag.LoRAFactors(
+            B=B + 0.01 * rng.normal(size=B.shape), A=rng.normal(size=(n, r, q))
+        )
+    global_ = {k: ag.LoRAFactors(B=f.B[0], A=f.A[0]) for k, f in clients.items()}
+    res = jax.jit(ag.clair_aggregator().aggregate)(clients, global_, np.ones(n), 0, KEY)
+    for name, f in clients.items():
+        x = np.einsum("npr,nrq->npq", f.B, f.A)
+        alone = clair(x, benign_majority=True)
+        np.testing.assert_array_equal(res.diagnostics[f"flagged/{name}"], ~alone.collaborative)
+        np.testing.assert_allclose(res.diagnostics[f"scores/{name}"], alone.scores, rtol=1e-9)
+        assert int(res.diagnostics[f"rank/{name}"]) == int(alone.rank)
+        # The refinement keeps the leading r directions (refine_rank="lora"); clients
+        # flagged in any module keep their own adapters.
+        _, refined = refine(x, alone.basis[:, :r], alone.collaborative)
+        keep = ~np.asarray(res.flagged)[:, None, None]
+        personal = np.einsum("npr,nrq->npq", res.clients[name].B, res.clients[name].A)
+        np.testing.assert_allclose(
+            np.where(keep, personal, 0.0),
+            np.where(keep, np_best_rank(refined, r), 0.0),
+            atol=1e-8,
+            err_msg=name,
+        )
+
+
 def test_clair_aggregator_on_products(x64):
     pytest.importorskip("clair_jax._src.clair")
     from clair_jax._src.clair import clair
