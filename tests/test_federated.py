@@ -12,6 +12,7 @@ from flax import nnx
 
 import clair_jax as cj
 from clair_jax import data
+from clair_jax._src import federated
 
 N = 6
 CONFIG = cj.TransformerConfig(
@@ -367,3 +368,21 @@ def test_aggregator_with_uses_start_receives_the_round_start(parts):
     assert trees_equal(new_state.clients, state.clients)
     idx = np.asarray(metrics.participants)
     assert trees_equal(seen["start"], jax.tree.map(lambda x: x[idx], state.clients))
+
+
+def test_masked_cross_entropy_ignores_masked_targets_and_rejects_bad_ones():
+    logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+    targets = jnp.array([[1, 4, -1], [0, 2, 99]], jnp.int32)  # padding where mask is 0
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    expected = -np.mean([logp[0, 0, 1], logp[0, 1, 4], logp[1, 0, 0], logp[1, 1, 2]])
+    for fn in (federated.masked_cross_entropy, jax.jit(federated.masked_cross_entropy)):
+        np.testing.assert_allclose(fn(logits, targets, mask), expected, rtol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"targets \(where mask != 0\) must hold integers in \[0, 5\)"
+    ):
+        federated.masked_cross_entropy(logits, targets, jnp.ones((2, 3)))
+    with pytest.raises(Exception, match=r"must hold integers in \[0, 5\)"):
+        jax.block_until_ready(
+            jax.jit(federated.masked_cross_entropy)(logits, targets, jnp.ones((2, 3)))
+        )

@@ -265,6 +265,18 @@ def test_bad_inputs():
         model(jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="batch, time"):
         model(jnp.zeros((7,), jnp.int32))
+    # Out-of-vocabulary ids used to give NaN logits silently (eagerly and under jit).
+    with pytest.raises(ValueError, match=r"tokens must hold integers in \[0, 7\), got .* 7\]"):
+        model(jnp.array([[1, 7]], jnp.int32))
+    with pytest.raises(ValueError, match=r"tokens must hold integers in \[0, 7\), got \[-1"):
+        model(jnp.array([[-1, 2]], jnp.int32))
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        model(jnp.zeros((1, 2)))
+    graphdef, state = nnx.split(model)
+    jitted = jax.jit(lambda tok: nnx.merge(graphdef, state)(tok))
+    assert np.isfinite(jitted(jnp.array([[0, 6]], jnp.int32))).all()
+    with pytest.raises(Exception, match=r"tokens must hold integers in \[0, 7\)"):
+        jax.block_until_ready(jitted(jnp.array([[0, 9]], jnp.int32)))
     with pytest.raises(TypeError, match="TransformerConfig"):
         cj.LoRATransformer({"width": 8}, rngs=nnx.Rngs(0))
     _, base, adapters = cj.split_lora(model)

@@ -133,7 +133,14 @@ def init_server_state(adapters: Adapters, num_clients: int) -> ServerState:
 def masked_cross_entropy(
     logits: Float[Array, "... t v"], targets: Int[Array, "... t"], mask: Float[Array, "... t"]
 ) -> Float[Array, ""]:
-    """``Σ mask * CE(logits, targets) / Σ mask`` (0 when the mask is empty)."""
+    """``Σ mask * CE(logits, targets) / Σ mask`` (0 when the mask is empty).
+
+    Targets where ``mask`` is 0 are ignored (they may hold any padding value);
+    elsewhere they must be in ``[0, vocab)`` (an error otherwise, not a NaN loss).
+    """
+    targets = validation.check_indices(
+        jnp.where(mask != 0, targets, 0), logits.shape[-1], "targets (where mask != 0)"
+    )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from clair_jax._src import validation
 from clair_jax._src.aggregators import Adapters, LoRAFactors
 
 LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out", "head")
@@ -287,7 +288,14 @@ class LoRATransformer(nnx.Module):
         )
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:
-        """Next-token logits for every position of ``tokens``."""
+        """Next-token logits for every position of ``tokens``.
+
+        Raises:
+          ValueError: ``tokens`` not ``(batch, time)``, longer than
+            ``config.max_len``, or holding ids outside ``[0, vocab_size)``
+            (a runtime error when traced).
+          TypeError: non-integer ``tokens``.
+        """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, time), got {tuple(tokens.shape)}.")
         t = tokens.shape[1]
@@ -295,6 +303,7 @@ class LoRATransformer(nnx.Module):
             raise ValueError(
                 f"tokens has length {t}, longer than config.max_len={self.config.max_len}."
             )
+        tokens = validation.check_indices(tokens, self.config.vocab_size, "tokens")
         x = self.embed(tokens) + self.position[...][None, :t]
         for block in self.blocks:
             x = block(x)

@@ -82,6 +82,22 @@ def check_finite(x: jax.Array, name: str) -> jax.Array:
     return x
 
 
+def check_indices(x: jax.Array, size: int, name: str) -> jax.Array:
+    """Rejects a non-integer array or entries outside ``[0, size)`` (token ids, labels).
+
+    Out-of-range ids would otherwise give NaN embeddings or losses silently.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}.")
+    msg = f"{name} must hold integers in [0, {size})"
+    if is_traced(x):
+        return eqx.error_if(x, jnp.any((x < 0) | (x >= size)), msg + ".")
+    value = np.asarray(x)
+    if value.size and (value.min() < 0 or value.max() >= size):
+        raise ValueError(f"{msg}, got values in [{value.min()}, {value.max()}].")
+    return x
+
+
 def check_nonnegative(x: jax.Array, name: str) -> jax.Array:
     """Rejects negative or non-finite entries."""
     msg = f"{name} must be finite and non-negative"
