@@ -268,7 +268,9 @@ def test_bad_inputs():
     # Out-of-vocabulary ids used to give NaN logits silently (eagerly and under jit).
     with pytest.raises(ValueError, match=r"tokens must hold integers in \[0, 7\), got .* 7\]"):
         model(jnp.array([[1, 7]], jnp.int32))
-    with pytest.raises(ValueError, match=r"tokens must hold integers in \[0, 7\), got \[-1"):
+    with pytest.raises(
+        ValueError, match=r"tokens must hold integers in \[0, 7\), got values in \[-1, 2\]"
+    ):
         model(jnp.array([[-1, 2]], jnp.int32))
     with pytest.raises(TypeError, match="tokens must be an integer array"):
         model(jnp.zeros((1, 2)))
