@@ -319,6 +319,14 @@ def test_subspace_distance_matches_principal_angles(rng):
     np.testing.assert_allclose(float(cj.subspace_distance(a, a[:, :2])), 1.0, rtol=1e-5)
     with pytest.raises(ValueError, match="bases"):
         cj.subspace_distance(a, np.zeros((8, 3)))
+    # Non-orthonormal bases used to give a meaningless number.
+    with pytest.raises(ValueError, match=r"b must have orthonormal \(or zero\) columns"):
+        cj.subspace_distance(a, 2.0 * b)
+    with pytest.raises(ValueError, match=r"a must have orthonormal \(or zero\) columns"):
+        cj.subspace_distance(rng.normal(size=(9, 3)), b)
+    with pytest.raises(Exception, match=r"b must have orthonormal"):
+        jax.block_until_ready(jax.jit(cj.subspace_distance)(a, b + 0.1))
+    np.testing.assert_allclose(jax.jit(cj.subspace_distance)(a, padded), expected, rtol=1e-5)
 
 
 # --- a coordinated group against diverse benign clients ---------------------------------------

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from clair_jax._src import validation
 
 
 class DetectionMetrics(NamedTuple):
@@ -93,6 +97,11 @@ def subspace_distance(a: Float[ArrayLike, "p r"], b: Float[ArrayLike, "p s"]) ->
     ``sqrt(2) ||sin Θ||_F`` with ``Θ`` the principal angles; bases of different
     dimensions ``r, s`` are at least ``sqrt(|r - s|)`` apart.
 
+    Raises:
+      ValueError: ``a`` and ``b`` not ``(p, r)`` and ``(p, s)`` matrices, or
+        columns that are not orthonormal (or zero) to ``10 sqrt(eps)`` (a
+        runtime error when traced): the formula means nothing for other bases.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> e = jnp.eye(3)
@@ -106,7 +115,26 @@ def subspace_distance(a: Float[ArrayLike, "p r"], b: Float[ArrayLike, "p s"]) ->
         raise ValueError(
             f"a and b must be (p, r) and (p, s) bases, got {tuple(a.shape)} and {tuple(b.shape)}."
         )
+    a = _check_orthonormal(validation.as_float_array(a, "a"), "a")
+    b = _check_orthonormal(validation.as_float_array(b, "b", a.dtype), "b")
     # ||P_a - P_b||^2 = ||(I - P_b) a||^2 + ||(I - P_a) b||^2 (both r_a + r_b - 2||a^T b||^2),
     # without forming p x p and without the cancellation of the trace formula.
     cross = a.T @ b
     return jnp.sqrt(jnp.sum((a - b @ cross.T) ** 2) + jnp.sum((b - a @ cross) ** 2))
+
+
+def _check_orthonormal(basis: Array, name: str) -> Array:
+    """Rejects columns that are neither orthonormal nor zero (``basis^T basis`` vs 0/1 diagonal)."""
+    gram = basis.T @ basis
+    diag = jnp.diagonal(gram)
+    target = jnp.diag(jnp.clip(jnp.round(diag), 0.0, 1.0))
+    error = jnp.max(jnp.abs(gram - target), initial=0.0)
+    tol = 10 * math.sqrt(float(jnp.finfo(basis.dtype).eps))
+    msg = f"{name} must have orthonormal (or zero) columns"
+    if validation.is_traced(error):
+        return eqx.error_if(basis, error > tol, msg + ".")
+    if float(error) > tol:
+        raise ValueError(
+            f"{msg}: max |{name}^T {name} - I| = {float(error):.2e} (shape {tuple(basis.shape)})."
+        )
+    return basis
