@@ -348,6 +348,24 @@ def test_gradients_match_finite_differences(x64, method, offset, diff, constrain
     check_grads(loss, args, order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_mode_needs_the_unrolled_derivative(x64):
+    """The implicit derivative is a custom VJP (reverse mode only: jvp is a TypeError,
+    as documented); the unrolled one has both modes, and they agree."""
+    prob = small_problem(seed=2, noise=0.05)
+    x = jnp.asarray(prob["updates"])
+    dx = jnp.asarray(np.random.default_rng(4).normal(size=x.shape))
+
+    def loss(u, diff):
+        sol = cj.decompose(u, **PEN, diff=diff, tol=1e-12, max_iter=400)
+        return jnp.sum(sol.low_rank**2) + jnp.sum(sol.sparse)
+
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda u: loss(u, "implicit"), (x,), (dx,))
+    _, forward = jax.jvp(lambda u: loss(u, "unrolled"), (x,), (dx,))
+    reverse = jnp.vdot(jax.grad(loss)(x, "unrolled"), dx)
+    np.testing.assert_allclose(forward, reverse, rtol=1e-8)
+
+
 def test_unrolled_gradient_on_exactly_low_rank_data_is_finite_for_every_backend(x64):
     """float64, wide M: ``svd="auto"`` picks the Gram route, whose eigh autodiff divides by
     eigenvalue gaps (NaN for the repeated zero eigenvalues of rank-2 data); it uses the

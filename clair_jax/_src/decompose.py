@@ -249,7 +249,10 @@ def decompose(
         a binding cap is reported as ``converged=False``.
       power_iters: subspace iterations per solver iteration for ``"rank_capped"``.
       init: warm start, ``(low_rank, sparse)`` or a previous :class:`Decomposition`.
-      diff: ``"implicit"`` or ``"unrolled"``.
+      diff: ``"implicit"`` (reverse mode: ``jax.grad``/``jax.vjp`` by the
+        fixed-point VJP; forward mode, ``jax.jvp``/``jax.jacfwd``, is not
+        defined for a ``custom_vjp`` and raises a TypeError) or ``"unrolled"``
+        (differentiates the ``max_iter`` iterations themselves, both modes).
 
     Returns:
       A :class:`Decomposition`.
