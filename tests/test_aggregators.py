@@ -645,7 +645,9 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     for name, f in clients.items():
         origin = np.einsum("npr,nrq->npq", start[name].B, start[name].A)
         x = np.einsum("npr,nrq->npq", f.B, f.A) - origin
-        fits[name] = (x, origin, clair(x, rank=r))
+        # benign_majority as in the aggregator: the same compiled CLAIR as its eager run
+        # above (a benign majority is collaborative here, so the step does not act).
+        fits[name] = (x, origin, clair(x, rank=r, benign_majority=True))
     scores = np.stack([np.asarray(c.scores) for _, _, c in fits.values()])
     pooled = np.median(scores / np.median(scores, axis=1, keepdims=True), axis=0)
     np.testing.assert_allclose(res.diagnostics["client_scores"], pooled, rtol=1e-10)

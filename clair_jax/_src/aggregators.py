@@ -858,6 +858,9 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
 
     Args:
       nu: smoothing ``ν > 0`` (guards the division when ``v`` hits a client).
+        Absolute, in the units of the factors, as in RFA: clients closer than
+        ``ν`` to ``v`` get the same weight, so with factors whose distances are
+        all below ``ν`` the rule returns the weighted mean.
       max_iter: iteration cap.
       tol: relative change at which to stop.
 
