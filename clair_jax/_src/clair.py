@@ -666,7 +666,11 @@ def clair(
       True
     """
     x = validation.as_factorisable(
-        updates, "updates", "(n, p, q) (clients, rows, cols)", "batch several modules with jax.vmap"
+        updates,
+        "updates",
+        3,
+        "(n, p, q) (clients, rows, cols)",
+        "batch several modules with jax.vmap",
     )
     n, p, q = x.shape
     if n < 2 or p < 1 or q < 1:

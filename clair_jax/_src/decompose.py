@@ -301,6 +301,7 @@ def decompose(
     x = validation.as_factorisable(
         updates,
         "updates",
+        3,
         "(n, p, q) (clients, rows, cols)",
         "batch several problems with jax.vmap",
     )

@@ -125,7 +125,7 @@ def rpca(
         raise ValueError(
             f'method must be "admm" (the constrained problem has no FISTA form), got {method!r}.'
         )
-    m = validation.as_factorisable(matrix, "matrix", "(m, N)", "batch with jax.vmap")
+    m = validation.as_factorisable(matrix, "matrix", 2, "(m, N)", "batch with jax.vmap")
     m = validation.check_finite(m, "matrix")
     if lam is None:
         lam = 1.0 / math.sqrt(max(m.shape))

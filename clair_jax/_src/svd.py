@@ -475,7 +475,7 @@ def singular_value_threshold(
       1
     """
     validation.check_choice(backend, "backend", ("full", "gram", "rank_capped"))
-    z = validation.as_factorisable(z, "z", "(p, m)", "threshold a batch with jax.vmap")
+    z = validation.as_factorisable(z, "z", 2, "(p, m)", "threshold a batch with jax.vmap")
     tau = validation.as_float_array(tau, "tau", z.dtype)
     validation.check_scalar(tau, "tau")
     tau = validation.check_nonnegative(tau, "tau")

@@ -49,23 +49,23 @@ def working_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def as_factorisable(x, name: str, layout: str, hint: str) -> jax.Array:
+def as_factorisable(x, name: str, ndim: int, layout: str, hint: str) -> jax.Array:
     """Converts an input that will be factorised: checks its rank and size.
 
     Args:
       x: the array-like input.
       name: its argument name, for the messages.
-      layout: its expected shape, e.g. ``"(n, p, q) (clients, rows, cols)"``; the
-        number of comma-separated axes in the first parenthesis is its rank.
+      ndim: its expected number of axes.
+      layout: its expected shape for the message, e.g.
+        ``"(n, p, q) (clients, rows, cols)"``.
       hint: how to pass more than one, appended to the rank error.
 
     Returns:
       A floating JAX array in its :func:`working_dtype` (half precision becomes
-      float32), with ``ndim`` as in ``layout`` and no empty axis.
+      float32), with ``ndim`` axes, none of them empty.
     """
     arr = as_float_array(x, name)
     arr = arr.astype(working_dtype(arr.dtype))
-    ndim = layout[: layout.index(")")].count(",") + 1
     if arr.ndim != ndim:
         raise ValueError(f"{name} must have shape {layout}, got shape {tuple(arr.shape)}; {hint}.")
     if min(arr.shape) < 1:
