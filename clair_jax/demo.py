@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import clair_jax as cj
+from clair_jax._src import validation
 
 
 def synthetic_updates(
@@ -24,7 +25,7 @@ def synthetic_updates(
     basis = jnp.linalg.qr(jax.random.normal(k_basis, (rows, rank)))[0]
     coef = jax.random.normal(k_coef, (clients, rank, cols))
     updates = jnp.einsum("pr,nrq->npq", basis, coef)
-    n_bad = int(round(fraction * clients))
+    n_bad = validation.contaminated_count(fraction, clients, "fraction", "clients")
     bad = jax.random.permutation(k_pick, clients)[:n_bad]
     contaminated = jnp.zeros((clients,), bool).at[bad].set(True)
     scale = jnp.sqrt(rank / rows)
@@ -41,14 +42,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.rank > args.rows:
         parser.error(f"--rank ({args.rank}) must not exceed --rows ({args.rows})")
-    if not 0.0 <= args.fraction < 1.0:  # NaN fails too
-        parser.error(f"--fraction must be in [0, 1), got {args.fraction}")
-    bad = int(round(args.fraction * args.clients))
-    if bad >= args.clients:
-        parser.error(
-            f"--fraction {args.fraction} of --clients {args.clients} makes {bad} contaminated "
-            "clients, leaving no benign client"
-        )
+    try:
+        validation.contaminated_count(args.fraction, args.clients, "--fraction", "--clients")
+    except ValueError as error:
+        parser.error(str(error))
     if not (np.isfinite(args.noise) and args.noise >= 0):
         parser.error(f"--noise must be finite and >= 0, got {args.noise}")
 

@@ -184,6 +184,8 @@ def test_deterministic_jittable_and_vmappable():
         ("updates", {"kind": ()}, ValueError, "at least one"),
         ("updates", {"noise": -1.0}, ValueError, "noise must be finite and non-negative"),
         ("updates", {"n": 0}, ValueError, "n must be >= 1"),
+        ("updates", {"n": 4, "fraction": 0.9}, ValueError, "n=4 rounds to 4 .* no benign"),
+        ("regression", {"fraction": 0.9}, ValueError, "leaving no benign client"),
         ("regression", {"kind": "noise"}, ValueError, "kind must be one of"),
         ("regression", {"samples": 0}, ValueError, "samples must be >= 1"),
     ],

@@ -46,7 +46,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from clair_jax._src import validation
@@ -214,16 +213,7 @@ def check_federation_config(config: FederationConfig) -> FederationConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"config.{name} must be an int >= 0, got {value!r}.")
     validation.check_choice(config.contamination, "config.contamination", CONTAMINATIONS)
-    fraction = float(config.contaminated_fraction)
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"config.contaminated_fraction must be in [0, 1), got {fraction!r}.")
-    n_bad = num_contaminated(config)
-    if n_bad >= config.num_clients:
-        raise ValueError(
-            f"config.contaminated_fraction={fraction!r} of config.num_clients="
-            f"{config.num_clients} rounds to {n_bad} contaminated clients, leaving no benign "
-            "client; lower the fraction or add clients."
-        )
+    num_contaminated(config)
     content = config.vocab_size - 1
     if content < 2 or config.shared_tokens + config.specific_tokens > content:
         raise ValueError(
@@ -236,8 +226,17 @@ def check_federation_config(config: FederationConfig) -> FederationConfig:
 
 
 def num_contaminated(config: FederationConfig) -> int:
-    """``round(contaminated_fraction * num_clients)``."""
-    return int(np.round(config.contaminated_fraction * config.num_clients))
+    """``round(contaminated_fraction * num_clients)`` (round half to even).
+
+    Raises:
+      ValueError: the fraction is outside ``[0, 1)`` or leaves no benign client.
+    """
+    return validation.contaminated_count(
+        config.contaminated_fraction,
+        config.num_clients,
+        "config.contaminated_fraction",
+        "config.num_clients",
+    )
 
 
 def _random_targets(key, shape, vocab_size):

@@ -134,10 +134,7 @@ def _check_sizes(n, p, q, rank, fraction, samples=None) -> int:
         validation.check_positive_int(samples, "samples")
     if validation.is_traced(fraction):
         raise TypeError("fraction must be a static Python number (it fixes a count).")
-    fraction = float(fraction)
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}.")
-    return int(round(fraction * n))
+    return validation.contaminated_count(fraction, n, "fraction", "n")
 
 
 def _orthonormal(key, p: int, r: int, dtype) -> Array:

@@ -151,3 +151,24 @@ def check_choice(x, name: str, choices: tuple) -> str:
     if x not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {x!r}.")
     return x
+
+
+def contaminated_count(fraction, num_clients: int, fraction_name: str, clients_name: str) -> int:
+    """``round(fraction * num_clients)`` (round half to even), the contaminated clients.
+
+    Raises:
+      ValueError: ``fraction`` outside ``[0, 1)`` (NaN included), or a count
+        that leaves no benign client. The message names
+        the arguments as ``fraction_name`` and ``clients_name`` (e.g.
+        ``"config.contaminated_fraction"`` or a command-line flag).
+    """
+    value = float(fraction)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(f"{fraction_name} must be in [0, 1), got {value!r}.")
+    count = int(round(value * num_clients))
+    if count >= num_clients:
+        raise ValueError(
+            f"{fraction_name}={value!r} of {clients_name}={num_clients} rounds to {count} "
+            "contaminated clients, leaving no benign client; lower the fraction or add clients."
+        )
+    return count

@@ -59,7 +59,7 @@ from flax import nnx
 
 from clair_jax._src import aggregators as agg_lib
 from clair_jax._src import data as data_lib
-from clair_jax._src import federated, lora
+from clair_jax._src import federated, lora, validation
 from clair_jax._src.progress import ProgressBar
 
 METHODS = (
@@ -493,16 +493,10 @@ def _check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         value = getattr(args, name)
         if value < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-    if not 0.0 <= args.fraction < 1.0:  # NaN fails too
-        parser.error(f"--fraction must be in [0, 1), got {args.fraction}")
-    bad = data_lib.num_contaminated(
-        data_lib.FederationConfig(num_clients=args.clients, contaminated_fraction=args.fraction)
-    )
-    if bad >= args.clients:
-        parser.error(
-            f"--fraction {args.fraction} of --clients {args.clients} makes {bad} contaminated "
-            "clients, leaving no benign client"
-        )
+    try:
+        validation.contaminated_count(args.fraction, args.clients, "--fraction", "--clients")
+    except ValueError as error:
+        parser.error(str(error))
     if not (np.isfinite(args.lr) and args.lr > 0):
         parser.error(f"--lr must be finite and > 0, got {args.lr}")
     if args.participation is not None and not 1 <= args.participation <= args.clients:
