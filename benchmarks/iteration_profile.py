@@ -28,6 +28,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 from _environment import environment  # noqa: E402
+from solver_scaling import per_trip as loop_trip  # noqa: E402
 from solver_scaling import timed  # noqa: E402
 
 from clair_jax._src import admm, problem, prox  # noqa: E402
@@ -43,10 +44,8 @@ def median_time(fn, arg, repeats: int = 20) -> float:
 
 
 def per_trip(body, init, trips: int) -> float:
-    """Seconds per trip of ``body`` inside a ``fori_loop`` (``trips`` vs 1 trip)."""
-    many = jax.jit(lambda c: jax.lax.fori_loop(0, trips, lambda i, c: body(c), c))
-    one = jax.jit(lambda c: jax.lax.fori_loop(0, 1, lambda i, c: body(c), c))
-    return (median_time(many, init) - median_time(one, init)) / (trips - 1)
+    """Seconds per trip of ``body`` in a ``fori_loop`` (``solver_scaling.per_trip``)."""
+    return loop_trip(body, init, trips, repeats=20)
 
 
 def main(argv=None) -> dict:
