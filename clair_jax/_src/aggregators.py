@@ -554,12 +554,9 @@ def clair_aggregator(
         shared subspace when the benign updates are diverse).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``method``, ...).
-        ``method`` defaults to ``"admm"`` here (``"fista"`` in
-        :func:`clair_jax.clair`): on the adapters of a few clients after a few
-        local steps the updates are exactly low-rank with no shared part, and
-        FISTA stopped at ``max_iter=2000`` unconverged where ADMM converged in
-        205 iterations (8 clients, rank-4 adapters, a 64 x 64 module); the
-        README's main run gives identical results with either (2026-11-24).
+        ``method`` defaults to ``"admm"``, as in :func:`clair_jax.clair`
+        (FISTA can stall in float32 on the exactly low-rank adapters of a few
+        clients after a few local steps).
 
     Raises:
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
@@ -584,7 +581,6 @@ def clair_aggregator(
             "contaminated= has no effect in clair_aggregator: what a flagged client holds "
             "next is set by flagged= ('trained' or 'global')."
         )
-    clair_kwargs.setdefault("method", "admm")
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 

@@ -580,7 +580,7 @@ def clair(
     refit: bool = True,
     noise_passes: int = 4,
     benign_majority: bool = False,
-    method: str = "fista",
+    method: str = "admm",
     tol: float = 1e-6,
     max_iter: int = 2000,
     svd: str = "auto",
@@ -639,7 +639,15 @@ def clair(
         ``benchmarks/clair_simulations.py``), which the rule would discard.
         :func:`clair_jax.clair_aggregator` turns it on (the Byzantine threat
         model).
-      method: ``"fista"`` or ``"admm"``, see :func:`clair_jax.decompose`.
+      method: ``"admm"`` (default) or ``"fista"``, see :func:`clair_jax.decompose`.
+        ADMM is the default because FISTA can stall at ``tol=1e-6`` in float32
+        on exactly low-rank updates: on 20 federations of 8 LoRA products
+        ``B_i A_i`` (``64 x 64``, rank 4), with and without ``offset``, FISTA
+        converged in 3 (its fixed-point residual stops near ``1.5e-6``, a
+        float32 rounding floor; in float64 it converges in about 500
+        iterations), ADMM in all 20, in 116-156 iterations (median). On
+        simulated noisy federations both converge, ADMM in half the
+        iterations.
       tol: relative tolerance of the decomposition.
       max_iter: iteration cap of each decomposition.
       svd: SVD backend of the decomposition.
