@@ -498,6 +498,29 @@ def test_a_common_base_weight_does_not_change_the_offset_solution(x64, method):
     np.testing.assert_allclose(sol.offset, ref.offset + 1000.0 * w0, atol=1e-8)
 
 
+@pytest.mark.parametrize("method,constrained", [("fista", False), ("admm", False), ("admm", True)])
+def test_a_large_common_base_weight_converges_in_float32(method, constrained):
+    """float32, W_0 100x the clients' differences: the solve works on the centred blocks,
+    so rounding relative to ||W_0|| no longer floors the residual (every method used to
+    stop at max_iter unconverged), and the answer is the one without W_0, shifted."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 12, 5)).astype(np.float32)
+    w0 = 100.0 * rng.standard_normal((12, 5)).astype(np.float32)
+    kw = {"lam_nuc": 2.0, "lam_block": 1.5, "offset": True, "method": method}
+    kw["constrained"] = constrained
+    ref = cj.decompose(x, **kw)
+    sol = cj.decompose(x + w0, **kw)
+    assert bool(ref.converged) and bool(sol.converged)
+    assert sol.offset.dtype == jnp.float32
+    np.testing.assert_allclose(sol.objective, ref.objective, rtol=1e-5)
+    if not constrained:
+        # (The constrained optimum's offset, a geometric-median-like point, is only
+        # determined to about 1e-4 at tol=1e-6: its objective is flat there.)
+        np.testing.assert_allclose(sol.low_rank, ref.low_rank, atol=1e-4)
+        np.testing.assert_allclose(sol.sparse, ref.sparse, atol=1e-4)
+        np.testing.assert_allclose(sol.offset, ref.offset + w0, rtol=1e-5, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["fista", "admm"])
 def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
     """Autodiff through the capped map's QR and SVD gave gradients of 1e86 (rank-1 data,

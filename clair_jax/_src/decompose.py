@@ -77,6 +77,15 @@ def _admm_fixed_point(options, z, params):
 def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Decomposition:
     n, p, q = data.updates.shape
     dtype = data.updates.dtype
+    mean = None
+    if options.offset:
+        # The unpenalised offset absorbs any common shift of the blocks: solve for the
+        # centred blocks X_i - X̄ (same L and S, offset c - X̄) and add X̄ back. A large
+        # common part (a base weight W_0) would otherwise set a rounding floor on every
+        # iteration's residual relative to the centred scale (float32: eps ||X|| /
+        # ||X - X̄||, above tol=1e-6 once W_0 is some 10x the clients' differences).
+        mean = jnp.mean(data.updates, axis=0)
+        data = data._replace(updates=data.updates - mean[None])
     basis = None
     if options.backend == "rank_capped":
         basis = svd_lib.initial_basis((p, n * q), options.rank_cap, dtype)
@@ -156,7 +165,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     return Decomposition(
         low_rank=low_rank,
         sparse=sparse,
-        offset=offset,
+        offset=None if offset is None else offset + mean,
         num_iters=state.num_iters,
         converged=converged,
         residual=residual,
