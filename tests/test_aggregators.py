@@ -460,6 +460,9 @@ def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x
         np.testing.assert_array_equal(res.diagnostics[f"flagged/{name}"], ~alone.collaborative)
         np.testing.assert_allclose(res.diagnostics[f"scores/{name}"], alone.scores, rtol=1e-9)
         assert int(res.diagnostics[f"rank/{name}"]) == int(alone.rank)
+        sol = alone.decomposition
+        assert bool(res.diagnostics[f"converged/{name}"]) == bool(sol.converged)
+        assert int(res.diagnostics[f"num_iters/{name}"]) == int(sol.num_iters) > 0
         # The refinement keeps the leading r directions (refine_rank="lora"); clients
         # flagged in any module keep their own adapters.
         _, refined = refine(x, alone.basis[:, :r], alone.collaborative)

@@ -202,6 +202,9 @@ def test_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
         assert len(r["curve"]) == 2 and len(r["accuracy_per_client"]) == 6
         assert len(r["detection"]["flagged"]) == 6, name
         assert set(r["accuracy_by_token"]) == set(text_copy.TOKEN_KINDS)
+        # Decompositions that stopped unconverged, per round (CLAIR's; none for the others).
+        assert len(r["unconverged_decompositions"]) == 2
+        assert all(0 <= k <= 6 for k in r["unconverged_decompositions"]), name
     # Local-only and FedIT never flag anybody.
     assert result["methods"]["fedit"]["detection"]["num_flagged"] == 0
     assert set(result["gaps"]) == {"clair_minus_local_only", "clair_minus_fedit"}
@@ -245,4 +248,5 @@ def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
     (history_file,) = (tmp_path / "ckpt").glob("*/fedit.history.json")
     history = json.loads(history_file.read_text())
     assert history["curve"] == expected["curve"] and len(history["seconds"]) == 2
+    assert history["unconverged"] == [0, 0]  # FedIT solves nothing
     assert third["methods"]["fedit"]["seconds"] >= history["seconds"][-1] > 0

@@ -534,7 +534,9 @@ def clair_aggregator(
     (CLAIR's own set), ``"scores/<module>"``, ``"threshold/<module>"``,
     ``"rank/<module>"`` (CLAIR's estimated rank, used for detection),
     ``"refine_rank/<module>"`` (the directions the refinement kept),
-    ``"majority_refit/<module>"`` (CLAIR refitted on a flagged majority); with
+    ``"majority_refit/<module>"`` (CLAIR refitted on a flagged majority),
+    ``"converged/<module>"`` and ``"num_iters/<module>"`` (of CLAIR's final
+    decomposition: non-convergence is reported, not hidden); with
     ``detection="client"`` also ``"client_scores"`` and ``"client_threshold"``.
 
     Args:
@@ -622,6 +624,8 @@ def clair_aggregator(
             diagnostics[f"rank/{name}"] = res.rank
             diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, width)
             diagnostics[f"majority_refit/{name}"] = res.majority_refit
+            diagnostics[f"converged/{name}"] = res.decomposition.converged
+            diagnostics[f"num_iters/{name}"] = res.decomposition.num_iters
         if detection == "client":
             scores = jnp.stack([fit[2].scores for fit in fits.values()])  # (K, n)
             typical = jnp.median(scores, axis=1, keepdims=True)

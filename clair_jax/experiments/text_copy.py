@@ -532,8 +532,14 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join([header, *rows])
 
 
-HISTORY_KEYS = ("curve", "round_f1", "seconds")
-"""Per-round results kept beside a method's checkpoint: benign accuracy, F1, elapsed time."""
+HISTORY_KEYS = ("curve", "round_f1", "seconds", "unconverged")
+"""Per-round results kept beside a method's checkpoint: benign accuracy, F1, elapsed time,
+and how many of the aggregator's decompositions stopped unconverged (CLAIR; 0 otherwise)."""
+
+
+def unconverged_count(diagnostics) -> int:
+    """Modules whose decomposition did not converge (``"converged/<module>"`` diagnostics)."""
+    return int(sum(not bool(v) for k, v in diagnostics.items() if k.startswith("converged/")))
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -672,6 +678,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             history_file = os.path.join(args.checkpoint_dir, run_id, f"{name}.history.json")
         state, history = resume(checkpoint, history_file, state)
         curve, round_f1, elapsed = history["curve"], history["round_f1"], history["seconds"]
+        unconverged = history["unconverged"]
         earlier = elapsed[-1] if elapsed else 0.0  # seconds spent by the runs resumed from
         t0 = time.perf_counter()
 
@@ -681,6 +688,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             curve=curve,
             round_f1=round_f1,
             elapsed=elapsed,
+            unconverged=unconverged,
             t0=t0,
             earlier=earlier,
             checkpoint=checkpoint,
@@ -692,11 +700,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             joined[np.asarray(metrics.participants)] = 1
             flags = np.asarray(metrics.flagged, int) * joined
             round_f1.append(detection(flags, joined, truth & (joined > 0))["f1"])
+            unconverged.append(unconverged_count(metrics.diagnostics))
             elapsed.append(earlier + time.perf_counter() - t0)
             if checkpoint is not None:
                 # The history first: it is never behind the state (resume() truncates it).
                 _write_json(
-                    history_file, {"curve": curve, "round_f1": round_f1, "seconds": elapsed}
+                    history_file,
+                    {
+                        "curve": curve,
+                        "round_f1": round_f1,
+                        "seconds": elapsed,
+                        "unconverged": unconverged,
+                    },
                 )
                 federated.save_checkpoint(checkpoint, state)
 
@@ -726,6 +741,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": seconds,
             "curve": curve,
             "round_f1": round_f1,
+            "unconverged_decompositions": unconverged,
         }
         r = results[name]
         print(
@@ -733,6 +749,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f", {seconds:.1f} s",
             flush=True,
         )
+        if sum(unconverged):
+            print(
+                f"  {name:>17s}: {sum(unconverged)} module decompositions stopped unconverged "
+                f"(per round: {unconverged})",
+                flush=True,
+            )
 
     gaps = {}
     if "clair" in results:
