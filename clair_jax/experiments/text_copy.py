@@ -553,8 +553,8 @@ def resume(
     """The state and per-round history a method's earlier run saved, else a fresh start.
 
     After every round the experiment writes the history (``HISTORY_KEYS``: the
-    benign accuracy curve, each round's F1 and the seconds elapsed since the
-    method started) and then the state's checkpoint, so the history covers at
+    benign accuracy curve, each round's F1, the seconds elapsed since the method
+    started and the unconverged decompositions) and then the state's checkpoint, so the history covers at
     least the checkpoint's rounds; it is cut to them. A checkpoint without its
     history (e.g. written by an older version) is not used: the method restarts
     from ``state`` (with the same keys, so with the same results).
