@@ -134,6 +134,21 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     assert "usage:" in err and re.search(message, err), err
 
 
+def test_demo_recovers_the_planted_federation(capsys):
+    """Both solvers and CLAIR find the 4 contaminated clients of 12; CLAIR estimates the
+    planted rank 2 (the solvers' L keeps noise directions at the fixed λ's)."""
+    demo.main(["--clients", "12", "--rows", "10", "--cols", "3", "--rank", "2", "--seed", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "4 contaminated" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert list(rows) == ["fista", "admm", "clair"]
+    for name, (_, iters, conv, _rank, err, flagged, precision, recall, _) in rows.items():
+        assert conv == "True" and int(iters) > 0, name
+        assert (flagged, precision, recall) == ("4", "1.00", "1.00"), name
+        assert float(err) < 0.05, name
+    assert rows["clair"][3] == "2"
+
+
 def test_token_kinds_and_accuracy_by_token():
     config = data_lib.FederationConfig(num_clients=3, vocab_size=12, length=4, test_examples=5)
     fed = data_lib.make_federation(jax.random.key(3), config)

@@ -554,10 +554,11 @@ def resume(
 
     After every round the experiment writes the history (``HISTORY_KEYS``: the
     benign accuracy curve, each round's F1, the seconds elapsed since the method
-    started and the unconverged decompositions) and then the state's checkpoint, so the history covers at
-    least the checkpoint's rounds; it is cut to them. A checkpoint without its
-    history (e.g. written by an older version) is not used: the method restarts
-    from ``state`` (with the same keys, so with the same results).
+    started and the unconverged decompositions) and then the state's checkpoint,
+    so the history covers at least the checkpoint's rounds; it is cut to them. A
+    checkpoint without its history (e.g. written by an older version) is not
+    used: the method restarts from ``state`` (with the same keys, so with the
+    same results).
 
     Args:
       checkpoint: the method's checkpoint file (``None``: no checkpointing).
