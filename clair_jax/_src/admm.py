@@ -81,12 +81,13 @@ def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
     return low_rank, sparse, noise, offset, dual, rank, basis
 
 
-def initial_penalty(data: problem.Data, offset: bool = False) -> Array:
+def initial_penalty(data: problem.Data) -> Array:
     """``1.25 / ||M||_2`` (Lin et al.), spectral norm by 30 power iterations.
 
-    With an ``offset``, of ``M`` centred over clients (the offset absorbs the rest).
+    With an offset, ``M`` holds the centred blocks (``decompose._solve``; the offset
+    absorbs the rest).
     """
-    m = prox.blocks_to_matrix(prox.center_clients(data.updates) if offset else data.updates)
+    m = prox.blocks_to_matrix(data.updates)
     v = jnp.ones((m.shape[1],), m.dtype) / jnp.sqrt(m.shape[1])
     for _ in range(30):
         v = m.T @ (m @ v)
@@ -103,7 +104,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
     ``mu`` (optional): the initial penalty (default :func:`initial_penalty`).
     """
     start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
-    scale = problem.data_scale(data, options.offset)
+    scale = problem.data_scale(data)
     dtype = data.updates.dtype
     # The constrained problem depends on λ_S / λ_* only, and its multiplier scales
     # with λ_*: so do the penalty and the dual residual, and the iterates are the
@@ -144,19 +145,17 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
     # Penalised form: start feasible, with the multiplier that stationarity in N
     # asks for (Y = N); constrained form: N = 0, Y = 0.
     init_n = jnp.zeros_like(x) if options.constrained else x - init_c[None] - init_l - init_s
+    if mu is None:
+        # A starting value, not a function of the data to differentiate (its norm
+        # has no derivative at zero data).
+        mu = jax.lax.stop_gradient(initial_penalty(data) * dual_unit)
     state = AdmmState(
         low_rank=init_l,
         sparse=init_s,
         noise=init_n,
         offset=init_c,
         dual=init_n,
-        # A starting value, not a function of the data to differentiate (its norm
-        # has no derivative at zero data).
-        mu=(
-            jax.lax.stop_gradient(initial_penalty(data, options.offset) * dual_unit)
-            if mu is None
-            else mu
-        ).astype(dtype),
+        mu=mu.astype(dtype),
         num_iters=jnp.zeros((), jnp.int32),
         primal_residual=jnp.asarray(start_residual, dtype),
         dual_residual=jnp.asarray(start_residual, dtype),

@@ -53,7 +53,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
     starts in the stopped state), also for one element of a ``vmap`` batch.
     """
     start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
-    scale = problem.data_scale(data, options.offset)
+    scale = problem.data_scale(data)
     dtype = data.updates.dtype
 
     def step(state: FistaState) -> FistaState:

@@ -76,17 +76,14 @@ def saturation_stop(options: Options) -> dict:
     }
 
 
-def data_scale(data: Data, offset: bool = False) -> Array:
+def data_scale(data: Data) -> Array:
     """The scale residuals are measured against: ``||X||_F`` (1 for zero data).
 
-    With an ``offset``, ``||X - X̄||_F`` (``X̄`` the mean block), unless it is zero:
-    the unpenalised offset absorbs any common part of the blocks, so a large
-    common part (a base weight ``W_0``) must not loosen the tolerance.
+    With an offset, the solvers get the centred blocks ``X_i - X̄``
+    (``decompose._solve``): a large common part (a base weight ``W_0``), which the
+    unpenalised offset absorbs, neither loosens the tolerance nor floors the residual.
     """
     norm = jnp.sqrt(jnp.sum(data.updates**2))
-    if offset:
-        centred = jnp.sqrt(jnp.sum(prox.center_clients(data.updates) ** 2))
-        norm = jnp.where(centred > 0, centred, norm)
     return jnp.where(norm > 0, norm, 1.0)
 
 
