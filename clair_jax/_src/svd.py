@@ -269,15 +269,19 @@ def _svt_wide_tangent(z, tau, dz, dtau):
     with ``R^-_ij = (f_i - f_j)/(s_i - s_j)`` and ``R^+_ij = (f_i + f_j)/(s_i + s_j)``,
     divided differences of a monotone 1-Lipschitz ``f``, so in ``[0, 1]``; where
     the denominator vanishes (repeated or zero singular values, e.g. exactly
-    low-rank or zero data) they take their limits ``1[s_i > tau]`` and
-    ``1[tau == 0]``. Autodiff through ``jnp.linalg.svd`` divides by
+    low-rank or zero data) they take their limits ``f'(s_i)`` and ``1[tau == 0]``,
+    with ``f'(s) = 1[s > tau]`` except that ``f`` is the identity on ``s >= 0``
+    when ``tau == 0`` (``SVT_0(z) = z``): ``f' = 1`` there, also at ``s = 0``
+    (an exactly zero repeated singular value, as LAPACK returns for some
+    rank-deficient matrices). Autodiff through ``jnp.linalg.svd`` divides by
     ``s_i^2 - s_j^2`` instead and returns NaN there.
     """
     u, s, vt = thin_svd(z)
     f = _shrink(s, tau)
     active = (s > tau).astype(z.dtype)
     zero_limit = jnp.where(tau == 0, 1.0, 0.0).astype(z.dtype)
-    r_minus = _ratio(f[:, None] - f[None, :], s[:, None] - s[None, :], active[:, None])
+    slope = jnp.maximum(active, zero_limit)  # f'(s); f is the identity when tau == 0
+    r_minus = _ratio(f[:, None] - f[None, :], s[:, None] - s[None, :], slope[:, None])
     r_plus = _ratio(f[:, None] + f[None, :], s[:, None] + s[None, :], zero_limit)
     left = u.T @ dz  # (p, m)
     a = left @ vt.T  # (p, p)
