@@ -288,10 +288,14 @@ def test_no_recompilation_on_second_call(rng):
 
 @pytest.mark.parametrize("method", ["fista", "admm"])
 def test_vmap_over_problems_equals_loop(method):
+    # tol 1e-5, above float32's floor: batched and single kernels round differently,
+    # and at tol=1e-6 a residual within rounding of tol can stop one of them an
+    # iteration earlier (seen for ADMM in 1 of 16 seeds).
     xs = np.stack([small_problem(seed=s)["updates"] for s in range(4)]).astype(np.float32)
-    batched = jax.vmap(lambda x: cj.decompose(x, method=method, offset=True, **PEN))(xs)
+    kw = {"method": method, "offset": True, "tol": 1e-5, **PEN}
+    batched = jax.vmap(lambda x: cj.decompose(x, **kw))(xs)
     for i, x in enumerate(xs):
-        single = cj.decompose(x, method=method, offset=True, **PEN)
+        single = cj.decompose(x, **kw)
         chex.assert_trees_all_close(
             jax.tree.map(lambda a, i=i: a[i], batched), single, atol=2e-5, rtol=1e-5
         )

@@ -23,6 +23,16 @@ the opposite case. Stopping: both relative residuals,
 ``mu ||delta(S + N + c)||_F / ||X||_F``, below ``tol``. In the constrained form
 the starting penalty is ``λ_* 1.25 / ||M||_2`` and the dual residual is divided
 by ``λ_*``: its solution depends on ``λ_S / λ_*`` only, and so do the iterates.
+
+The iterates carry ``W = S + N``, not ``S`` and ``N``: the joint update splits
+any ``W`` optimally, ``S = argmin_S λ_S w ||S|| + 1/2 ||W - S||^2 =
+BST_{λ_S w}(W)`` (the penalty does not enter), so ``S`` and ``N = W - S`` are
+read off the final ``W`` (:func:`sparse_part`), and ``W`` is all the sweep needs:
+one ``(n, p, q)`` array less to read and write per iteration. The update is
+``W = (S + μ V) / (1 + μ)`` with ``S = BST_τ(V)``, ``τ = λ_S w (1 + μ)/μ``.
+The multiplier update needs no other pass over ``X``, ``Y`` and ``L`` either:
+``Y + μ (X - c' - L - W) = μ (V - W - (c' - c))``, and the primal residual is
+``||Y' - Y||_F / μ``. The iterates are those of the sweep above.
 """
 
 from __future__ import annotations
@@ -42,8 +52,7 @@ PENALTY_FACTOR = 2.0
 
 class AdmmState(NamedTuple):
     low_rank: Array
-    sparse: Array
-    noise: Array
+    sparse_plus_noise: Array  # W = S + N (constrained form: N = 0, W = S)
     offset: Array  # (p, q); stays zero without an offset
     dual: Array
     mu: Array
@@ -55,30 +64,41 @@ class AdmmState(NamedTuple):
 
 
 def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
-    """One ADMM sweep at fixed penalty ``mu``: ``(L, S, N, c, Y, rank, basis)``."""
+    """One ADMM sweep at fixed penalty ``mu``: ``(L, W, c, Y, rank, basis)``, ``W = S + N``."""
     x, inv_mu = data.updates, 1.0 / mu
-    shifted = x + inv_mu * state.dual
-    old_offset = state.offset[None]
+    shifted = x + inv_mu * state.dual - state.offset[None]
     low_rank, rank, basis = problem.svt_blocks(
-        shifted - old_offset - state.sparse - state.noise,
+        shifted - state.sparse_plus_noise,
         data.lam_nuc * inv_mu,
         options,
         state.basis,
     )
-    v = shifted - old_offset - low_rank
+    v = shifted - low_rank
     if options.constrained:
         sparse = sparsity.prox(v, data.lam_block * data.weights * inv_mu, options.sparsity)
-        noise = state.noise
+        gap = v - sparse  # V - W with W = S
+        misfit = sparse
     else:
         tau = data.lam_block * data.weights * (1.0 + mu) * inv_mu
         sparse = sparsity.prox(v, tau, options.sparsity)
-        noise = mu / (1.0 + mu) * (v - sparse)
+        gap = (v - sparse) / (1.0 + mu)  # V - W
+        misfit = sparse + mu * gap  # W = S + N, N = mu / (1 + mu) (V - S)
+    # Y + mu (X - c' - L - W) = mu (V - W - (c' - c)): the multiplier from V, without
+    # another pass over X, Y and L.
     if options.offset:
-        offset = jnp.mean(shifted - low_rank - sparse - noise, axis=0)
+        moved = jnp.mean(gap, axis=0)  # c' - c: the offset's own update
+        offset = state.offset + moved
+        gap = gap - moved[None]
     else:
         offset = state.offset
-    dual = state.dual + mu * (x - offset[None] - low_rank - sparse - noise)
-    return low_rank, sparse, noise, offset, dual, rank, basis
+    return low_rank, misfit, offset, mu * gap, rank, basis
+
+
+def sparse_part(data: problem.Data, options: problem.Options, sparse_plus_noise: Array) -> Array:
+    """``S`` from ``W = S + N``: ``BST_{λ_S w}(W)`` (the constrained form's ``W`` is ``S``)."""
+    if options.constrained:
+        return sparse_plus_noise
+    return sparsity.prox(sparse_plus_noise, data.lam_block * data.weights, options.sparsity)
 
 
 def initial_penalty(data: problem.Data) -> Array:
@@ -114,9 +134,10 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
 
     def step(state: AdmmState) -> AdmmState:
         mu = state.mu
-        low_rank, sparse, noise, offset, dual, rank, basis = sweep(data, options, state, mu)
-        primal = x_norm(data.updates - offset[None] - low_rank - sparse - noise) / scale
-        moved = (sparse + noise + offset[None]) - (state.sparse + state.noise + state.offset[None])
+        low_rank, misfit, offset, dual, rank, basis = sweep(data, options, state, mu)
+        # X - c' - L - W = (Y' - Y) / mu.
+        primal = x_norm(dual - state.dual) / (mu * scale)
+        moved = (misfit + offset[None]) - (state.sparse_plus_noise + state.offset[None])
         dual_res = mu * x_norm(moved) / (scale * dual_unit)
         mu_next = jnp.where(
             primal > BALANCE_RATIO * dual_res,
@@ -125,8 +146,7 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         )
         return AdmmState(
             low_rank=low_rank,
-            sparse=sparse,
-            noise=noise,
+            sparse_plus_noise=misfit,
             offset=offset,
             dual=dual,
             mu=mu_next,
@@ -145,14 +165,14 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
     # Penalised form: start feasible, with the multiplier that stationarity in N
     # asks for (Y = N); constrained form: N = 0, Y = 0.
     init_n = jnp.zeros_like(x) if options.constrained else x - init_c[None] - init_l - init_s
+    init_w = init_s if options.constrained else x - init_c[None] - init_l
     if mu is None:
         # A starting value, not a function of the data to differentiate (its norm
         # has no derivative at zero data).
         mu = jax.lax.stop_gradient(initial_penalty(data) * dual_unit)
     state = AdmmState(
         low_rank=init_l,
-        sparse=init_s,
-        noise=init_n,
+        sparse_plus_noise=init_w,
         offset=init_c,
         dual=init_n,
         mu=mu.astype(dtype),

@@ -58,8 +58,7 @@ def _admm_fixed_point(options, z, params):
         offset = jnp.zeros_like(sparse[0])
     state = admm.AdmmState(
         low_rank=low_rank,
-        sparse=sparse,
-        noise=jnp.zeros_like(sparse),
+        sparse_plus_noise=sparse,  # the constrained form: N = 0
         offset=offset,
         dual=dual,
         mu=mu,
@@ -69,7 +68,7 @@ def _admm_fixed_point(options, z, params):
         rank=jnp.zeros((), jnp.int32),
         basis=None,
     )
-    low_rank, sparse, _, new_offset, dual, _, _ = admm.sweep(data, options, state, mu)
+    low_rank, sparse, new_offset, dual, _, _ = admm.sweep(data, options, state, mu)
     return low_rank, sparse, new_offset if options.offset else None, dual
 
 
@@ -103,6 +102,11 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     differentiable = options._replace(backend="full")
     solver = fista if options.method == "fista" else admm
 
+    def sparse_of(state, data):
+        if options.method == "fista":
+            return state.sparse
+        return admm.sparse_part(data, options, state.sparse_plus_noise)
+
     def run(inner, init_l, init_s, basis):
         state = solver.solve(inner, options, init_l, init_s, basis)
         saturated = jnp.zeros((), bool)
@@ -114,7 +118,13 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
             # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
             carry_on = {"mu": state.mu} if options.method == "admm" else {}
             more = solver.solve(
-                inner, exact, state.low_rank, state.sparse, None, skip=~saturated, **carry_on
+                inner,
+                exact,
+                state.low_rank,
+                sparse_of(state, inner),
+                None,
+                skip=~saturated,
+                **carry_on,
             )
             more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
             state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
@@ -131,7 +141,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         low_rank, sparse, residual = state.low_rank, state.sparse, state.residual
         dual = mu = offset = None
     else:
-        low_rank, sparse, offset = state.low_rank, state.sparse, state.offset
+        low_rank, sparse, offset = state.low_rank, sparse_of(state, inner), state.offset
         dual, mu = state.dual, state.mu
         residual = jnp.maximum(state.primal_residual, state.dual_residual)
 
