@@ -8,12 +8,29 @@ import platform
 import jax
 
 
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere).
+
+    Figures from different machines differ (the NumPy baseline of ``solver_scaling.py``
+    took 356 ms on one 2-core machine and 293 ms on another), so each record names it.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
-    """JAX version and backend, devices, CPU count, Python version and ``XLA_FLAGS``."""
+    """JAX version and backend, devices, CPU model and count, Python version, ``XLA_FLAGS``."""
     return {
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -37,6 +37,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _environment import cpu_model  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
 from clair_jax._src import svd as svd_lib  # noqa: E402
@@ -379,6 +380,7 @@ def main(argv=None):
     results = {
         "machine": {
             "platform": platform.platform(),
+            "cpu_model": cpu_model(),
             "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)),
             "jax": jax.__version__,
