@@ -92,6 +92,76 @@ def test_penalised_matches_numpy_reference(x64, method):
     np.testing.assert_allclose(sol.offset, ref["offset"], atol=1e-7)
 
 
+def _textbook_admm_sweeps(x, lam_nuc, lam_block, w, mus, offset, constrained):
+    """The ADMM sweep of admm.py's docstring in NumPy, with S, N and Y kept separately
+    (Lin, Chen & Ma 2010): S = BST(V), N = mu/(1+mu) (V - S), Y += mu (X - c - L - S - N)."""
+    low, sparse, c = np.zeros_like(x), np.zeros_like(x), np.zeros(x.shape[1:])
+    noise = np.zeros_like(x) if constrained else x - c - low - sparse
+    dual = noise.copy()
+    for mu in mus:
+        low = reference.svt(x - c - sparse - noise + dual / mu, lam_nuc / mu)
+        v = x - c - low + dual / mu
+        if constrained:
+            sparse = reference.block_shrink(v, lam_block * w / mu)
+        else:
+            sparse = reference.block_shrink(v, lam_block * w * (1 + mu) / mu)
+            noise = mu / (1 + mu) * (v - sparse)
+        if offset:
+            c = np.mean(x - low - sparse - noise + dual / mu, axis=0)
+        dual = dual + mu * (x - c - low - sparse - noise)
+    return low, sparse, noise, c, dual
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("constrained", [False, True])
+def test_admm_sweep_carrying_s_plus_n_equals_the_textbook_sweep(x64, offset, constrained):
+    # admm.sweep carries W = S + N and derives S = BST_{lam_S w}(W) (N = W - S) and the
+    # multiplier from V: five sweeps with a changing penalty reproduce the sweep that
+    # keeps S, N and Y apart.
+    from clair_jax._src import admm
+
+    x = small_problem(seed=3)["updates"]
+    w = np.linspace(0.5, 1.5, x.shape[0])
+    lam_nuc, lam_block = 0.7, 0.9
+    mus = [0.3, 0.3, 0.6, 1.2, 0.6]
+    options = problem_module.Options(
+        method="admm", constrained=constrained, offset=offset, tol=1e-9, max_iter=10,
+        backend="full", rank_cap=None, power_iters=1, unrolled=False,
+    )  # fmt: skip
+    data = problem_module.Data(
+        jnp.asarray(x), jnp.asarray(lam_nuc), jnp.asarray(lam_block), jnp.asarray(w)
+    )
+    zeros = jnp.zeros_like(data.updates)
+    state = admm.AdmmState(
+        low_rank=zeros,
+        sparse_plus_noise=zeros if constrained else data.updates,
+        offset=zeros[0],
+        dual=zeros if constrained else data.updates,
+        mu=jnp.asarray(mus[0]),
+        num_iters=jnp.zeros((), jnp.int32),
+        primal_residual=jnp.asarray(1.0),
+        dual_residual=jnp.asarray(1.0),
+        rank=jnp.zeros((), jnp.int32),
+        basis=None,
+    )
+    for mu in mus:
+        low, misfit, c, dual, _, _ = admm.sweep(data, options, state, jnp.asarray(mu))
+        state = state._replace(low_rank=low, sparse_plus_noise=misfit, offset=c, dual=dual)
+    want_l, want_s, want_n, want_c, want_y = _textbook_admm_sweeps(
+        x, lam_nuc, lam_block, w, mus, offset, constrained
+    )
+    sparse = admm.sparse_part(data, options, state.sparse_plus_noise)
+    assert float(np.linalg.norm(want_s)) > 0.1 and float(np.linalg.norm(want_l)) > 0.1
+    for got, want in (
+        (state.low_rank, want_l),
+        (sparse, want_s),
+        (state.sparse_plus_noise - sparse, want_n),
+        (state.offset, want_c),
+        (state.dual, want_y),
+    ):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 # --- exact recovery (noiseless, constrained) ---------------------------------------------
 
 
