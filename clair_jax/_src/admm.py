@@ -164,8 +164,11 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         init_c = jnp.zeros_like(x[0])
     # Penalised form: start feasible, with the multiplier that stationarity in N
     # asks for (Y = N); constrained form: N = 0, Y = 0.
-    init_n = jnp.zeros_like(x) if options.constrained else x - init_c[None] - init_l - init_s
-    init_w = init_s if options.constrained else x - init_c[None] - init_l
+    if options.constrained:
+        init_w, init_n = init_s, jnp.zeros_like(x)
+    else:
+        init_w = x - init_c[None] - init_l  # S + N with N = X - c - L - S
+        init_n = init_w - init_s
     if mu is None:
         # A starting value, not a function of the data to differentiate (its norm
         # has no derivative at zero data).
