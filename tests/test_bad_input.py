@@ -47,7 +47,12 @@ OK = {"lam_nuc": 1.0, "lam_block": 1.0}
         (X, {"svd": "rank_capped"}, ValueError, "needs rank_cap"),
         (X, {"rank_cap": 100}, ValueError, r"rank_cap must be an int in \[1, 5\]"),
         (X, {"diff": "forward"}, ValueError, "diff must be one of"),
-        (X, {"constrained": True}, ValueError, 'constrained=True is solved by method="admm"'),
+        (
+            X,
+            {"constrained": True, "method": "fista"},
+            ValueError,
+            'constrained=True is solved by method="admm"',
+        ),
         (X, {"init": (np.zeros((4, 5, 2)), np.zeros((4, 5)))}, ValueError, "init sparse must"),
         (X, {"init": np.zeros((4, 5, 2))}, TypeError, "init must be"),
         (X, {"init": (np.full_like(X, np.nan), 0 * X)}, ValueError, "init low_rank contains NaN"),
