@@ -40,6 +40,37 @@ def test_rank_capped_converges_to_exact_svt(x64, rng):
     assert int(rank) == 3
 
 
+@pytest.mark.parametrize("shape", [(40, 120), (120, 40), (30, 30)])
+@pytest.mark.parametrize("rank", [None, 2, 0])  # generic, exactly rank 2 < cap, zero
+def test_one_rank_capped_step_is_the_svt_of_the_projection(x64, rng, shape, rank):
+    """One capped step: ``q SVT_tau(q^T z)`` with ``q`` an orthonormal basis of ``z V_0``.
+
+    The NumPy reference takes LAPACK's SVD of the ``k x m`` projection; the library
+    goes through the QR of ``z^T q`` and a ``k x k`` SVD. The new basis spans the
+    projection's row space.
+    """
+    cap = 6
+    z = rng.normal(size=shape)
+    if rank is not None:
+        z = rng.normal(size=(shape[0], max(rank, 1))) @ rng.normal(size=(max(rank, 1), shape[1]))
+        z *= rank > 0
+    basis = np.asarray(svd.initial_basis(shape, cap, jnp.float64))
+    q = np.linalg.qr(z @ basis)[0]
+    proj = q.T @ z
+    s_proj = np.linalg.svd(proj, compute_uv=False)
+    tau = 0.3 * s_proj[1] if rank != 0 else 0.1
+    out, n_kept, new_basis = cj.singular_value_threshold(
+        jnp.asarray(z), tau, backend="rank_capped", basis=jnp.asarray(basis)
+    )
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(new_basis))
+    np.testing.assert_allclose(out, q @ numpy_svt(proj, tau), rtol=1e-12, atol=1e-12)
+    assert int(n_kept) == int(np.sum(s_proj > tau))
+    new_basis = np.asarray(new_basis)
+    np.testing.assert_allclose(new_basis.T @ new_basis, np.eye(cap), rtol=0, atol=1e-12)
+    if rank != 0:  # the row space of the projection lies in the new basis' span
+        np.testing.assert_allclose(proj @ new_basis @ new_basis.T, proj, rtol=0, atol=1e-10)
+
+
 def test_block_soft_threshold_closed_form(x64, rng):
     z = rng.normal(size=(5, 3, 2))
     tau = np.array([0.0, 0.5, 1.0, 2.0, 100.0])
