@@ -150,7 +150,7 @@ def test_admm_sweep_carrying_s_plus_n_equals_the_textbook_sweep(x64, offset, con
     want_l, want_s, want_n, want_c, want_y = _textbook_admm_sweeps(
         x, lam_nuc, lam_block, w, mus, offset, constrained
     )
-    sparse = admm.sparse_part(data, options, state.sparse_plus_noise)
+    sparse = admm.sparse_part(data, options, state)
     assert float(np.linalg.norm(want_s)) > 0.1 and float(np.linalg.norm(want_l)) > 0.1
     for got, want in (
         (state.low_rank, want_l),

@@ -94,11 +94,11 @@ def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
     return low_rank, misfit, offset, mu * gap, rank, basis
 
 
-def sparse_part(data: problem.Data, options: problem.Options, sparse_plus_noise: Array) -> Array:
+def sparse_part(data: problem.Data, options: problem.Options, state: AdmmState) -> Array:
     """``S`` from ``W = S + N``: ``BST_{λ_S w}(W)`` (the constrained form's ``W`` is ``S``)."""
     if options.constrained:
-        return sparse_plus_noise
-    return sparsity.prox(sparse_plus_noise, data.lam_block * data.weights, options.sparsity)
+        return state.sparse_plus_noise
+    return sparsity.prox(state.sparse_plus_noise, data.lam_block * data.weights, options.sparsity)
 
 
 def initial_penalty(data: problem.Data) -> Array:

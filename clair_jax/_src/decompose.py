@@ -102,11 +102,6 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     differentiable = options._replace(backend="full")
     solver = fista if options.method == "fista" else admm
 
-    def sparse_of(state, data):
-        if options.method == "fista":
-            return state.sparse
-        return admm.sparse_part(data, options, state.sparse_plus_noise)
-
     def run(inner, init_l, init_s, basis):
         state = solver.solve(inner, options, init_l, init_s, basis)
         saturated = jnp.zeros((), bool)
@@ -121,7 +116,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
                 inner,
                 exact,
                 state.low_rank,
-                sparse_of(state, inner),
+                solver.sparse_part(inner, options, state),
                 None,
                 skip=~saturated,
                 **carry_on,
@@ -141,7 +136,11 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         low_rank, sparse, residual = state.low_rank, state.sparse, state.residual
         dual = mu = offset = None
     else:
-        low_rank, sparse, offset = state.low_rank, sparse_of(state, inner), state.offset
+        low_rank, sparse, offset = (
+            state.low_rank,
+            solver.sparse_part(inner, options, state),
+            state.offset,
+        )
         dual, mu = state.dual, state.mu
         residual = jnp.maximum(state.primal_residual, state.dual_residual)
 
@@ -234,17 +233,16 @@ def decompose(
     Args:
       updates: ``(n, p, q)`` client updates; batch more problems with ``jax.vmap``
         (on CPU the solve then runs in sequential chunks whose solver arrays fit
-        a CPU cache, 2 MiB each: 64 problems of 256 x 512 in float64 in 4.2 s
-        against 7.3-7.6 s as one lockstep vmap on 2 cores, README benchmarks).
+        a CPU cache, 2 MiB each, faster than one lockstep vmap: the README's
+        batch benchmark).
         Integers become the default float; half precision (float16, bfloat16)
         is solved, and returned, in float32.
       lam_nuc: weight ``λ_* >= 0`` of the nuclear norm.
       lam_block: weight ``λ_S >= 0`` of the block norm.
       method: ``"admm"`` (the default: inexact ALM with residual-balanced
         penalty, Lin et al. 2010) or ``"fista"`` (Beck & Teboulle 2009, with
-        adaptive restart). ADMM is the faster of the two in every size the
-        README's benchmark measures (12-15x against 6-9x the NumPy baseline at
-        ``n=32, p=256, q=16``, 12x against 4x at ``n=128``), reaches ``tol=1e-6``
+        adaptive restart). ADMM is the faster of the two at every size the
+        README's benchmark measures (``benchmarks/solver_scaling.py``), reaches ``tol=1e-6``
         in float32 where FISTA can stall (see ``tol``), and also solves the
         constrained form; :func:`clair_jax.clair` and :func:`clair_jax.rpca`
         use it too.

@@ -46,6 +46,12 @@ class FistaState(NamedTuple):
     basis: Array | None
 
 
+def sparse_part(data: problem.Data, options: problem.Options, state: FistaState) -> Array:
+    """``S`` of the iterate (the signature of :func:`admm.sparse_part`, which derives it)."""
+    del data, options
+    return state.sparse
+
+
 def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
     """Runs FISTA from ``(init_l, init_s)``; returns the final :class:`FistaState`.
 
