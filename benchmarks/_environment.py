@@ -6,6 +6,7 @@ import os
 import platform
 
 import jax
+import numpy as np
 
 
 def cpu_model() -> str:
@@ -24,14 +25,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment() -> dict:
-    """JAX version and backend, devices, CPU model and count, Python version, ``XLA_FLAGS``."""
+def environment(**versions: str) -> dict:
+    """JAX version and backend, devices, CPU model and count, platform, versions, ``XLA_FLAGS``.
+
+    Args:
+      **versions: further package versions to record (``tensorly="0.9.0"``).
+    """
     return {
         "jax": jax.__version__,
+        "numpy": np.__version__,
+        **versions,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }

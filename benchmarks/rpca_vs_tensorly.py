@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _environment import environment  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
 
@@ -104,13 +103,7 @@ def main(argv=None):
     # the sizes below this many entries only.
     tensorly_max_entries = 1024 * 2048
     results = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-            "tensorly": tensorly.__version__,
-            "numpy": np.__version__,
-        },
+        "machine": environment(tensorly=tensorly.__version__),
         "tol": TOL,
         "rows": [],
     }

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _environment import cpu_model  # noqa: E402
+from _environment import environment  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
 from clair_jax._src import svd as svd_lib  # noqa: E402
@@ -378,15 +377,7 @@ def main(argv=None):
         parser.error(f"--sections must be a subset of {SECTIONS}, got {args.sections!r}")
     backends = (("auto", None), ("full", None), ("gram", None), ("rank_capped", 16))
     results = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_model": cpu_model(),
-            "cpus": os.cpu_count(),
-            "affinity": len(os.sched_getaffinity(0)),
-            "jax": jax.__version__,
-            "device": str(jax.devices()[0]),
-            "numpy": np.__version__,
-        },
+        "machine": environment(),
         "tol": TOL,
         "quick": quick,
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
