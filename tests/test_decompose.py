@@ -558,6 +558,54 @@ def test_constrained_solution_depends_on_the_lambda_ratio_only(x64, scale):
     np.testing.assert_allclose(sol.objective / scale, ref.objective, rtol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"method": "admm"},
+        {"method": "admm", "offset": True},
+        {"method": "admm", "constrained": True},
+        {"method": "fista"},
+        {"method": "fista", "offset": True, "svd": "gram"},
+    ],
+    ids=["admm", "admm-offset", "admm-constrained", "fista", "fista-offset-gram"],
+)
+@pytest.mark.parametrize("power", [-300, -40, 3, 40, 300])
+def test_scaling_by_a_power_of_two_scales_the_solution_exactly(x64, kw, power):
+    """``decompose(2^k X, 2^k λ) = 2^k decompose(X, λ)``, bit for bit: the iterations run
+    on the data normalised by a power of two. Without it, the penalised ADMM's iterates
+    depend on the data's scale (its penalty ``1.25 / ||M||_2`` meets the misfit's unit
+    curvature in ``(1 + μ) / μ``)."""
+    x = np.asarray(small_problem(seed=4)["updates"])
+    lams = CON if kw.get("constrained") else PEN
+    ref = cj.decompose(x, **lams, **kw)
+    factor = 2.0**power
+    sol = cj.decompose(x * factor, **{k: v * factor for k, v in lams.items()}, **kw)
+    assert int(sol.num_iters) == int(ref.num_iters) and bool(sol.converged)
+    np.testing.assert_array_equal(sol.low_rank, ref.low_rank * factor)
+    np.testing.assert_array_equal(sol.sparse, ref.sparse * factor)
+    if kw.get("offset"):
+        np.testing.assert_array_equal(sol.offset, ref.offset * factor)
+    np.testing.assert_array_equal(sol.objective, ref.objective * factor**2)
+    assert float(sol.residual) == float(ref.residual)
+
+
+@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("scale", [1e-15, 1e18])
+def test_float32_data_far_from_unit_scale_are_solved(method, scale):
+    """float32 data of size 1e-15 used to underflow the residual's squares and 1e18 to
+    overflow ||X||^2; ADMM's penalty (1 / ||M||_2) rounded 1 + μ to μ. Each stopped
+    "converged" at a wrong point (L off by 18% of its size)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(6, 10, 4)), jnp.float32)
+    ref = cj.decompose(x, lam_nuc=1.0, lam_block=1.0, method=method)
+    sol = cj.decompose(x * scale, lam_nuc=scale, lam_block=scale, method=method)
+    assert bool(sol.converged) and bool(ref.converged)
+    size = float(jnp.max(jnp.abs(ref.low_rank)))
+    np.testing.assert_allclose(sol.low_rank / scale, ref.low_rank, atol=1e-4 * size)
+    np.testing.assert_allclose(sol.sparse / scale, ref.sparse, atol=1e-4 * size)
+    np.testing.assert_allclose(sol.objective / scale**2, ref.objective, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["fista", "admm"])
 def test_a_common_base_weight_does_not_change_the_offset_solution(x64, method):
     """The unpenalised offset absorbs a common W_0; the residuals used to be relative to

@@ -85,6 +85,13 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         # ||X - X̄||, above tol=1e-6 once W_0 is some 10x the clients' differences).
         mean = jnp.mean(data.updates, axis=0)
         data = data._replace(updates=data.updates - mean[None])
+    # The iterations run on X / s, λ / s (s a power of two, see _working_scale); the
+    # results are multiplied back at the end.
+    scale = _working_scale(data.updates)
+    data = problem.Data(
+        data.updates / scale, data.lam_nuc / scale, data.lam_block / scale, data.weights
+    )
+    init_l, init_s = init_l / scale, init_s / scale
     basis = None
     if options.backend == "rank_capped":
         basis = svd_lib.initial_basis((p, n * q), options.rank_cap, dtype)
@@ -171,16 +178,37 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         nuclear = svd_lib.nuclear_norm_in_row_space(
             prox.blocks_to_matrix(low_rank), jax.lax.stop_gradient(state.basis), saturated
         )
+    objective = problem.objective(data, low_rank, sparse, offset, options, nuclear)
     return Decomposition(
-        low_rank=low_rank,
-        sparse=sparse,
-        offset=None if offset is None else offset + mean,
+        low_rank=low_rank * scale,
+        sparse=sparse * scale,
+        offset=None if offset is None else offset * scale + mean,
         num_iters=state.num_iters,
         converged=converged,
         residual=residual,
-        objective=problem.objective(data, low_rank, sparse, offset, options, nuclear),
+        objective=objective * scale * scale,
         rank=state.rank,
     )
+
+
+def _working_scale(x: Array) -> Array:
+    """The power of two ``s`` that brings ``max |X_ij| / s`` into ``[1/2, 1)`` (1 for zero data).
+
+    The problem is equivariant: ``(a X, a λ_*, a λ_S)`` has the solution
+    ``a (L, S, c)`` and the objective ``a^2`` times that of ``(X, λ_*, λ_S)``. The
+    iterations are not, unless the data have a fixed scale: ADMM's penalty starts at
+    ``1.25 / ||M||_2`` and enters the penalised sweep as ``(1 + μ) / μ``, which
+    rounds to 1 once ``μ`` exceeds ``1 / eps`` (float32 data of spectral norm below
+    about ``1e-7``): the sweep then solves the constrained problem, and stops
+    there as if converged. Residual norms square the entries, which overflow
+    for float32 data of size ``1e20`` and underflow at ``tol=1e-6`` for data of
+    size ``1e-15``. Solving for ``X / s`` avoids all three, and a power of two
+    divides and multiplies exactly: ``decompose(2^k X, 2^k λ)`` is ``2^k`` times
+    ``decompose(X, λ)``, bit for bit.
+    """
+    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+    _, exponent = jnp.frexp(largest)  # largest = m 2^exponent, m in [1/2, 1)
+    return jnp.ldexp(jnp.ones((), x.dtype), exponent)
 
 
 def decompose(
@@ -236,7 +264,11 @@ def decompose(
         a CPU cache, 2 MiB each, faster than one lockstep vmap: the README's
         batch benchmark).
         Integers become the default float; half precision (float16, bfloat16)
-        is solved, and returned, in float32.
+        is solved, and returned, in float32. Any scale the dtype holds: the
+        iterations run on ``X`` divided by the power of two that brings its
+        largest entry into ``[1/2, 1)``, so ``(2^k X, 2^k λ)`` gives ``2^k`` times
+        the solution of ``(X, λ)``, bit for bit (the objective ``4^k`` times, ``inf``
+        where that exceeds the dtype's range).
       lam_nuc: weight ``λ_* >= 0`` of the nuclear norm.
       lam_block: weight ``λ_S >= 0`` of the block norm.
       method: ``"admm"`` (the default: inexact ALM with residual-balanced
