@@ -460,3 +460,25 @@ def test_half_precision_is_processed_in_float32(dtype):
     res = cj.clair(fed.updates.astype(dtype))
     assert res.refined.dtype == jnp.float32
     np.testing.assert_array_equal(res.collaborative, ~fed.contaminated)
+
+
+@pytest.mark.parametrize("power", [-80, 5, 60])
+def test_clair_scales_exactly_with_a_power_of_two(power):
+    """Every step is equivariant and runs on the updates normalised by a power of two:
+    ``clair(2^k X)`` is ``clair(X)`` with every size times ``2^k``, bit for bit. Without
+    the normalisation float32 updates of size 1e-20 underflowed the squares of the noise
+    estimate (σ̂ 14x too large, every client flagged collaborative)."""
+    fed = small_federation(seed=2)
+    factor = 2.0**power
+    ref = cj.clair(fed.updates, offset=True)
+    res = cj.clair(fed.updates * factor, offset=True)
+    assert bool(jnp.all(res.collaborative == ~fed.contaminated))
+    for name in ("basis", "rank", "collaborative", "majority_refit"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(ref, name))
+    sizes = ("refined", "consensus", "scores", "threshold", "noise_scale", "lam_nuc", "lam_block")
+    for name in (*sizes, "block_norms"):
+        np.testing.assert_array_equal(getattr(res, name), getattr(ref, name) * factor)
+    sol, want = res.decomposition, ref.decomposition
+    for name in ("low_rank", "sparse", "offset"):
+        np.testing.assert_array_equal(getattr(sol, name), getattr(want, name) * factor)
+    assert int(sol.num_iters) == int(want.num_iters)

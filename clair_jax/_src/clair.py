@@ -114,7 +114,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import prox, validation
 from clair_jax._src import svd as svd_lib
-from clair_jax._src.decompose import Decomposition, decompose
+from clair_jax._src.decompose import Decomposition, decompose, working_scale
 
 CONTAMINATED_CHOICES = ("consensus", "refine", "local")
 
@@ -736,20 +736,46 @@ def clair(
     validation.check_positive_float(tol, "tol")
     validation.check_positive_int(max_iter, "max_iter")
     given = jnp.array([lam_nuc is not None, lam_block is not None, threshold is not None])
+    # Every step is equivariant to the scale of the updates (σ̂, the λ's, τ and the
+    # estimates scale with them): run on X / s and scale back, s the power of two
+    # (decompose.working_scale) of the median client's largest entry, so that float32
+    # squares of the typical client neither underflow nor overflow. The median, not
+    # the largest: one client 1e30 times the others is screened out (step 0), and must
+    # not push the others' squares below the float32 range.
+    scale = working_scale(jnp.median(jnp.max(jnp.abs(x), axis=(1, 2))))
     res = _clair(
         cfg,
-        x,
-        scalars["lam_nuc"],
-        scalars["lam_block"],
-        scalars["threshold"],
-        scalars["noise_scale"],
+        x / scale,
+        *(scalars[k] / scale for k in ("lam_nuc", "lam_block", "threshold", "noise_scale")),
         given,
     )
+    res = _scaled(res, scale)
     if contaminated == "refine":
         return res
     keep = res.collaborative[:, None, None]
     other = res.consensus[None] if contaminated == "consensus" else x
     return res._replace(refined=jnp.where(keep, res.refined, other))
+
+
+def _scaled(res: ClairResult, scale: Array) -> ClairResult:
+    """``res`` of ``X / s`` turned into that of ``X``: sizes times ``s``, the objective ``s^2``."""
+    sol = res.decomposition
+    return res._replace(
+        refined=res.refined * scale,
+        consensus=res.consensus * scale,
+        scores=res.scores * scale,
+        threshold=res.threshold * scale,
+        noise_scale=res.noise_scale * scale,
+        lam_nuc=res.lam_nuc * scale,
+        lam_block=res.lam_block * scale,
+        block_norms=res.block_norms * scale,
+        decomposition=sol._replace(
+            low_rank=sol.low_rank * scale,
+            sparse=sol.sparse * scale,
+            offset=None if sol.offset is None else sol.offset * scale,
+            objective=sol.objective * scale * scale,
+        ),
+    )
 
 
 def _check_rank(value, name: str, full: int, shape) -> int:

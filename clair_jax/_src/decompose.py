@@ -85,9 +85,9 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         # ||X - X̄||, above tol=1e-6 once W_0 is some 10x the clients' differences).
         mean = jnp.mean(data.updates, axis=0)
         data = data._replace(updates=data.updates - mean[None])
-    # The iterations run on X / s, λ / s (s a power of two, see _working_scale); the
+    # The iterations run on X / s, λ / s (s a power of two, see working_scale); the
     # results are multiplied back at the end.
-    scale = _working_scale(data.updates)
+    scale = working_scale(data.updates)
     data = problem.Data(
         data.updates / scale, data.lam_nuc / scale, data.lam_block / scale, data.weights
     )
@@ -191,7 +191,7 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     )
 
 
-def _working_scale(x: Array) -> Array:
+def working_scale(x: Array) -> Array:
     """The power of two ``s`` that brings ``max |X_ij| / s`` into ``[1/2, 1)`` (1 for zero data).
 
     The problem is equivariant: ``(a X, a λ_*, a λ_S)`` has the solution
