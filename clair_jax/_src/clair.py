@@ -114,7 +114,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import prox, validation
 from clair_jax._src import svd as svd_lib
-from clair_jax._src.decompose import Decomposition, decompose, working_scale
+from clair_jax._src.decompose import Decomposition, decompose, rescaled, working_scale
 
 CONTAMINATED_CHOICES = ("consensus", "refine", "local")
 
@@ -759,7 +759,6 @@ def clair(
 
 def _scaled(res: ClairResult, scale: Array) -> ClairResult:
     """``res`` of ``X / s`` turned into that of ``X``: sizes times ``s``, the objective ``s^2``."""
-    sol = res.decomposition
     return res._replace(
         refined=res.refined * scale,
         consensus=res.consensus * scale,
@@ -769,12 +768,7 @@ def _scaled(res: ClairResult, scale: Array) -> ClairResult:
         lam_nuc=res.lam_nuc * scale,
         lam_block=res.lam_block * scale,
         block_norms=res.block_norms * scale,
-        decomposition=sol._replace(
-            low_rank=sol.low_rank * scale,
-            sparse=sol.sparse * scale,
-            offset=None if sol.offset is None else sol.offset * scale,
-            objective=sol.objective * scale * scale,
-        ),
+        decomposition=rescaled(res.decomposition, scale),
     )
 
 

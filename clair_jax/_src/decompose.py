@@ -88,8 +88,8 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
     # The iterations run on X / s, λ / s (s a power of two, see working_scale); the
     # results are multiplied back at the end.
     scale = working_scale(data.updates)
-    data = problem.Data(
-        data.updates / scale, data.lam_nuc / scale, data.lam_block / scale, data.weights
+    data = data._replace(
+        updates=data.updates / scale, lam_nuc=data.lam_nuc / scale, lam_block=data.lam_block / scale
     )
     init_l, init_s = init_l / scale, init_s / scale
     basis = None
@@ -178,16 +178,33 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         nuclear = svd_lib.nuclear_norm_in_row_space(
             prox.blocks_to_matrix(low_rank), jax.lax.stop_gradient(state.basis), saturated
         )
-    objective = problem.objective(data, low_rank, sparse, offset, options, nuclear)
-    return Decomposition(
-        low_rank=low_rank * scale,
-        sparse=sparse * scale,
-        offset=None if offset is None else offset * scale + mean,
-        num_iters=state.num_iters,
-        converged=converged,
-        residual=residual,
-        objective=objective * scale * scale,
-        rank=state.rank,
+    sol = rescaled(
+        Decomposition(
+            low_rank=low_rank,
+            sparse=sparse,
+            offset=offset,
+            num_iters=state.num_iters,
+            converged=converged,
+            residual=residual,
+            objective=problem.objective(data, low_rank, sparse, offset, options, nuclear),
+            rank=state.rank,
+        ),
+        scale,
+    )
+    return sol if mean is None else sol._replace(offset=sol.offset + mean)
+
+
+def rescaled(sol: Decomposition, scale: Array) -> Decomposition:
+    """``sol`` of ``(X / s, λ / s)`` turned into that of ``(X, λ)``.
+
+    The parts ``L``, ``S``, ``c`` are multiplied by ``s``, the objective by ``s^2``;
+    the residual (relative), the iteration count and the rank stay as they are.
+    """
+    return sol._replace(
+        low_rank=sol.low_rank * scale,
+        sparse=sol.sparse * scale,
+        offset=None if sol.offset is None else sol.offset * scale,
+        objective=sol.objective * scale * scale,
     )
 
 
