@@ -386,6 +386,49 @@ def test_half_precision_factors_are_factorised_in_float32(dtype):
             np.testing.assert_allclose(product / scale, expected / scale, atol=0.1)
 
 
+HALF_RULES = [
+    ag.fedit(),
+    ag.flexlora(),
+    ag.ffa_lora(),
+    ag.fedrot(0.5),
+    ag.coordinate_median(),
+    ag.trimmed_mean(0.2),
+    ag.krum(1),
+    ag.multi_krum(1, 3),
+    ag.geometric_median(),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("agg", HALF_RULES, ids=lambda a: a.name)
+def test_half_precision_weights_and_distances_do_not_overflow(agg, dtype):
+    # Example counts summing past float16's 65504, and clients whose squared
+    # distances (~1e5) overflow float16: every rule must match its float32 self,
+    # not return zeros (w / inf), client 0 (all Krum scores inf) or NaN (0 / 0).
+    clients, global_, _ = make_adapters(31, n=7, dtype=np.float32)
+    clients = jax.tree.map(lambda a: a * 30.0, clients)
+    weights = np.full(7, 20000.0, np.float32)
+    half = jax.tree.map(lambda a: jnp.asarray(a, dtype), (clients, global_))
+    # The float32 reference sees the same (rounded) factors.
+    rounded = jax.tree.map(lambda a: jnp.asarray(a, np.float32), half)
+    res = run(agg, *half, weights)
+    ref = run(agg, *rounded, weights)
+    np.testing.assert_array_equal(res.flagged, ref.flagged)
+    for name, g in res.global_.items():
+        assert g.B.dtype == dtype and g.A.dtype == dtype
+        for field in ("B", "A"):
+            got = np.asarray(getattr(g, field), np.float32)
+            expected = np.asarray(getattr(ref.global_[name], field))
+            scale = np.abs(expected).max()
+            assert scale > 1.0  # not the zero adapter
+            np.testing.assert_allclose(got / scale, expected / scale, atol=1e-2)
+        np.testing.assert_allclose(
+            res.diagnostics[f"aggregation_error/{name}"],
+            ref.diagnostics[f"aggregation_error/{name}"],
+            rtol=0.05,
+        )
+
+
 def test_clair_aggregator_zero_weight_collaborative_clients_are_averaged_equally(x64):
     rng = np.random.default_rng(18)
     n, p, r, q = 10, 14, 2, 12

@@ -236,6 +236,13 @@ def test_evaluate_clients_against_numpy(parts):
         np.testing.assert_allclose(ev.loss[i], (w * ce).sum() / w.sum(), rtol=1e-5)
         acc = (w * (logits.argmax(-1) == y)).sum() / w.sum()
         np.testing.assert_allclose(ev.accuracy[i], acc, rtol=1e-6)
+    # Loss weights summing to 1/2 per client give the same weighted means.
+    light = fed.test._replace(
+        mask=fed.test.mask / (2 * fed.test.mask.sum(axis=(1, 2), keepdims=True))
+    )
+    ev_light = cj.evaluate_clients(graphdef, base, state.clients, light)
+    np.testing.assert_allclose(ev_light.accuracy, ev.accuracy, rtol=1e-6)
+    np.testing.assert_allclose(ev_light.loss, ev.loss, rtol=1e-6)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -378,6 +385,14 @@ def test_masked_cross_entropy_ignores_masked_targets_and_rejects_bad_ones():
     expected = -np.mean([logp[0, 0, 1], logp[0, 1, 4], logp[1, 0, 0], logp[1, 1, 2]])
     for fn in (federated.masked_cross_entropy, jax.jit(federated.masked_cross_entropy)):
         np.testing.assert_allclose(fn(logits, targets, mask), expected, rtol=1e-6)
+        # Loss weights of any positive total give the weighted mean (not Σ w CE / 1
+        # for totals below 1); an empty mask gives 0.
+        for weight in (0.125, 3.0):
+            np.testing.assert_allclose(fn(logits, targets, weight * mask), expected, rtol=1e-6)
+        uneven = jnp.array([[0.1, 0.3, 0.0], [0.0, 0.2, 0.0]])
+        weighted = (0.1 * logp[0, 0, 1] + 0.3 * logp[0, 1, 4] + 0.2 * logp[1, 1, 2]) / -0.6
+        np.testing.assert_allclose(fn(logits, targets, uneven), weighted, rtol=1e-6)
+        assert fn(logits, targets, jnp.zeros((2, 3))) == 0.0
     with pytest.raises(
         ValueError, match=r"targets \(where mask != 0\) must hold integers in \[0, 5\)"
     ):

@@ -32,8 +32,10 @@ Conventions shared by all rules:
   broadcast adapter stay close in factor space, which is where they apply.
 * Factors with NaN or inf are rejected (``ValueError``; inside ``jit`` a runtime
   error), for every rule: a non-finite update is a bug to surface, not a vote.
-* Half-precision factors (float16, bfloat16) are factorised (SVD/QR) in float32
-  and returned in their own dtype.
+* Half-precision factors (float16, bfloat16) are factorised (SVD/QR) in float32,
+  and weights, averages, distances and medians are computed in float32 too
+  (squared distances or weight sums above 65504 overflow float16); the results
+  are returned in the factors' own dtype.
 """
 
 from __future__ import annotations
@@ -174,10 +176,10 @@ def broadcast(global_: Adapters, n: int) -> Adapters:
 
 
 def factorwise_mean(factors: LoRAFactors, p: Array) -> LoRAFactors:
-    """FedIT: ``(Σ p_i B_i, Σ p_i A_i)``."""
+    """FedIT: ``(Σ p_i B_i, Σ p_i A_i)``, summed in ``p``'s dtype, in the factors' dtype."""
     return LoRAFactors(
-        B=jnp.einsum("n,npr->pr", p, factors.B, precision=_HIGHEST),
-        A=jnp.einsum("n,nrq->rq", p, factors.A, precision=_HIGHEST),
+        B=jnp.einsum("n,npr->pr", p, factors.B, precision=_HIGHEST).astype(factors.B.dtype),
+        A=jnp.einsum("n,nrq->rq", p, factors.A, precision=_HIGHEST).astype(factors.A.dtype),
     )
 
 
@@ -354,15 +356,16 @@ def fedrot(
     return Aggregator("fedrot", aggregate)
 
 
-def truncated_factors(b_cat: Array, a_cat: Array, rank: int) -> LoRAFactors:
+def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRAFactors:
     """Best rank-``rank`` factors of ``b_cat @ a_cat`` (``p x k`` times ``k x q``).
 
     Returns ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_r^T`` from the truncated SVD of
     the product, computed through thin QR factorisations of both factors, so the
     ``p x q`` product is never formed: ``O((p + q) k^2 + k^3)``. Ranks beyond that
-    of the product come out as zero columns/rows.
+    of the product come out as zero columns/rows. The factors come out in ``dtype``
+    (default: ``b_cat``'s).
     """
-    dtype = b_cat.dtype
+    dtype = b_cat.dtype if dtype is None else dtype
     work = validation.working_dtype(dtype)
     q_b, r_b = jnp.linalg.qr(b_cat.astype(work))  # (p, k1), (k1, k)
     q_a, r_a = jnp.linalg.qr(a_cat.T.astype(work))  # (q, k2), (k2, k)
@@ -421,7 +424,7 @@ def flexlora() -> Aggregator:
             n, rows, r = f.B.shape
             b_cat = jnp.transpose(f.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
             a_cat = f.A.reshape(n * r, f.A.shape[2])
-            new_global[name] = truncated_factors(b_cat, a_cat, r)
+            new_global[name] = truncated_factors(b_cat, a_cat, r, f.B.dtype)
         return _broadcast_result(clients, new_global, p)
 
     return Aggregator("flexlora", aggregate)
@@ -656,7 +659,9 @@ def clair_aggregator(
             w = jnp.where(jnp.sum(w) > 0, w, jnp.where(jnp.sum(equal) > 0, equal, p))
             w = w / jnp.sum(w)
             b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
-            new_global[name] = truncated_factors(b_cat, f.A.reshape(n * r, f.A.shape[2]), r)
+            new_global[name] = truncated_factors(
+                b_cat, f.A.reshape(n * r, f.A.shape[2]), r, f.B.dtype
+            )
         # Flagged clients are left out of the consensus: they keep the adapter they
         # trained this round (flagged="trained") or get the global one ("global").
         keep = collaborative[:, None, None]
@@ -710,17 +715,24 @@ def _refine_width(refine_rank, lora_rank: int, width: int) -> int:
 
 
 def flatten_clients(clients: Adapters) -> tuple[Array, Callable[[Array], Adapters]]:
-    """Clients' factors as rows ``(n, d)`` and a map from a ``(d,)`` row to an adapter."""
+    """Clients' factors as rows ``(n, d)`` and a map from a ``(d,)`` row to an adapter.
+
+    The rows are in the working dtype (at least float32: the robust rules' squared
+    distances overflow float16 at 65504); ``unflatten`` returns each factor in its
+    own dtype.
+    """
     leaves, treedef = jax.tree.flatten(clients)
     n = leaves[0].shape[0]
     shapes = [leaf.shape[1:] for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
     sizes = [int(np.prod(s)) for s in shapes]
-    rows = jnp.concatenate([leaf.reshape(n, -1) for leaf in leaves], axis=1)
+    work = validation.working_dtype(jnp.result_type(*dtypes))
+    rows = jnp.concatenate([leaf.reshape(n, -1).astype(work) for leaf in leaves], axis=1)
 
     def unflatten(v: Array) -> Adapters:
         parts, start = [], 0
-        for shape, size in zip(shapes, sizes, strict=True):
-            parts.append(v[start : start + size].reshape(shape))
+        for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
+            parts.append(v[start : start + size].reshape(shape).astype(dtype))
             start += size
         return jax.tree.unflatten(treedef, parts)
 

@@ -142,7 +142,14 @@ def masked_cross_entropy(
         jnp.where(mask != 0, targets, 0), logits.shape[-1], "targets (where mask != 0)"
     )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return jnp.sum(mask * ce) / jnp.maximum(jnp.sum(mask), 1.0)
+    return _weighted_mean(ce, mask)
+
+
+def _weighted_mean(values: Array, weights: Array) -> Array:
+    """``Σ w v / Σ w``, and 0 when ``Σ w = 0`` (weights of any positive total, not only 0/1)."""
+    total = jnp.sum(weights)
+    nonempty = total > 0
+    return jnp.where(nonempty, jnp.sum(weights * values) / jnp.where(nonempty, total, 1), 0)
 
 
 def _partition(adapters: Adapters, frozen_factor: str | None):
@@ -250,7 +257,7 @@ def evaluate_clients(
     def one(adapters_i, x, y, w):
         logits = lora.apply_lora(graphdef, base, adapters_i, x)
         correct = (jnp.argmax(logits, axis=-1) == y).astype(w.dtype)
-        accuracy = jnp.sum(w * correct) / jnp.maximum(jnp.sum(w), 1.0)
+        accuracy = _weighted_mean(correct, w)
         return accuracy, masked_cross_entropy(logits, y, w)
 
     accuracy, loss = jax.vmap(one)(adapters, data.inputs, data.targets, data.mask)

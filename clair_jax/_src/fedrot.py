@@ -219,7 +219,12 @@ def aggregation_error(
 
 
 def product_error(a, b, p, a_glob, b_glob) -> Array:
-    """``||Σ p_i B_i A_i - B_g A_g||_F`` without argument checks (``p`` normalised)."""
+    """``||Σ p_i B_i A_i - B_g A_g||_F`` without argument checks (``p`` normalised).
+
+    Computed in the working dtype (at least float32, see ``validation.working_dtype``).
+    """
+    work = validation.working_dtype(jnp.result_type(p, b, a, b_glob, a_glob))
+    p, b, a, b_glob, a_glob = (x.astype(work) for x in (p, b, a, b_glob, a_glob))
     exact = jnp.einsum("n,npr,nrq->pq", p, b, a, precision=_HIGHEST)
     approx = jnp.matmul(b_glob, a_glob, precision=_HIGHEST)
     return jnp.linalg.norm(exact - approx)
@@ -288,7 +293,13 @@ def check_strength(strength, dtype) -> Array:
 
 
 def check_weights(weights, n: int, dtype) -> Array:
-    """Client weights ``(n,)``, non-negative and not all zero, normalised to sum to one."""
+    """Client weights ``(n,)``, non-negative and not all zero, normalised to sum to one.
+
+    The weights are normalised in ``validation.working_dtype(dtype)`` (at least
+    float32): with half-precision factors, weights such as example counts whose sum
+    exceeds float16's 65504 would otherwise all round to ``w / inf = 0``.
+    """
+    dtype = validation.working_dtype(dtype)
     if weights is None:
         return jnp.full((n,), 1.0 / n, dtype)
     w = validation.as_float_array(weights, "weights", dtype)
