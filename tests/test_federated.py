@@ -276,6 +276,46 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(parts, tmp_path):
         cj.run_rounds(round_fn, init, fed.train, key, 2.5)
 
 
+def test_checkpoint_of_another_run_is_refused(parts, tmp_path):
+    _, _, adapters, fed = parts
+    round_fn = _round("fedit")
+    init = cj.init_server_state(adapters, N)
+    path = tmp_path / "run.npz"
+    key = jax.random.key(11)
+    cj.run_rounds(round_fn, init, fed.train, key, 1, checkpoint=path, run_id="fedit")
+    # Another seed, or the same seed under another run_id, must not continue this run.
+    with pytest.raises(ValueError, match="written by another run"):
+        cj.run_rounds(round_fn, init, fed.train, jax.random.key(12), 2, checkpoint=path)
+    with pytest.raises(ValueError, match="written by another run"):
+        cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=path, run_id="krum")
+    with pytest.raises(TypeError, match="run_id must be a str"):
+        cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=path, run_id=3)
+    # The same key and run_id resume; the checkpoint still loads like any other.
+    state, history = cj.run_rounds(
+        round_fn, init, fed.train, key, 2, checkpoint=path, run_id="fedit"
+    )
+    assert len(history) == 1 and int(state.round) == 2
+    assert trees_equal(cj.load_checkpoint(path, like=init), state)
+    # A file written by save_checkpoint carries no run record: resumed unchecked.
+    plain = tmp_path / "plain.npz"
+    cj.save_checkpoint(plain, state)
+    again, history = cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=plain)
+    assert history == [] and trees_equal(again, state)
+
+
+def test_checkpoint_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "a.npz"
+        cj.save_checkpoint(path, {"x": jnp.zeros(2)})
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
+        os.chmod(path, 0o640)
+        cj.save_checkpoint(path, {"x": jnp.ones(2)})  # rewriting keeps the file's mode
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
 def test_checkpoint_mismatch_is_an_error(parts, tmp_path):
     _, _, adapters, _ = parts
     path = tmp_path / "state.npz"

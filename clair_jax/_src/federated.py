@@ -487,6 +487,9 @@ def make_round(
 
 #: Entry of a checkpoint holding ``{entry: dtype name}`` (JSON) for leaves stored as raw bits.
 _DTYPES_ENTRY = "__dtypes__"
+#: Entry of a checkpoint written by :func:`run_rounds`: the run's identity (_run_identity).
+_RUN_ENTRY = "__run__"
+_RESERVED = frozenset({_DTYPES_ENTRY, _RUN_ENTRY})
 
 
 def _stored_as_bits(dtype: np.dtype) -> bool:
@@ -524,8 +527,36 @@ def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
       path: destination file (conventionally ``*.npz``).
       tree: a pytree whose leaves are arrays (no PRNG key arrays).
     """
+    _save(path, tree, run=None)
+
+
+def _save(path: str | os.PathLike, tree: Any, run: str | None) -> None:
     arrays = _flat_arrays(tree)
+    if run is not None:
+        arrays[_RUN_ENTRY] = np.asarray(run)
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def _stored_run(path: str | os.PathLike) -> str | None:
+    """The run identity :func:`run_rounds` stored in a checkpoint (``None``: none stored)."""
+    with np.load(os.fspath(path)) as stored:
+        return str(stored[_RUN_ENTRY]) if _RUN_ENTRY in stored.files else None
+
+
+def _run_identity(key: PRNGKeyArray, run_id: str | None) -> str:
+    """What makes a :func:`run_rounds` run: the raw bits of its key and the caller's ``run_id``."""
+    bits = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    return json.dumps({"key": bits, "run_id": run_id}, sort_keys=True)
+
+
+def _file_mode(path: str) -> int:
+    """Permissions for a file written over ``path``: its own if it exists, else the umask's."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> None:
@@ -536,6 +567,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, _file_mode(path))
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -560,7 +593,7 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     with np.load(os.fspath(path)) as stored:
-        names = set(stored.files) - {_DTYPES_ENTRY}
+        names = set(stored.files) - _RESERVED
         dtypes = json.loads(str(stored[_DTYPES_ENTRY])) if _DTYPES_ENTRY in stored.files else {}
         expected = [jax.tree_util.keystr(p) for p, _ in leaves]
         if names != set(expected):
@@ -601,6 +634,7 @@ def run_rounds(
     num_rounds: int,
     *,
     checkpoint: str | os.PathLike | None = None,
+    run_id: str | None = None,
     progress: bool | None = None,
     desc: str = "rounds",
     callback: Callable[[ServerState, RoundMetrics], Any] | None = None,
@@ -611,7 +645,9 @@ def run_rounds(
     depends only on ``key`` and the initial state, whether the run was
     interrupted or not. If ``checkpoint`` exists it is loaded first (its
     structure must match ``state``) and the run resumes after its last
-    completed round.
+    completed round. The checkpoint records the run's key and ``run_id``;
+    resuming from one written by another run (another seed, or another
+    ``run_id``) is an error rather than a silent continuation of that run.
 
     Args:
       round_fn: from :func:`make_round`.
@@ -621,6 +657,11 @@ def run_rounds(
       num_rounds: total rounds (including those already in the checkpoint); a
         state (or checkpoint) already that far is returned as it is.
       checkpoint: file to resume from and to save to after every round.
+      run_id: a string naming the run's configuration (e.g. the aggregator and
+        its options), stored in the checkpoint and checked on resume, so that
+        runs differing in more than their key cannot share a checkpoint by
+        mistake. (A file written by :func:`save_checkpoint` has no run record
+        and is resumed from unchecked.)
       progress: show a text progress bar (``None``: only on a terminal).
       desc: the progress bar's label.
       callback: called as ``callback(state, metrics)`` after every round run
@@ -628,13 +669,27 @@ def run_rounds(
 
     Returns:
       The final state and the metrics of the rounds run by this call.
+
+    Raises:
+      ValueError: ``checkpoint`` does not fit ``state`` (entries, shapes, dtypes)
+        or was written by a run with another key or ``run_id``.
     """
     if isinstance(num_rounds, bool) or not isinstance(num_rounds, numbers.Integral):
         raise TypeError(f"num_rounds must be an int, got {type(num_rounds).__name__}.")
     if num_rounds < 0:
         raise ValueError(f"num_rounds must be >= 0, got {num_rounds}.")
     num_rounds = int(num_rounds)
+    if run_id is not None and not isinstance(run_id, str):
+        raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}.")
+    identity = _run_identity(key, run_id)
     if checkpoint is not None and os.path.exists(checkpoint):
+        stored = _stored_run(checkpoint)
+        if stored is not None and stored != identity:
+            raise ValueError(
+                f"checkpoint {os.fspath(checkpoint)!r} was written by another run "
+                f"({stored}), not this one ({identity}); delete it, use another path, or "
+                "pass the key and run_id it was written with."
+            )
         state = load_checkpoint(checkpoint, like=state)
     history = []
     start = int(state.round)
@@ -642,7 +697,7 @@ def run_rounds(
         for t in range(start, num_rounds):
             state, metrics = round_fn(state, client_data, jax.random.fold_in(key, t))
             if checkpoint is not None:
-                save_checkpoint(checkpoint, state)
+                _save(checkpoint, state, run=identity)
             history.append(jax.device_get(metrics))
             if callback is not None:
                 callback(state, metrics)
