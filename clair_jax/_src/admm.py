@@ -20,7 +20,8 @@ The penalty adapts by residual balancing (Boyd et al. 2011, section 3.4.1):
 ``mu`` doubles when the primal residual exceeds 10x the dual one and halves in
 the opposite case. Stopping: both relative residuals,
 ``||X - c - L - S - N||_F / ||X||_F`` and
-``mu ||delta(S + N + c)||_F / ||X||_F``, below ``tol``. In the constrained form
+``mu (||Δ(S + N + c)||_F^2 + n ||Δc||_F^2)^{1/2} / ||X||_F`` (the second term
+with an offset only: ``S + N`` is updated with the old ``c``), below ``tol``. In the constrained form
 the starting penalty is ``λ_* 1.25 / ||M||_2`` and the dual residual is divided
 by ``λ_*``: its solution depends on ``λ_S / λ_*`` only, and so do the iterates.
 
@@ -137,8 +138,15 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         low_rank, misfit, offset, dual, rank, basis = sweep(data, options, state, mu)
         # X - c' - L - W = (Y' - Y) / mu.
         primal = x_norm(dual - state.dual) / (mu * scale)
+        # Stationarity of L after the sweep is off by mu Δ(W + c); with an offset, that
+        # of W (updated before c, with the old c) is off by mu Δc in every block too:
+        # W and c can drift by opposite amounts while W + c stands still.
         moved = (misfit + offset[None]) - (state.sparse_plus_noise + state.offset[None])
-        dual_res = mu * x_norm(moved) / (scale * dual_unit)
+        squares = jnp.sum(moved * moved)
+        if options.offset:
+            shift = offset - state.offset
+            squares = squares + x.shape[0] * jnp.sum(shift * shift)
+        dual_res = mu * jnp.sqrt(squares) / (scale * dual_unit)
         mu_next = jnp.where(
             primal > BALANCE_RATIO * dual_res,
             mu * PENALTY_FACTOR,
