@@ -454,6 +454,45 @@ def test_one_huge_client_neither_sets_the_noise_floor_nor_swamps_the_fit(offset)
         assert np.isinf(res.scores[contaminated[0]]) == (scale > clair_module.SCREEN_RATIO)
 
 
+def test_a_client_at_the_top_of_the_float32_range_is_screened():
+    """Screening (step 0) runs on the updates as given: the updates used to be scaled to
+    unit size first, and a client of 1e36 next to LoRA-sized updates (1e-3) overflowed to
+    inf and failed with 'updates contains NaN or inf'; its size (x / max, the reciprocal
+    of 3e38 flushed to zero) came out 0."""
+    fed = cj.simulate.shared_subspace_updates(
+        jax.random.key(0), n=12, p=10, q=3, rank=2, fraction=0.25, noise=0.01
+    )
+    x = fed.updates * 1e-3
+    clean = cj.clair(x)
+    first = int(np.flatnonzero(np.asarray(fed.contaminated))[0])
+    for value in (1e36, 3e38):
+        res = cj.clair(x.at[first].set(value))
+        assert np.isinf(res.scores[first])
+        np.testing.assert_array_equal(res.collaborative, clean.collaborative)
+        others = np.arange(12) != first
+        np.testing.assert_allclose(res.refined[others], clean.refined[others], rtol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_a_majority_of_empty_updates_leaves_detection_on(offset):
+    """More than half of the clients sending nothing (zero updates; with an offset, the
+    common part unchanged) made the median client size, hence the noise floor, σ̂, the
+    λ's and τ, exactly zero: rank 16 for data of rank 6, every score 0 and the dense
+    client collaborative (offset: the benign clients flagged on rounding residuals)."""
+    rng = np.random.default_rng(0)
+    p, q = 16, 4
+    basis = np.linalg.qr(rng.normal(size=(p, 2)))[0]
+    benign = [basis @ rng.normal(size=(2, q)) for _ in range(4)]
+    idle = [np.zeros((p, q))] * 6
+    x = np.stack(idle + benign + [rng.normal(size=(p, q))]).astype(np.float32)
+    if offset:
+        x = x + rng.normal(size=(p, q)).astype(np.float32)  # a common W_0
+    res = cj.clair(x, offset=offset)
+    assert int(res.rank) == 2
+    assert float(res.noise_scale) > 0 and float(res.threshold) > 0
+    np.testing.assert_array_equal(res.collaborative, np.arange(11) < 10)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_half_precision_is_processed_in_float32(dtype):
     fed = small_federation()

@@ -640,6 +640,25 @@ def test_float32_data_far_from_unit_scale_are_solved(method, scale):
 
 
 @pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("offset", [False, True])
+def test_float32_data_at_the_top_of_the_range_are_solved(method, offset):
+    """Data near float32's largest number: the working scale 2^128 used to be formed
+    (inf: NaN parts reported converged), and with an offset the blocks' sum overflowed
+    before centring (40 clients of 2e37)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(40, 6, 3))
+    x = jnp.asarray(x / np.abs(x).max(), jnp.float32)  # max |x| = 1
+    ref = cj.decompose(x, lam_nuc=1.0, lam_block=1.0, method=method, offset=offset)
+    for scale in (2.0**127, 2.0**127 * 1.5):  # max |X| = 1.7e38, 2.6e38
+        sol = cj.decompose(x * scale, lam_nuc=scale, lam_block=scale, method=method, offset=offset)
+        assert bool(sol.converged) and abs(int(sol.num_iters) - int(ref.num_iters)) <= 2
+        # (in float64: float32 would divide by the subnormal 2^-127 flushed to zero)
+        for name in ("low_rank", "sparse") + (("offset",) if offset else ()):
+            got = np.asarray(getattr(sol, name), np.float64) / scale
+            np.testing.assert_allclose(got, getattr(ref, name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fista", "admm"])
 def test_a_common_base_weight_does_not_change_the_offset_solution(x64, method):
     """The unpenalised offset absorbs a common W_0; the residuals used to be relative to
     ||X||_F, W_0 included, so a large W_0 loosened the tolerance (FISTA's L off by 1.5%)."""
@@ -694,3 +713,26 @@ def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
             jnp.zeros_like(x)
         )
         assert bool(jnp.all(jnp.isfinite(zero)))
+
+
+def test_implicit_gradient_of_a_singular_fixed_point_system_is_an_error(x64):
+    """Both λ's zero in the constrained form: every split of X is a solution, the
+    fixed-point system is singular, and GMRES broke down into a silent NaN gradient."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4, 3)))
+
+    def loss(u):
+        sol = cj.decompose(u, lam_nuc=0.0, lam_block=0.0, method="admm", constrained=True)
+        return jnp.sum(sol.low_rank)
+
+    with pytest.raises(Exception, match="implicit differentiation failed"):
+        jax.block_until_ready(jax.grad(loss)(x))
+    # The same solve differentiated through its iterations is finite.
+    unrolled = jax.grad(
+        lambda u: jnp.sum(
+            cj.decompose(
+                u, lam_nuc=0.0, lam_block=0.0, method="admm", constrained=True,
+                diff="unrolled", max_iter=50,
+            ).low_rank
+        )
+    )(x)  # fmt: skip
+    assert np.isfinite(np.asarray(unrolled)).all()

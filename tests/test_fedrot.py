@@ -275,6 +275,7 @@ A0, B0, AR0, BR0 = random_factors(0)  # A (5, 3, 6), B (5, 7, 3), A_ref (3, 6), 
         (("abc", B0, AR0, BR0), {}, TypeError, "A must be an array of real numbers"),
         ((A0, np.where(B0 > 1, np.nan, B0), AR0, BR0), {}, ValueError, "B contains NaN or inf"),
         ((A0, B0, np.full((3, 6), np.inf), BR0), {}, ValueError, "A_ref contains NaN or inf"),
+        ((A0, B0, AR0, BR0), {"allow_reflection": "False"}, TypeError, "allow_reflection must"),
     ],
 )
 def test_bad_input_is_rejected(args, kwargs, error, match):
@@ -368,3 +369,32 @@ def test_half_precision_is_aligned_in_float32(dtype):
     for g, w in zip(got, want, strict=True):
         assert g.dtype == dtype
         np.testing.assert_allclose(np.asarray(g, np.float32), w, atol=0.05)
+
+
+@pytest.mark.parametrize("factor", ["A", "B"])
+def test_rotations_do_not_depend_on_the_factors_scale(factor):
+    """The cross term ``A_i A_ref^T`` of finite factors used to overflow (one float32 client
+    near 1e38, float16 factors of a few hundred: LAPACK's SVD of the inf then never
+    returned, or gave NaN) or underflow (1e-19: no alignment at all)."""
+    A, B, A_ref, B_ref = (np.asarray(x, np.float32) for x in random_factors(5))
+    want = cj.fedrot_align(A, B, A_ref, B_ref, factor=factor)
+    for mine, ref in ((1e-19, 1e-19), (1e18, 1.0), (1.0, 1e-30)):
+        got = cj.fedrot_align(
+            A * mine, B * mine, A_ref * ref, B_ref * ref, factor=factor
+        )  # the same rotations
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(np.asarray(g) / mine, w, atol=1e-5)
+    huge = A.copy(), B.copy()
+    huge[0][0] *= 3e37
+    huge[1][0] *= 3e37
+    got = cj.fedrot_align(*huge, A_ref, B_ref, factor=factor)
+    for g, w in zip(got, want, strict=True):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g)[1:], w[1:], atol=1e-5)
+        np.testing.assert_allclose(np.asarray(g)[0] / 3e37, w[0], atol=1e-5)
+    half = [jnp.asarray(x * 300, jnp.float16) for x in (A, B, A_ref, B_ref)]
+    got = cj.fedrot_align(*half, factor=factor)
+    rounded = cj.fedrot_align(*(x.astype(jnp.float32) for x in half), factor=factor)
+    for g, w in zip(got, rounded, strict=True):
+        assert g.dtype == jnp.float16
+        np.testing.assert_allclose(np.asarray(g, np.float32) / 300, np.asarray(w) / 300, atol=0.02)

@@ -21,9 +21,10 @@ The penalty adapts by residual balancing (Boyd et al. 2011, section 3.4.1):
 the opposite case. Stopping: both relative residuals,
 ``||X - c - L - S - N||_F / ||X||_F`` and
 ``mu (||Δ(S + N + c)||_F^2 + n ||Δc||_F^2)^{1/2} / ||X||_F`` (the second term
-with an offset only: ``S + N`` is updated with the old ``c``), below ``tol``. In the constrained form
-the starting penalty is ``λ_* 1.25 / ||M||_2`` and the dual residual is divided
-by ``λ_*``: its solution depends on ``λ_S / λ_*`` only, and so do the iterates.
+with an offset only: ``S + N`` is updated with the old ``c``), below ``tol``.
+In the constrained form the starting penalty is ``λ_* 1.25 / ||M||_2`` and the
+dual residual is divided by ``λ_*``: its solution depends on ``λ_S / λ_*`` only,
+and so do the iterates.
 
 The iterates carry ``W = S + N``, not ``S`` and ``N``: the joint update splits
 any ``W`` optimally, ``S = argmin_S λ_S w ||S|| + 1/2 ||W - S||^2 =

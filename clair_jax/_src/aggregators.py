@@ -312,6 +312,7 @@ def fedrot(
       arXiv:2602.23638.
     """
     validation.check_choice(factor, "factor", fedrot_lib.FACTORS)
+    allow_reflection = validation.check_bool(allow_reflection, "allow_reflection")
     fedrot_lib.check_strength(strength, jnp.float32)
     lam_value = float(strength)  # kept in full precision, cast per module
 

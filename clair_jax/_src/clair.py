@@ -13,7 +13,9 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
 ``offset=True``, zero otherwise):
 
 0. **Screen.** A client whose root-mean-square entry is more than ``10^3``
-   times the median client's is flagged outright (score ``inf``) and fitted as
+   times the typical client's (the median over the clients that sent a
+   non-zero update: idle clients do not pull it to zero) is flagged outright
+   (score ``inf``) and fitted as
    a zero block of weight zero (free to sit in ``S``): such a block is off any
    structure the others share, and it would swamp the floating-point precision
    of the whole fit (float32 lost the shared subspace beyond a ratio of about
@@ -114,7 +116,8 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import prox, validation
 from clair_jax._src import svd as svd_lib
-from clair_jax._src.decompose import Decomposition, decompose, rescaled, working_scale
+from clair_jax._src.decompose import Decomposition, decompose, rescaled
+from clair_jax._src.scaling import times_power_of_two, working_exponent
 
 CONTAMINATED_CHOICES = ("consensus", "refine", "local")
 
@@ -127,11 +130,12 @@ THRESHOLD_Z = 3.5
 RELATIVE_SPREAD = 0.1
 #: Re-estimation rounds of the threshold's benign set.
 THRESHOLD_ITERS = 4
-#: σ̂ is kept above this fraction of the median client's root-mean-square entry
-#: (:func:`_client_sizes`), so that noiseless data give small positive λ's
+#: σ̂ (estimated or given) is kept above this fraction of the typical client's
+#: root-mean-square entry (:func:`_client_sizes`; the median over the clients
+#: with a non-zero update), so that noiseless data give small positive λ's
 #: rather than zero.
 NOISE_FLOOR = 1e-3
-#: Clients whose root-mean-square entry exceeds this multiple of the median
+#: Clients whose root-mean-square entry exceeds this multiple of the typical
 #: client's are flagged without entering the fit (step 0).
 SCREEN_RATIO = 1e3
 #: The noise passes stop once a pass changes σ̂ by less than this fraction.
@@ -157,7 +161,9 @@ class ClairResult(NamedTuple):
       noise_scale: ``σ̂``: the given ``noise_scale``, or the final estimate
         (with ``refit=True`` from the collaborative clients' residuals about the
         refitted subspace, otherwise the one the last decomposition's λ's were
-        set from; see the module docstring).
+        set from; see the module docstring), raised to the noise floor
+        (``NOISE_FLOOR`` times the typical client's root-mean-square entry)
+        when below it.
       lam_nuc: ``λ_*`` used in the decomposition.
       lam_block: ``λ_S`` used in the decomposition.
       block_norms: ``(n,)`` ``||Ŝ_i||_F`` of the decomposition (non-zero = the
@@ -253,14 +259,15 @@ def _client_sizes(x: Array, offset: bool) -> Array:
     """``(n,)`` root-mean-square entry of each ``X_i`` (of ``X_i - c̃`` with an offset).
 
     ``c̃`` is the entrywise median of the blocks, which a few huge
-    (contaminated) clients do not move. Each block is divided by its largest
-    entry before squaring, so nothing overflows.
+    (contaminated) clients do not move. Each block is scaled by the power of two
+    of its largest entry before squaring, so nothing overflows (nor is divided by
+    a number whose reciprocal is subnormal, which the CPU flushes to zero).
     """
     if offset:
         x = x - jnp.median(x, axis=0)[None]
-    peak = jnp.max(jnp.abs(x), axis=(1, 2))
-    safe = jnp.where(peak > 0, peak, 1.0)
-    return peak * jnp.sqrt(jnp.mean((x / safe[:, None, None]) ** 2, axis=(1, 2)))
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=(1, 2)))
+    unit = times_power_of_two(x, -exponent[:, None, None])  # largest entry in [1/2, 1)
+    return times_power_of_two(jnp.sqrt(jnp.mean(unit**2, axis=(1, 2))), exponent)
 
 
 def _off_subspace(x: Array, center: Array, basis: Array) -> Array:
@@ -439,19 +446,36 @@ class _PassState(NamedTuple):
     count: Array  # passes run
 
 
+def _typical_size(sizes: Array) -> Array:
+    """Median of the non-zero client sizes (0 when all are zero).
+
+    Clients sending nothing (idle, or an untrained zero-initialised factor; with an
+    offset, the common part unchanged) do not pull the typical size, hence the noise
+    floor, the λ's and τ, down to zero while the others carry data.
+    """
+    typical = _masked_median(sizes, sizes > 0)
+    return jnp.where(jnp.any(sizes > 0), typical, 0.0).astype(sizes.dtype)
+
+
+def _screen(x: Array, offset: bool) -> tuple[Array, Array]:
+    """Step 0: ``(screened, typical)``, the clients far larger than the typical one."""
+    sizes = _client_sizes(x, offset)
+    typical = _typical_size(sizes)
+    return (typical > 0) & (sizes > SCREEN_RATIO * typical), typical
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
-def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -> ClairResult:
+def _clair(
+    cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given, screened, typical
+) -> ClairResult:
     n, p, q = x.shape
     dtype = x.dtype
     solver = dict(cfg.solver)
     width = cfg.rank if cfg.rank is not None else cfg.max_rank
-    # Step 0: clients far larger than the typical one are flagged outright and
-    # fitted as zero blocks of weight zero (they would swamp the float precision
-    # of everything below, or overflow it).
-    sizes = _client_sizes(x, cfg.offset)
-    typical = jnp.median(sizes)
-    screened = (typical > 0) & (sizes > SCREEN_RATIO * typical)
-    original, x = x, jnp.where(screened[:, None, None], 0.0, x).astype(dtype)
+    # Step 0 (done by the caller, on the unscaled updates): clients far larger than
+    # the typical one are flagged outright and fitted as zero blocks of weight zero
+    # (they would swamp the float precision of everything below, or overflow it).
+    x = jnp.where(screened[:, None, None], 0.0, x).astype(dtype)
     block_weights = jnp.where(screened, 0.0, 1.0).astype(dtype)
     centred = prox.center_clients(x) if cfg.offset else x
     centring = (n - 1) / n if cfg.offset else 1.0
@@ -548,7 +572,8 @@ def _clair(cfg: _Config, x, lam_nuc, lam_block, threshold, noise_scale, given) -
         )
 
     basis = fit.basis
-    consensus, refined = refine(original, basis, collaborative)
+    # The caller refines the screened clients' own (unscaled) updates again.
+    consensus, refined = refine(x, basis, collaborative)
     return ClairResult(
         basis=basis,
         rank=fit.rank,
@@ -621,6 +646,10 @@ def clair(
       lam_block: ``λ_S`` (default: the rule above).
       threshold: ``τ >= 0`` on the scores ``d_i`` (default: robust z-score rule).
       noise_scale: the noise level ``σ`` per entry, if known; skips its estimation.
+        Like the estimate, it is kept above the noise floor, ``NOISE_FLOOR``
+        (1e-3) times the typical client's root-mean-square entry (the median
+        over the clients that sent a non-zero update), so ``0`` for noiseless
+        data gives small positive λ's rather than zero.
       offset: the updates share an unknown common offset ``c`` (for example the
         base weight ``W_0`` when the server only sees fine-tuned weights).
       contaminated: what flagged clients receive: ``"consensus"`` (the
@@ -736,20 +765,32 @@ def clair(
     validation.check_positive_float(tol, "tol")
     validation.check_positive_int(max_iter, "max_iter")
     given = jnp.array([lam_nuc is not None, lam_block is not None, threshold is not None])
+    # Step 0 on the updates as given (the sizes are computed without overflow): a
+    # client 1e30 times the others is screened out before anything is scaled.
+    screened, typical = _screen(x, cfg.offset)
     # Every step is equivariant to the scale of the updates (σ̂, the λ's, τ and the
-    # estimates scale with them): run on X / s and scale back, s the power of two
-    # (decompose.working_scale) of the median client's largest entry, so that float32
-    # squares of the typical client neither underflow nor overflow. The median, not
-    # the largest: one client 1e30 times the others is screened out (step 0), and must
-    # not push the others' squares below the float32 range.
-    scale = working_scale(jnp.median(jnp.max(jnp.abs(x), axis=(1, 2))))
+    # estimates scale with them): run on X 2^-e and scale back, 2^e the power of two
+    # (scaling.working_exponent) of the typical (median non-zero, unscreened)
+    # client's largest entry, so that float32 squares of the typical client neither
+    # underflow nor overflow.
+    peaks = jnp.max(jnp.abs(x), axis=(1, 2))
+    exponent = working_exponent(_typical_size(jnp.where(screened, 0.0, peaks)))
+    kept = jnp.where(screened[:, None, None], 0.0, x)
     res = _clair(
         cfg,
-        x / scale,
-        *(scalars[k] / scale for k in ("lam_nuc", "lam_block", "threshold", "noise_scale")),
+        times_power_of_two(kept, -exponent),
+        *(
+            times_power_of_two(scalars[k], -exponent)
+            for k in ("lam_nuc", "lam_block", "threshold", "noise_scale")
+        ),
         given,
+        screened,
+        times_power_of_two(typical, -exponent),
     )
-    res = _scaled(res, scale)
+    res = _scaled(res, exponent)
+    # The refinement of step 5 on the updates as given (screened clients included).
+    consensus, refined = refine(x, res.basis, res.collaborative)
+    res = res._replace(consensus=consensus, refined=refined)
     if contaminated == "refine":
         return res
     keep = res.collaborative[:, None, None]
@@ -757,18 +798,23 @@ def clair(
     return res._replace(refined=jnp.where(keep, res.refined, other))
 
 
-def _scaled(res: ClairResult, scale: Array) -> ClairResult:
-    """``res`` of ``X / s`` turned into that of ``X``: sizes times ``s``, the objective ``s^2``."""
+def _scaled(res: ClairResult, exponent: Array) -> ClairResult:
+    """``res`` of ``X 2^-e`` turned into that of ``X`` (sizes times ``2^e``)."""
     return res._replace(
-        refined=res.refined * scale,
-        consensus=res.consensus * scale,
-        scores=res.scores * scale,
-        threshold=res.threshold * scale,
-        noise_scale=res.noise_scale * scale,
-        lam_nuc=res.lam_nuc * scale,
-        lam_block=res.lam_block * scale,
-        block_norms=res.block_norms * scale,
-        decomposition=rescaled(res.decomposition, scale),
+        **{
+            field: times_power_of_two(getattr(res, field), exponent)
+            for field in (
+                "refined",
+                "consensus",
+                "scores",
+                "threshold",
+                "noise_scale",
+                "lam_nuc",
+                "lam_block",
+                "block_norms",
+            )
+        },
+        decomposition=rescaled(res.decomposition, exponent),
     )
 
 

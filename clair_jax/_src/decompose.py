@@ -13,6 +13,7 @@ from clair_jax._src import admm, fista, problem, prox, validation
 from clair_jax._src import sparsity as sparsity_lib
 from clair_jax._src import svd as svd_lib
 from clair_jax._src.implicit import attach_fixed_point
+from clair_jax._src.scaling import times_power_of_two, working_exponent
 
 METHODS = ("fista", "admm")
 DIFF_MODES = ("implicit", "unrolled")
@@ -76,6 +77,10 @@ def _admm_fixed_point(options, z, params):
 def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Decomposition:
     n, p, q = data.updates.shape
     dtype = data.updates.dtype
+    # The iterations run on X 2^-e, λ 2^-e (see working_exponent); the results are
+    # scaled back at the end.
+    first = working_exponent(data.updates)
+    x = times_power_of_two(data.updates, -first)
     mean = None
     if options.offset:
         # The unpenalised offset absorbs any common shift of the blocks: solve for the
@@ -83,15 +88,19 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         # common part (a base weight W_0) would otherwise set a rounding floor on every
         # iteration's residual relative to the centred scale (float32: eps ||X|| /
         # ||X - X̄||, above tol=1e-6 once W_0 is some 10x the clients' differences).
-        mean = jnp.mean(data.updates, axis=0)
-        data = data._replace(updates=data.updates - mean[None])
-    # The iterations run on X / s, λ / s (s a power of two, see working_scale); the
-    # results are multiplied back at the end.
-    scale = working_scale(data.updates)
+        # Centred after scaling (the sum of the blocks cannot overflow), then scaled
+        # again to the centred blocks' size.
+        mean = jnp.mean(x, axis=0)
+        x = x - mean[None]
+    second = working_exponent(x)  # 0 without an offset
+    exponent = first + second
     data = data._replace(
-        updates=data.updates / scale, lam_nuc=data.lam_nuc / scale, lam_block=data.lam_block / scale
+        updates=times_power_of_two(x, -second),
+        lam_nuc=times_power_of_two(data.lam_nuc, -exponent),
+        lam_block=times_power_of_two(data.lam_block, -exponent),
     )
-    init_l, init_s = init_l / scale, init_s / scale
+    init_l = times_power_of_two(init_l, -exponent)
+    init_s = times_power_of_two(init_s, -exponent)
     basis = None
     if options.backend == "rank_capped":
         basis = svd_lib.initial_basis((p, n * q), options.rank_cap, dtype)
@@ -189,43 +198,26 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
             objective=problem.objective(data, low_rank, sparse, offset, options, nuclear),
             rank=state.rank,
         ),
-        scale,
+        exponent,
     )
-    return sol if mean is None else sol._replace(offset=sol.offset + mean)
+    if mean is None:
+        return sol
+    return sol._replace(offset=sol.offset + times_power_of_two(mean, first))
 
 
-def rescaled(sol: Decomposition, scale: Array) -> Decomposition:
-    """``sol`` of ``(X / s, λ / s)`` turned into that of ``(X, λ)``.
+def rescaled(sol: Decomposition, exponent: Array) -> Decomposition:
+    """``sol`` of ``(X 2^-e, λ 2^-e)`` turned into that of ``(X, λ)``.
 
-    The parts ``L``, ``S``, ``c`` are multiplied by ``s``, the objective by ``s^2``;
+    The parts ``L``, ``S``, ``c`` are multiplied by ``2^e``, the objective by
+    ``2^{2e}`` (:func:`times_power_of_two`: exact, with no factor ``2^e`` formed);
     the residual (relative), the iteration count and the rank stay as they are.
     """
     return sol._replace(
-        low_rank=sol.low_rank * scale,
-        sparse=sol.sparse * scale,
-        offset=None if sol.offset is None else sol.offset * scale,
-        objective=sol.objective * scale * scale,
+        low_rank=times_power_of_two(sol.low_rank, exponent),
+        sparse=times_power_of_two(sol.sparse, exponent),
+        offset=None if sol.offset is None else times_power_of_two(sol.offset, exponent),
+        objective=times_power_of_two(sol.objective, 2 * exponent),
     )
-
-
-def working_scale(x: Array) -> Array:
-    """The power of two ``s`` that brings ``max |X_ij| / s`` into ``[1/2, 1)`` (1 for zero data).
-
-    The problem is equivariant: ``(a X, a λ_*, a λ_S)`` has the solution
-    ``a (L, S, c)`` and the objective ``a^2`` times that of ``(X, λ_*, λ_S)``. The
-    iterations are not, unless the data have a fixed scale: ADMM's penalty starts at
-    ``1.25 / ||M||_2`` and enters the penalised sweep as ``(1 + μ) / μ``, which
-    rounds to 1 once ``μ`` exceeds ``1 / eps`` (float32 data of spectral norm below
-    about ``1e-7``): the sweep then solves the constrained problem, and stops
-    there as if converged. Residual norms square the entries, which overflow
-    for float32 data of size ``1e20`` and underflow at ``tol=1e-6`` for data of
-    size ``1e-15``. Solving for ``X / s`` avoids all three, and a power of two
-    divides and multiplies exactly: ``decompose(2^k X, 2^k λ)`` is ``2^k`` times
-    ``decompose(X, λ)``, bit for bit.
-    """
-    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
-    _, exponent = jnp.frexp(largest)  # largest = m 2^exponent, m in [1/2, 1)
-    return jnp.ldexp(jnp.ones((), x.dtype), exponent)
 
 
 def decompose(
@@ -335,6 +327,9 @@ def decompose(
         fixed-point VJP; forward mode, ``jax.jvp``/``jax.jacfwd``, is not
         defined for a ``custom_vjp`` and raises a TypeError) or ``"unrolled"``
         (differentiates the ``max_iter`` iterations themselves, both modes).
+        Implicit derivatives are those of the minimiser, meaningful only when
+        ``converged``; where the fixed-point system is singular (a solve stopped
+        short of one, a solution that is not unique) they raise an error.
 
     Returns:
       A :class:`Decomposition`.

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from clair_jax._src import batching, validation
+from clair_jax._src.scaling import unit_size
 
 FACTORS = ("A", "B")
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -61,11 +62,23 @@ def alignment_rotations(
     factor: str,
     allow_reflection: bool = False,
 ) -> Float[Array, "n r r"]:
-    """Per-client rotations ``R_i`` of :func:`fedrot_align` (no argument checks)."""
+    """Per-client rotations ``R_i`` of :func:`fedrot_align` (no argument checks).
+
+    The rotation does not change when a client's factor or the reference is
+    scaled, so both are brought to unit size (the power of two of their largest
+    entry; in float32 for half precision) before the cross term is formed: the
+    cross term of finite factors could otherwise overflow (float16 entries of a
+    few hundred, float32 near 1e38), and LAPACK's SVD of a matrix holding ``inf``
+    may never return, or underflow to zero (float32 near 1e-19: no alignment).
+    """
+    dtype = A.dtype
+    work = validation.working_dtype(dtype)
     if factor == "A":  # min_R ||R^T A_i - A_ref||_F: maximise tr(R^T A_i A_ref^T)
-        cross = jnp.einsum("nrq,sq->nrs", A, A_ref, precision=_HIGHEST)
+        mine, ref, spec = A, A_ref, "nrq,sq->nrs"
     else:  # min_R ||B_i R - B_ref||_F: maximise tr(R^T B_i^T B_ref)
-        cross = jnp.einsum("npr,ps->nrs", B, B_ref, precision=_HIGHEST)
+        mine, ref, spec = B, B_ref, "npr,ps->nrs"
+    mine, ref = unit_size(mine.astype(work), (1, 2)), unit_size(ref.astype(work))
+    cross = jnp.einsum(spec, mine, ref, precision=_HIGHEST)
     eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
     # One client at a time on CPU (see clair_jax._src.batching: jaxlib 0.10 hang).
     polar = partial(nearest_rotation, allow_reflection=allow_reflection)
@@ -74,7 +87,7 @@ def alignment_rotations(
     scale = jnp.max(jnp.abs(cross), axis=(1, 2), keepdims=True)
     hard = jnp.where(scale > 0, hard, eye)
     soft = batching.map_matrices(polar, (1 - strength) * eye + strength * hard)
-    return soft
+    return soft.astype(dtype)
 
 
 def fedrot_align(
@@ -139,7 +152,7 @@ def fedrot_align(
         unknown ``factor``, NaN or inf in the factors. A traced ``strength``
         outside ``[0, 1]`` (or traced factors with NaN/inf) raises at run time
         with the same message.
-      TypeError: non-numeric arrays.
+      TypeError: non-numeric arrays, or ``allow_reflection`` not a bool.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -166,7 +179,8 @@ def fedrot_align(
     validation.check_choice(factor, "factor", FACTORS)
     a, b, a_ref, b_ref = check_factors(A, B, A_ref, B_ref, factor)
     lam = check_strength(strength, a.dtype)
-    rot = alignment_rotations(a, b, a_ref, b_ref, lam, factor, bool(allow_reflection))
+    allow_reflection = validation.check_bool(allow_reflection, "allow_reflection")
+    rot = alignment_rotations(a, b, a_ref, b_ref, lam, factor, allow_reflection)
     a2 = jnp.einsum("nsr,nsq->nrq", rot, a, precision=_HIGHEST)
     b2 = jnp.einsum("nps,nsr->npr", b, rot, precision=_HIGHEST)
     return a2, b2

@@ -4,7 +4,9 @@ By the implicit function theorem, ``dz*/dtheta = (I - d_z T)^{-1} d_theta T``,
 so a vector-Jacobian product needs one linear solve with the transposed
 operator: ``(I - d_z T)^T u = v`` (matrix-free, by GMRES), then
 ``theta_bar = (d_theta T)^T u`` (the approach of jaxopt; Blondel et al. 2022,
-arXiv:2105.15183). The solver itself is never differentiated.
+arXiv:2105.15183). The solver itself is never differentiated. The derivative is
+that of the fixed point: at a point where the solver stopped short of one it
+describes no map, and where the system is singular it raises an error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.sparse.linalg import gmres
@@ -55,7 +58,23 @@ def _attach_bwd(fixed_point_map, residuals, cotangent):
         operator, cotangent, x0=cotangent, tol=_solve_tol(cotangent), restart=30, maxiter=20
     )
     params_bar = vjp(u)[1]
+    # A singular system (the point is not a fixed point of T: a solve stopped by
+    # max_iter; or the fixed point is not unique) breaks GMRES down into NaN: an
+    # error naming the cause, not a silent NaN gradient.
+    failed = _all_finite(cotangent) & ~_all_finite(u)
+    params_bar = eqx.error_if(params_bar, failed, _SINGULAR)
     return jax.tree.map(jnp.zeros_like, solution), params_bar
+
+
+_SINGULAR = (
+    "implicit differentiation failed: the linear system (I - dT/dz)^T u = v at the "
+    "solution is singular. The solve may not have converged (check `converged`), or "
+    "the solution is not unique (e.g. both λ's zero); use diff='unrolled' there."
+)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 attach_fixed_point.defvjp(_attach_fwd, _attach_bwd)
