@@ -638,7 +638,16 @@ def clair(
         simulated federations (``p=10, q=3``, rank 2, noise 0.01, 20 seeds) a
         clean client was flagged in 17/20 federations at ``n=2``, 4/20 at
         ``n=3``, 3/20 at ``n=4``, 1/20 at ``n=6``, 3/20 at ``n=8``, 0/20 at
-        ``n=12``, 1/20 at ``n=20`` and 0/20 at ``n=40``.
+        ``n=12``, 1/20 at ``n=20`` and 0/20 at ``n=40``. The default λ's keep
+        noiseless benign clients of one rank-``r`` column space wholly in ``L``
+        only when roughly ``sqrt(r) (sqrt(p / n) + sqrt(q)) <= sqrt(p q)``
+        (each block's share ``λ_* sqrt(r / n)`` of the nuclear norm's
+        subgradient below ``λ_S``): small federations with ``r`` near ``q``
+        break it, part of the shared structure moves into ``S`` and the rank
+        comes out too low (noiseless, uncontaminated, 5 seeds each: wrong rank
+        in 5/5 at ``n=6, p=8, q=r=3``, ``n=4, p=q=8, r=4`` and
+        ``n=5, p=q=16, r=8``, with 7/30 and 2/20 benign clients flagged in the
+        first two; right in 5/5 at ``n=12, p=8, q=r=3``).
       rank: static rank ``r`` of the shared subspace; ``None`` estimates it.
       max_rank: columns of ``basis`` when ``rank=None`` (static; default
         ``min(p, nq)``); the estimate is clipped to it.
