@@ -175,6 +175,8 @@ def numpy_decompose(
         weights: Per-client weights, shape (n,); default all ones.
         offset: Whether to fit the common offset c.
         constrained: Solve the constrained instead of the penalised problem.
+        sparsity: ``"block"`` (Frobenius norm of each client's block) or
+            ``"entry"`` (sum of the block's absolute entries).
         tol: Stop when the largest change (and, for DR, the primal residual)
             is below ``tol * max(1, ||X||_F)``.
         max_iter: Iteration cap.
@@ -228,6 +230,7 @@ def cvxpy_decompose(
     weights: np.ndarray | None = None,
     offset: bool = False,
     constrained: bool = False,
+    sparsity: str = "block",
     solver: str = "CLARABEL",
     solver_opts: dict | None = None,
 ) -> dict:
@@ -240,6 +243,8 @@ def cvxpy_decompose(
         weights: Per-client weights, shape (n,); default all ones.
         offset: Whether to fit the common offset c.
         constrained: Solve the constrained instead of the penalised problem.
+        sparsity: ``"block"`` (Frobenius norm of each client's block) or
+            ``"entry"`` (sum of the block's absolute entries).
         solver: cvxpy solver name.
         solver_opts: Keyword arguments for ``Problem.solve``; default: tight
             tolerances for CLARABEL and SCS (see ``_TIGHT``), none otherwise.
@@ -258,7 +263,8 @@ def cvxpy_decompose(
     l_var, s_var = cp.Variable((p, n * q)), cp.Variable((p, n * q))
     c_var = cp.Variable((p, q)) if offset else None
     c_rep = cp.hstack([c_var] * n) if offset else np.zeros((p, n * q))
-    blocks = [cp.norm(s_var[:, i * q : (i + 1) * q], "fro") for i in range(n)]
+    norm = {"block": lambda b: cp.norm(b, "fro"), "entry": lambda b: cp.sum(cp.abs(b))}[sparsity]
+    blocks = [norm(s_var[:, i * q : (i + 1) * q]) for i in range(n)]
     penalty = lam_nuc * cp.normNuc(l_var) + lam_block * (w @ cp.hstack(blocks))
     if constrained:
         prob = cp.Problem(cp.Minimize(penalty), [l_var + s_var + c_rep == m])

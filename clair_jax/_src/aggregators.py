@@ -383,6 +383,18 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
 
 
+def weighted_product_factors(factors: LoRAFactors, p: Array) -> LoRAFactors:
+    """Best rank-``r`` factors of ``Σ_i p_i B_i A_i`` (FlexLoRA), in the factors' dtype.
+
+    The stacked ``[p_1 B_1 .. p_n B_n]`` (``p x nr``) and ``[A_1; ..; A_n]``
+    (``nr x q``) go to :func:`truncated_factors`; the product is never formed.
+    """
+    n, rows, r = factors.B.shape
+    b_cat = jnp.transpose(factors.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
+    a_cat = factors.A.reshape(n * r, factors.A.shape[2])
+    return truncated_factors(b_cat, a_cat, r, factors.B.dtype)
+
+
 def dense_factors(m: Array, rank: int) -> LoRAFactors:
     """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
     u, s, vt = jnp.linalg.svd(m.astype(validation.working_dtype(m.dtype)), full_matrices=False)
@@ -422,10 +434,7 @@ def flexlora() -> Aggregator:
         clients, global_, p = check_adapters(clients, global_, weights)
         new_global = {}
         for name, f in clients.items():
-            n, rows, r = f.B.shape
-            b_cat = jnp.transpose(f.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
-            a_cat = f.A.reshape(n * r, f.A.shape[2])
-            new_global[name] = truncated_factors(b_cat, a_cat, r, f.B.dtype)
+            new_global[name] = weighted_product_factors(f, p)
         return _broadcast_result(clients, new_global, p)
 
     return Aggregator("flexlora", aggregate)
@@ -658,11 +667,7 @@ def clair_aggregator(
             # collaborative: every client, with its weight.
             equal = members.astype(p.dtype)
             w = jnp.where(jnp.sum(w) > 0, w, jnp.where(jnp.sum(equal) > 0, equal, p))
-            w = w / jnp.sum(w)
-            b_cat = jnp.transpose(f.B * w[:, None, None], (1, 0, 2)).reshape(f.B.shape[1], n * r)
-            new_global[name] = truncated_factors(
-                b_cat, f.A.reshape(n * r, f.A.shape[2]), r, f.B.dtype
-            )
+            new_global[name] = weighted_product_factors(f, w / jnp.sum(w))
         # Flagged clients are left out of the consensus: they keep the adapter they
         # trained this round (flagged="trained") or get the global one ("global").
         keep = collaborative[:, None, None]

@@ -265,9 +265,9 @@ def _client_sizes(x: Array, offset: bool) -> Array:
     """
     if offset:
         x = x - jnp.median(x, axis=0)[None]
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=(1, 2)))
-    unit = times_power_of_two(x, -exponent[:, None, None])  # largest entry in [1/2, 1)
-    return times_power_of_two(jnp.sqrt(jnp.mean(unit**2, axis=(1, 2))), exponent)
+    exponent = working_exponent(x, axes=(1, 2), keepdims=True)
+    unit = times_power_of_two(x, -exponent)  # largest entry in [1/2, 1)
+    return times_power_of_two(jnp.sqrt(jnp.mean(unit**2, axis=(1, 2))), exponent[:, 0, 0])
 
 
 def _off_subspace(x: Array, center: Array, basis: Array) -> Array:
@@ -571,15 +571,14 @@ def _clair(
             lambda a, b: jnp.where(majority_refit, a, b), alt, (fit, sigma_hat, collaborative, tau)
         )
 
-    basis = fit.basis
-    # The caller refines the screened clients' own (unscaled) updates again.
-    consensus, refined = refine(x, basis, collaborative)
+    # Step 5 (refined, consensus) is left to the caller: it refines the updates as
+    # given, whose screened blocks were zeroed here.
     return ClairResult(
-        basis=basis,
+        basis=fit.basis,
         rank=fit.rank,
         collaborative=collaborative,
-        refined=refined,
-        consensus=consensus,
+        refined=None,
+        consensus=None,
         scores=jnp.where(screened, jnp.inf, fit.scores),
         threshold=tau,
         noise_scale=sigma_hat,
@@ -797,7 +796,7 @@ def clair(
         times_power_of_two(typical, -exponent),
     )
     res = _scaled(res, exponent)
-    # The refinement of step 5 on the updates as given (screened clients included).
+    # Step 5 on the updates as given (screened clients included).
     consensus, refined = refine(x, res.basis, res.collaborative)
     res = res._replace(consensus=consensus, refined=refined)
     if contaminated == "refine":
@@ -808,13 +807,11 @@ def clair(
 
 
 def _scaled(res: ClairResult, exponent: Array) -> ClairResult:
-    """``res`` of ``X 2^-e`` turned into that of ``X`` (sizes times ``2^e``)."""
+    """``res`` of ``X 2^-e`` turned into that of ``X`` (sizes times ``2^e``; before step 5)."""
     return res._replace(
         **{
             field: times_power_of_two(getattr(res, field), exponent)
             for field in (
-                "refined",
-                "consensus",
                 "scores",
                 "threshold",
                 "noise_scale",

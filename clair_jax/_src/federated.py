@@ -487,7 +487,8 @@ def make_round(
 
 #: Entry of a checkpoint holding ``{entry: dtype name}`` (JSON) for leaves stored as raw bits.
 _DTYPES_ENTRY = "__dtypes__"
-#: Entry of a checkpoint written by :func:`run_rounds`: the run's identity (_run_identity).
+#: Entry of a checkpoint written by :func:`run_rounds`: the run's identity (_run_identity),
+#: checked by _load when it resumes.
 _RUN_ENTRY = "__run__"
 _RESERVED = frozenset({_DTYPES_ENTRY, _RUN_ENTRY})
 
@@ -535,12 +536,6 @@ def _save(path: str | os.PathLike, tree: Any, run: str | None) -> None:
     if run is not None:
         arrays[_RUN_ENTRY] = np.asarray(run)
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
-
-
-def _stored_run(path: str | os.PathLike) -> str | None:
-    """The run identity :func:`run_rounds` stored in a checkpoint (``None``: none stored)."""
-    with np.load(os.fspath(path)) as stored:
-        return str(stored[_RUN_ENTRY]) if _RUN_ENTRY in stored.files else None
 
 
 def _run_identity(key: PRNGKeyArray, run_id: str | None) -> str:
@@ -591,8 +586,20 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
     Raises:
       ValueError: the file's entries, shapes or dtypes differ from ``like``'s.
     """
+    return _load(path, like, run=None)
+
+
+def _load(path: str | os.PathLike, like: Any, run: str | None) -> Any:
+    """:func:`load_checkpoint`; with ``run``, also an error if the file records another run."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     with np.load(os.fspath(path)) as stored:
+        stored_run = str(stored[_RUN_ENTRY]) if _RUN_ENTRY in stored.files else None
+        if run is not None and stored_run is not None and stored_run != run:
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} was written by another run ({stored_run}), "
+                f"not this one ({run}); delete it, use another path, or pass the key and "
+                "run_id it was written with."
+            )
         names = set(stored.files) - _RESERVED
         dtypes = json.loads(str(stored[_DTYPES_ENTRY])) if _DTYPES_ENTRY in stored.files else {}
         expected = [jax.tree_util.keystr(p) for p, _ in leaves]
@@ -683,14 +690,7 @@ def run_rounds(
         raise TypeError(f"run_id must be a str or None, got {type(run_id).__name__}.")
     identity = _run_identity(key, run_id)
     if checkpoint is not None and os.path.exists(checkpoint):
-        stored = _stored_run(checkpoint)
-        if stored is not None and stored != identity:
-            raise ValueError(
-                f"checkpoint {os.fspath(checkpoint)!r} was written by another run "
-                f"({stored}), not this one ({identity}); delete it, use another path, or "
-                "pass the key and run_id it was written with."
-            )
-        state = load_checkpoint(checkpoint, like=state)
+        state = _load(checkpoint, state, run=identity)
     history = []
     start = int(state.round)
     with ProgressBar(max(num_rounds - start, 0), desc=desc, enabled=progress) as bar:

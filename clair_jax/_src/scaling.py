@@ -25,8 +25,10 @@ def times_power_of_two(x: Array, exponent: Array) -> Array:
     return x * jnp.ldexp(one, half) * jnp.ldexp(one, exponent - half)
 
 
-def working_exponent(x: Array) -> Array:
+def working_exponent(x: Array, axes=None, keepdims: bool = False) -> Array:
     """The exponent ``e`` that brings ``max |X_ij| 2^-e`` into ``[1/2, 1)`` (0 for zero data).
+
+    Over all entries, or per slice with ``axes`` (``keepdims`` as in ``jnp.max``).
 
     The problem is equivariant: ``(a X, a λ_*, a λ_S)`` has the solution
     ``a (L, S, c)`` and the objective ``a^2`` times that of ``(X, λ_*, λ_S)``. The
@@ -41,12 +43,11 @@ def working_exponent(x: Array) -> Array:
     ``decompose(X, λ)``, bit for bit. (``2^e`` itself is never formed: for data
     above ``2^127`` in float32 it would be ``inf``.)
     """
-    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(x)))
+    largest = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=keepdims))
     _, exponent = jnp.frexp(largest)  # largest = m 2^exponent, m in [1/2, 1)
     return exponent
 
 
 def unit_size(x: Array, axes=None) -> Array:
     """``x 2^-e``, ``e`` the exponent of ``max |x|`` over ``axes``: entries in ``[-1, 1)``."""
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
-    return times_power_of_two(x, -exponent)
+    return times_power_of_two(x, -working_exponent(x, axes, keepdims=True))
