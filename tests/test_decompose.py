@@ -302,6 +302,49 @@ def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):
     assert int(sol.rank) == 4 and not bool(sol.converged)
 
 
+def near_tie_problem(n, p, q, spectrum, seed):
+    """Blocks of ``M = U diag(spectrum) V^T`` (random orthonormal ``U``, ``V``)."""
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.normal(size=(p, p)))[0]
+    v = np.linalg.qr(rng.normal(size=(n * q, p)))[0]
+    m = (u * spectrum) @ v.T
+    return np.transpose(m.reshape(p, n, q), (1, 0, 2)), u, v
+
+
+@pytest.mark.parametrize("method", ["fista", "admm"])
+def test_rank_cap_does_not_miss_a_singular_value_tied_with_the_next(x64, method):
+    """Singular values 10, 1.05, 1.0, ... with λ_* = 1.02 and S = 0: the minimiser is
+    SVT_λ(M), of rank 2. A subspace of 2 columns mixes the 1.05 and 1.0 directions (a
+    near-tie) and settled at rank 1 with L off by 3e-3, reported converged; the rank
+    certificate sends it on to the exact factorisation. Unrolled (no continuation):
+    reported as not converged."""
+    spectrum = np.array([10, 1.05, 1.0, 0.5, 0.3, 0.1])
+    x, u, v = near_tie_problem(5, 6, 3, spectrum, seed=15)
+    lam = 1.02
+    truth = (u * np.maximum(spectrum - lam, 0)) @ v.T
+    kw = {"lam_nuc": lam, "lam_block": 1e3, "method": method, "tol": 1e-6}
+    sol = cj.decompose(x, rank_cap=2, **kw)
+    assert bool(sol.converged) and int(sol.rank) == 2
+    np.testing.assert_allclose(cj.blocks_to_matrix(sol.low_rank), truth, atol=1e-5)
+    unrolled = cj.decompose(x, rank_cap=2, diff="unrolled", max_iter=200, **kw)
+    low_rank = np.asarray(cj.blocks_to_matrix(unrolled.low_rank))
+    assert bool(unrolled.converged) == bool(np.allclose(low_rank, truth, atol=1e-5))
+
+
+def test_automatic_rank_cap_does_not_miss_a_singular_value_tied_with_the_next(x64):
+    """The same near-tie under svd="auto" (cap 16 for a 128 x 256 matrix): singular
+    values 20 ... 5 (15 of them), 1.03, then 1.0 (112 times), λ_* = 1.02: rank 16.
+    The capped solve stopped at rank 15 with L off by 2e-4 relative, reported converged."""
+    spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
+    x, u, v = near_tie_problem(4, 128, 64, spectrum, seed=0)
+    assert svd.auto_rank_cap((128, 256)) == 16 or jax.default_backend() == "tpu"
+    truth = (u * np.maximum(spectrum - 1.02, 0)) @ v.T
+    sol = cj.decompose(x, lam_nuc=1.02, lam_block=1e3)
+    assert bool(sol.converged) and int(sol.rank) == 16
+    low_rank = np.asarray(cj.blocks_to_matrix(sol.low_rank))
+    assert np.linalg.norm(low_rank - truth) < 1e-5 * np.linalg.norm(truth)
+
+
 def test_float32_by_default_and_float64_with_x64():
     x = reference.make_problem(0)["updates"]
     assert cj.decompose(x, **PEN).low_rank.dtype == jnp.float32

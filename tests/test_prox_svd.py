@@ -18,6 +18,32 @@ def numpy_svt(m, tau):
     return (u * np.maximum(s - tau, 0)) @ vt
 
 
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_rank_certificate_against_numpy_singular_values(x64, rng, shape, rank):
+    """rank_certified(z, tau, V, r, margin) is True exactly when sigma_{r+1}(z) is below
+    tau + margin, given z's own top-r right singular vectors (as columns of V); with a
+    basis that holds a mix of the (r+1)-th and (r+2)-th directions instead of either
+    (the rank-capped near-tie), a sigma_{r+1} above the threshold is still seen."""
+    k = 5
+    spectrum = np.array([9.0, 7.0, 5.0, 2.0, 1.9, 1.0, 0.5, 0.2])
+    u = np.linalg.qr(rng.normal(size=(shape[0], 8)))[0]
+    v = np.linalg.qr(rng.normal(size=(shape[1], 8)))[0]
+    z = jnp.asarray((u * spectrum) @ v.T)
+    nxt = spectrum[rank]
+    basis = jnp.asarray(np.concatenate([v[:, :rank], v[:, rank + 2 : rank + 2 + k - rank]], 1))
+    for tau, margin in [(nxt + 0.01, 0.0), (nxt - 0.01, 0.0), (nxt - 0.01, 0.02), (0.0, 0.0)]:
+        certified = svd.rank_certified(z, tau, basis, rank, margin)
+        assert bool(certified) == bool(nxt < tau + margin), (tau, margin)
+    # The near-tie: the basis holds (v_{r+1} + v_{r+2}) / sqrt(2) as its (r+1)-th column,
+    # whose Rayleigh quotient sqrt((2^2 + 1.9^2) / 2) (rank 3) is below the threshold.
+    mixed = (v[:, rank] + v[:, rank + 1]) / np.sqrt(2)
+    basis = jnp.asarray(np.concatenate([v[:, :rank], mixed[:, None], v[:, rank + 2 :]], 1)[:, :k])
+    tau = 0.5 * (nxt + np.sqrt((nxt**2 + spectrum[rank + 1] ** 2) / 2))
+    assert np.linalg.norm(z @ basis[:, rank]) < tau < nxt
+    assert not bool(svd.rank_certified(z, tau, basis, rank, 0.0))
+
+
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])
 @pytest.mark.parametrize("backend", ["full", "gram"])
 def test_svt_matches_numpy(x64, rng, shape, backend):

@@ -103,6 +103,21 @@ def sparse_part(data: problem.Data, options: problem.Options, state: AdmmState) 
     return sparsity.prox(state.sparse_plus_noise, data.lam_block * data.weights, options.sparsity)
 
 
+def svt_argument(data: problem.Data, options: problem.Options, state: AdmmState):
+    """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser, from the state's ``L``.
+
+    Penalised form: :func:`problem.penalised_svt_argument`. Constrained form:
+    ``Y ∈ λ_* ∂||L||_*`` at a solution, i.e. ``L = SVT_{λ_*/μ}(L + Y/μ)`` for any
+    ``μ > 0`` (the state's penalty is used).
+    """
+    if not options.constrained:
+        return problem.penalised_svt_argument(
+            data, state.low_rank, sparse_part(data, options, state), options
+        )
+    inv_mu = 1.0 / state.mu
+    return state.low_rank + inv_mu * state.dual, data.lam_nuc * inv_mu
+
+
 def initial_penalty(data: problem.Data) -> Array:
     """``1.25 / ||M||_2`` (Lin et al.), spectral norm by 30 power iterations.
 

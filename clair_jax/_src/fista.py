@@ -52,6 +52,11 @@ def sparse_part(data: problem.Data, options: problem.Options, state: FistaState)
     return state.sparse
 
 
+def svt_argument(data: problem.Data, options: problem.Options, state: FistaState):
+    """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser (see :func:`admm.svt_argument`)."""
+    return problem.penalised_svt_argument(data, state.low_rank, state.sparse, options)
+
+
 def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
     """Runs FISTA from ``(init_l, init_s)``; returns the final :class:`FistaState`.
 

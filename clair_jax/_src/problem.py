@@ -121,6 +121,15 @@ def prox_grad_map(data: Data, low_rank, sparse, options: Options, basis=None):
     return new_l, new_s, rank, basis
 
 
+def penalised_svt_argument(data: Data, low_rank, sparse, options: Options):
+    """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser of the penalised problem.
+
+    Stationarity in ``L`` at step 1: ``L = SVT_{λ_*}(L + P(X - L - S))``. Used to
+    certify a rank-capped solve (:func:`svd.rank_certified`).
+    """
+    return low_rank + residual_blocks(data, low_rank, sparse, options.offset), data.lam_nuc
+
+
 def optimal_offset(data: Data, low_rank, sparse) -> Array:
     """``argmin_c 1/2 sum_i ||X_i - c - L_i - S_i||^2 = mean_i(X_i - L_i - S_i)``."""
     return jnp.mean(data.updates - low_rank - sparse, axis=0)

@@ -28,8 +28,9 @@ backends compute it:
 ``"auto"`` picks ``"rank_capped"`` when the caller gives ``rank_cap``. Otherwise
 :func:`auto_rank_cap` gives matrices whose smaller side is at least
 ``AUTO_CAP_MIN_SIZE`` (128) a cap of ``AUTO_RANK_CAP`` (16) off TPU: the solvers
-continue with the exact factorisation whenever that cap binds (see
-:func:`clair_jax.decompose`), so the cap costs speed, never accuracy, and the
+continue with the exact factorisation whenever that cap binds or the rank
+found is not certified (:func:`rank_certified`; see :func:`clair_jax.decompose`),
+so the cap costs speed, not accuracy (up to the tolerance), and the
 low-rank parts this library looks for (a shared LoRA subspace) are far below
 it. Smaller matrices get ``"gram"`` on TPU (where the SVD is slow) and for
 float64 matrices whose aspect ratio is at least 2, ``"full"`` in every other
@@ -435,6 +436,39 @@ def _nuclear_norm_in_row_space_jvp(primals, tangents):
     dm = tangents[0]
     value, direction = _nuclear_value_and_direction(m, row_basis, exact, direction=True)
     return value, jnp.sum(direction * dm)
+
+
+def rank_certified(z: Float[Array, "p m"], tau, basis: Float[Array, "m k"], rank, margin) -> Array:
+    """Whether ``z`` has at most ``rank`` singular values above ``tau + margin``.
+
+    A certificate for the rank-capped factorisation, which can miss a singular
+    value just above the threshold when it nearly ties with the first one
+    outside its subspace. With ``V_r`` the first ``rank`` columns of ``basis``
+    (orthonormal, the kept right singular vectors) and ``Y = z (I - V_r V_r^T)``,
+    Courant-Fischer bounds ``sigma_{r+1}(z) <= ||Y||_2``, and
+    ``||Y||_2 < c = tau + margin`` holds exactly when ``c^2 I - Y Y^T`` (the
+    smaller Gram matrix) has a Cholesky factor. An upper bound, so True is a
+    proof (up to rounding); False means a singular value may have been missed,
+    or the kept vectors are not yet accurate (the bound exceeds
+    ``sigma_{r+1}`` by ``O(angle^2 sigma_1^2)``). One ``p x m x min(p, m)``
+    product and one Cholesky: a fraction of a thin SVD's cost.
+
+    Args:
+      z: the matrix thresholded.
+      tau: the threshold.
+      basis: ``(m, k)`` orthonormal columns, the first ``rank`` of them kept.
+      rank: int scalar (may be traced), ``0 <= rank <= k``.
+      margin: non-negative slack added to ``tau``.
+
+    Returns:
+      A bool scalar.
+    """
+    kept = basis * (jnp.arange(basis.shape[1]) < rank)[None, :].astype(basis.dtype)
+    y = z - (z @ kept) @ kept.T
+    gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
+    bound = jnp.square(tau + margin)
+    factor = jnp.linalg.cholesky(bound * jnp.eye(gram.shape[0], dtype=gram.dtype) - gram)
+    return jnp.all(jnp.isfinite(factor))
 
 
 def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
