@@ -429,6 +429,12 @@ def test_half_precision_weights_and_distances_do_not_overflow(agg, dtype):
         )
 
 
+def test_clair_aggregator_needs_two_clients():
+    clients, global_, _ = make_adapters(0, n=1)
+    with pytest.raises(ValueError, match="clair_aggregator needs clients from at least 2"):
+        run(ag.clair_aggregator(), clients, global_, np.ones(1))
+
+
 def test_clair_aggregator_zero_weight_collaborative_clients_are_averaged_equally(x64):
     rng = np.random.default_rng(18)
     n, p, r, q = 10, 14, 2, 12

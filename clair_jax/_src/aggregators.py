@@ -577,7 +577,7 @@ def clair_aggregator(
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
         ``flagged``; ``contaminated`` among ``clair_kwargs``; at aggregation,
         ``measure="update"`` without ``start`` or with a ``start`` unlike
-        ``clients``.
+        ``clients``, fewer than 2 clients.
 
     References:
       CLAIR, arXiv:2605.21217 (abstract only; see :func:`clair_jax.clair`).
@@ -612,6 +612,11 @@ def clair_aggregator(
             except ValueError as err:
                 raise ValueError(f"start (the adapters of the round start): {err}") from None
         n = _n_clients(clients)
+        if n < 2:
+            raise ValueError(
+                f"clair_aggregator needs clients from at least 2 clients (CLAIR tells them "
+                f"apart by comparing them), got factors with a client axis of {n}."
+            )
         diagnostics, fits, inputs = {}, {}, {}
         outliers = jnp.zeros((n,), bool)
         for name, f in clients.items():

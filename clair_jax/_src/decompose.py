@@ -31,7 +31,8 @@ class Decomposition(NamedTuple):
         (for ``svd="rank_capped"`` with ``diff="unrolled"``, also that the rank
         stayed below ``rank_cap`` and the rank certificate held).
       residual: final relative residual (FISTA: fixed-point residual; ADMM:
-        ``max(primal, dual)``), both relative to ``||X||_F``.
+        ``max(primal, dual)``), both relative to ``||X||_F`` (with ``offset``,
+        to the centred blocks' ``||X - X̄||_F``: the offset absorbs the rest).
       objective: objective value at the returned point.
       rank: int32, rank of ``[L_1 .. L_n]`` at the last iteration's thresholding.
     """
