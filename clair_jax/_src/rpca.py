@@ -86,9 +86,11 @@ def rpca(
       svd: ``"auto"``, ``"full"``, ``"gram"`` or ``"rank_capped"`` (see
         :func:`clair_jax.decompose`).
       rank_cap: singular triplets kept by ``"rank_capped"`` (selects it under
-        ``"auto"``); when the cap binds, the solve continues with the exact
-        factorisation (as :func:`clair_jax.decompose`), so the result is the
-        true minimiser (``diff="unrolled"`` has no continuation).
+        ``"auto"``); when the cap binds or the capped rank is not certified,
+        the solve continues with the exact factorisation (as
+        :func:`clair_jax.decompose`), so the result is the true minimiser
+        (``diff="unrolled"`` has no continuation and reports
+        ``converged=False`` there).
       power_iters: subspace iterations per step for ``"rank_capped"``.
       diff: ``"implicit"`` or ``"unrolled"`` gradients.
 
