@@ -228,7 +228,8 @@ def _rank_certified(data: problem.Data, options: problem.Options, state, solver)
     z, tau = solver.svt_argument(data, options, state)
     margin = jax.lax.stop_gradient(options.tol * problem.data_scale(data))
     z = jax.lax.stop_gradient(prox.blocks_to_matrix(z))
-    return svd_lib.rank_certified(z, jax.lax.stop_gradient(tau), state.basis, state.rank, margin)
+    basis = jax.lax.stop_gradient(state.basis)
+    return svd_lib.rank_certified(z, jax.lax.stop_gradient(tau), basis, state.rank, margin)
 
 
 def rescaled(sol: Decomposition, exponent: Array) -> Decomposition:
