@@ -20,11 +20,12 @@ def numpy_svt(m, tau):
 
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12)])
 @pytest.mark.parametrize("rank", [0, 3])
-def test_rank_certificate_against_numpy_singular_values(x64, rng, shape, rank):
-    """rank_certified(z, tau, V, r, margin) is True exactly when sigma_{r+1}(z) is below
-    tau + margin, given z's own top-r right singular vectors (as columns of V); with a
-    basis that holds a mix of the (r+1)-th and (r+2)-th directions instead of either
-    (the rank-capped near-tie), a sigma_{r+1} above the threshold is still seen."""
+def test_capped_svt_certificate_against_numpy(x64, rng, shape, rank):
+    """capped_svt_certified(z, tau, V, r, L, margin, bound) holds for the exact SVT with
+    z's own top-r right singular vectors exactly when sigma_{r+1}(z) < tau + margin; it
+    fails for an L off by more than the bound, and for a basis holding a mix of the
+    (r+1)-th and (r+2)-th directions (the rank-capped near-tie) or a kept direction not
+    converged (the mix of the r-th and (r+1)-th)."""
     k = 5
     spectrum = np.array([9.0, 7.0, 5.0, 2.0, 1.9, 1.0, 0.5, 0.2])
     u = np.linalg.qr(rng.normal(size=(shape[0], 8)))[0]
@@ -32,16 +33,39 @@ def test_rank_certificate_against_numpy_singular_values(x64, rng, shape, rank):
     z = jnp.asarray((u * spectrum) @ v.T)
     nxt = spectrum[rank]
     basis = jnp.asarray(np.concatenate([v[:, :rank], v[:, rank + 2 : rank + 2 + k - rank]], 1))
+
+    def certified(tau, margin, low_rank=None, bound=1e-9, basis=basis, rank=rank):
+        low_rank = numpy_svt(np.asarray(z), tau) if low_rank is None else low_rank
+        return bool(svd.capped_svt_certified(z, tau, basis, rank, low_rank, margin, bound))
+
     for tau, margin in [(nxt + 0.01, 0.0), (nxt - 0.01, 0.0), (nxt - 0.01, 0.02), (0.0, 0.0)]:
-        certified = svd.rank_certified(z, tau, basis, rank, margin)
-        assert bool(certified) == bool(nxt < tau + margin), (tau, margin)
+        # What the capped map keeps: the first `rank` directions, shrunk.
+        capped = (u[:, :rank] * (spectrum[:rank] - tau)) @ v[:, :rank].T
+        assert certified(tau, margin, capped) == (nxt < tau + margin), (tau, margin)
+    tau = nxt + 0.01
+    exact = numpy_svt(np.asarray(z), tau)
+    wrong = exact + 1e-3 * np.outer(u[:, 0], v[:, 0])
+    if rank > 0:
+        assert not certified(tau, 0.0, wrong, bound=1e-4)
+        assert certified(tau, 0.0, wrong, bound=2e-3)
     # The near-tie: the basis holds (v_{r+1} + v_{r+2}) / sqrt(2) as its (r+1)-th column,
-    # whose Rayleigh quotient sqrt((2^2 + 1.9^2) / 2) (rank 3) is below the threshold.
+    # whose Rayleigh quotient is below the threshold.
     mixed = (v[:, rank] + v[:, rank + 1]) / np.sqrt(2)
-    basis = jnp.asarray(np.concatenate([v[:, :rank], mixed[:, None], v[:, rank + 2 :]], 1)[:, :k])
+    tied = jnp.asarray(np.concatenate([v[:, :rank], mixed[:, None], v[:, rank + 2 :]], 1)[:, :k])
     tau = 0.5 * (nxt + np.sqrt((nxt**2 + spectrum[rank + 1] ** 2) / 2))
-    assert np.linalg.norm(z @ basis[:, rank]) < tau < nxt
-    assert not bool(svd.rank_certified(z, tau, basis, rank, 0.0))
+    assert np.linalg.norm(z @ tied[:, rank]) < tau < nxt
+    assert not certified(tau, 0.0, basis=tied)
+    if rank > 0:
+        # A kept direction not converged: the r-th column mixes v_r and v_{r+1} a little.
+        turned = v[:, rank - 1] * np.cos(1e-3) + v[:, rank] * np.sin(1e-3)
+        unsettled = np.concatenate([v[:, : rank - 1], turned[:, None], v[:, rank + 2 :]], 1)
+        unsettled = jnp.asarray(unsettled[:, :k])
+        tau = nxt + 0.01
+        zv = np.asarray(z) @ np.asarray(unsettled[:, :rank])
+        uu, ss, oo = np.linalg.svd(zv, full_matrices=False)
+        capped = (uu * np.maximum(ss - tau, 0)) @ oo @ np.asarray(unsettled[:, :rank]).T
+        assert np.linalg.norm(capped - exact) > 1e-4
+        assert not certified(tau, 0.0, capped, bound=1e-4, basis=unsettled)
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (40, 12), (20, 20)])

@@ -29,7 +29,7 @@ backends compute it:
 :func:`auto_rank_cap` gives matrices whose smaller side is at least
 ``AUTO_CAP_MIN_SIZE`` (128) a cap of ``AUTO_RANK_CAP`` (16) off TPU: the solvers
 continue with the exact factorisation whenever that cap binds or the rank
-found is not certified (:func:`rank_certified`; see :func:`clair_jax.decompose`),
+found is not certified (:func:`capped_svt_certified`; see :func:`clair_jax.decompose`),
 so the cap costs speed, not accuracy (up to the tolerance), and the
 low-rank parts this library looks for (a shared LoRA subspace) are far below
 it. Smaller matrices get ``"gram"`` on TPU (where the SVD is slow) and for
@@ -438,37 +438,65 @@ def _nuclear_norm_in_row_space_jvp(primals, tangents):
     return value, jnp.sum(direction * dm)
 
 
-def rank_certified(z: Float[Array, "p m"], tau, basis: Float[Array, "m k"], rank, margin) -> Array:
-    """Whether ``z`` has at most ``rank`` singular values above ``tau + margin``.
+def capped_svt_certified(
+    z: Float[Array, "p m"],
+    tau,
+    basis: Float[Array, "m k"],
+    rank,
+    low_rank: Float[Array, "p m"],
+    margin,
+    error_bound,
+) -> Array:
+    """Whether ``low_rank`` is ``SVT_tau(z)`` to within ``error_bound``, proved.
 
-    A certificate for the rank-capped factorisation, which can miss a singular
-    value just above the threshold when it nearly ties with the first one
-    outside its subspace. With ``V_r`` the first ``rank`` columns of ``basis``
-    (orthonormal, the kept right singular vectors) and ``Y = z (I - V_r V_r^T)``,
-    Courant-Fischer bounds ``sigma_{r+1}(z) <= ||Y||_2``, and
-    ``||Y||_2 < c = tau + margin`` holds exactly when ``c^2 I - Y Y^T`` (the
-    smaller Gram matrix) has a Cholesky factor. An upper bound, so True is a
-    proof (up to rounding); False means a singular value may have been missed,
-    or the kept vectors are not yet accurate (the bound exceeds
-    ``sigma_{r+1}`` by ``O(angle^2 sigma_1^2)``). One ``p x m x min(p, m)``
-    product and one Cholesky: a fraction of a thin SVD's cost.
+    A certificate for the rank-capped factorisation, whose warm-started subspace
+    iteration can settle one rank short (a singular value just above the threshold
+    nearly tied with the first one outside the subspace) or keep singular vectors
+    that have not converged (a kept singular value close to the bulk below it).
+    With ``V`` the first ``rank`` columns of ``basis`` (the kept right singular
+    vectors), ``Z V = U S O^T`` (thin SVD) and ``V' = V O``, the matrix
+
+    .. math::
+
+        \tilde Z = U S V'^T + (I - U U^T) Z (I - V' V'^T)
+
+    has ``(U, S, V')`` among its singular triplets and differs from ``Z`` by
+    ``E = U U^T Z (I - V V^T)`` (``(I - UU^T) Z V = 0``). When the remaining block
+    ``Y = (I - U U^T) Z`` has ``||Y||_2 <= tau + margin`` (checked exactly by a
+    Cholesky factorisation of ``(tau + margin)^2 I - Y Y^T``), ``SVT_tau(Z~)`` is
+    ``U (S - tau)_+ V'^T`` (up to ``margin`` per singular value), and since SVT is
+    non-expansive, ``||low_rank - SVT_tau(Z)||_F <= ||low_rank - U (S - tau)_+
+    V'^T||_F + ||E||_F``. True when that bound is at most ``error_bound``.
 
     Args:
       z: the matrix thresholded.
       tau: the threshold.
       basis: ``(m, k)`` orthonormal columns, the first ``rank`` of them kept.
       rank: int scalar (may be traced), ``0 <= rank <= k``.
-      margin: non-negative slack added to ``tau``.
+      low_rank: the capped result to certify.
+      margin: non-negative slack added to ``tau`` for the remaining block.
+      error_bound: the Frobenius error accepted.
 
     Returns:
       A bool scalar.
     """
-    kept = basis * (jnp.arange(basis.shape[1]) < rank)[None, :].astype(basis.dtype)
-    y = z - (z @ kept) @ kept.T
+    keep = (jnp.arange(basis.shape[1]) < rank).astype(z.dtype)
+    v = basis * keep[None, :]
+    u, s, ot = thin_svd(z @ v)  # s descending: the first `rank` are the kept ones
+    u = u * keep[None, :]
+    ut_z = u.T @ z
+    off_block = ut_z - (ut_z @ v) @ v.T  # U^T Z (I - V V^T)
+    y = z - u @ ut_z  # (I - U U^T) Z
     gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
     bound = jnp.square(tau + margin)
     factor = jnp.linalg.cholesky(bound * jnp.eye(gram.shape[0], dtype=gram.dtype) - gram)
-    return jnp.all(jnp.isfinite(factor))
+    rows = low_rank @ v
+    kept = (u * (_shrink(s, tau) * keep)[None, :]) @ ot
+    distance = jnp.sqrt(
+        jnp.sum(jnp.square(rows - kept)) + jnp.sum(jnp.square(low_rank - rows @ v.T))
+    )
+    error = distance + jnp.sqrt(jnp.sum(jnp.square(off_block)))
+    return jnp.logical_and(jnp.all(jnp.isfinite(factor)), error <= error_bound)
 
 
 def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
