@@ -383,6 +383,43 @@ def test_automatic_rank_cap_at_the_noise_edge_matches_the_full_svd(x64, method):
     assert np.linalg.norm(auto.low_rank - full.low_rank) < 3e-6 * np.linalg.norm(x)
 
 
+def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(x64, tmp_path):
+    """jax.jit(jax.vmap(decompose)) over 12 λ's of the 128 x 256 near-tie problem under
+    svd="auto" (some solves continue exactly, some not; cache-sized chunks of 8) never
+    returned on XLA:CPU when the certificate ran batched (0% CPU). Run in a subprocess with a time
+    limit, so that a hang fails the test instead of stalling the suite; the batch
+    equals a loop of single solves."""
+    import subprocess
+    import sys
+    import textwrap
+
+    lams = [0.5, 1.02, 1.01, 2.0, 6.0, 1.025, 0.99, 1.04, 3.0, 1.02, 0.7, 1.015]
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import clair_jax as cj
+        from tests.test_decompose import near_tie_problem
+        spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
+        x, _, _ = near_tie_problem(4, 128, 64, spectrum, seed=0)
+        solve = lambda lam: cj.decompose(x, lam_nuc=lam, lam_block=1e3, method="fista")
+        batch = jax.jit(jax.vmap(solve))(jax.numpy.asarray({lams!r}))
+        np.savez({str(tmp_path / "batch.npz")!r}, low_rank=batch.low_rank,
+                 num_iters=batch.num_iters, converged=batch.converged)
+        """
+    )
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=600)
+    batch = np.load(tmp_path / "batch.npz")
+    spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
+    x, _, _ = near_tie_problem(4, 128, 64, spectrum, seed=0)
+    for i, lam in enumerate(lams):
+        alone = cj.decompose(x, lam_nuc=lam, lam_block=1e3, method="fista")
+        assert bool(batch["converged"][i]) and bool(alone.converged)
+        assert int(batch["num_iters"][i]) == int(alone.num_iters)
+        np.testing.assert_allclose(batch["low_rank"][i], alone.low_rank, atol=1e-9)
+
+
 def test_float32_by_default_and_float64_with_x64():
     x = reference.make_problem(0)["updates"]
     assert cj.decompose(x, **PEN).low_rank.dtype == jnp.float32
