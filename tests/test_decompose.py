@@ -1,5 +1,10 @@
 """cj.decompose against independent references (cvxpy, NumPy), exact recovery, transforms."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -302,6 +307,11 @@ def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):
     assert int(sol.rank) == 4 and not bool(sol.converged)
 
 
+#: 128 singular values: 15 from 20 to 5, then 1.03 nearly tied with 112 of 1.0 (with
+#: λ_* = 1.02 the minimiser has rank 16, the automatic cap).
+NEAR_TIE_SPECTRUM_128 = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
+
+
 def near_tie_problem(n, p, q, spectrum, seed):
     """Blocks of ``M = U diag(spectrum) V^T`` (random orthonormal columns ``U``, ``V``)."""
     rng = np.random.default_rng(seed)
@@ -335,7 +345,7 @@ def test_automatic_rank_cap_does_not_miss_a_singular_value_tied_with_the_next(x6
     """The same near-tie under svd="auto" (cap 16 for a 128 x 256 matrix): singular
     values 20 ... 5 (15 of them), 1.03, then 1.0 (112 times), λ_* = 1.02: rank 16.
     The capped solve stopped at rank 15 with L off by 2e-4 relative, reported converged."""
-    spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
+    spectrum = NEAR_TIE_SPECTRUM_128
     x, u, v = near_tie_problem(4, 128, 64, spectrum, seed=0)
     assert svd.auto_rank_cap((128, 256)) == 16 or jax.default_backend() == "tpu"
     truth = (u * np.maximum(spectrum - 1.02, 0)) @ v.T
@@ -389,30 +399,24 @@ def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(
     returned on XLA:CPU when the certificate ran batched (0% CPU). Run in a subprocess with a time
     limit, so that a hang fails the test instead of stalling the suite; the batch
     equals a loop of single solves."""
-    import subprocess
-    import sys
-    import textwrap
-
     lams = [0.5, 1.02, 1.01, 2.0, 6.0, 1.025, 0.99, 1.04, 3.0, 1.02, 0.7, 1.015]
     script = textwrap.dedent(
         f"""
         import jax, numpy as np
         jax.config.update("jax_enable_x64", True)
         import clair_jax as cj
-        from tests.test_decompose import near_tie_problem
-        spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
-        x, _, _ = near_tie_problem(4, 128, 64, spectrum, seed=0)
+        from tests.test_decompose import NEAR_TIE_SPECTRUM_128, near_tie_problem
+        x, _, _ = near_tie_problem(4, 128, 64, NEAR_TIE_SPECTRUM_128, seed=0)
         solve = lambda lam: cj.decompose(x, lam_nuc=lam, lam_block=1e3, method="fista")
         batch = jax.jit(jax.vmap(solve))(jax.numpy.asarray({lams!r}))
         np.savez({str(tmp_path / "batch.npz")!r}, low_rank=batch.low_rank,
                  num_iters=batch.num_iters, converged=batch.converged)
         """
     )
-    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=600)
     batch = np.load(tmp_path / "batch.npz")
-    spectrum = np.concatenate([np.linspace(20, 5, 15), [1.03], np.full(112, 1.0)])
-    x, _, _ = near_tie_problem(4, 128, 64, spectrum, seed=0)
+    x, _, _ = near_tie_problem(4, 128, 64, NEAR_TIE_SPECTRUM_128, seed=0)
     for i, lam in enumerate(lams):
         alone = cj.decompose(x, lam_nuc=lam, lam_block=1e3, method="fista")
         assert bool(batch["converged"][i]) and bool(alone.converged)

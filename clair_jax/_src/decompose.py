@@ -126,12 +126,13 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
             # A full cap means singular values beyond it may exceed the threshold: the
             # fixed point reached need not be the minimiser; nor need it be when the
             # subspace missed a singular value just above the threshold (a near-tie
-            # with the first one outside it), which the certificate catches. Carry on
+            # with the first one outside it) or its kept vectors have not settled,
+            # which the certificate catches. Carry on
             # from it with the exact factorisation (no iteration at all otherwise).
             converged = _residual(options, state) < options.tol
             saturated = jnp.logical_or(
                 state.rank >= options.rank_cap,
-                jnp.logical_and(converged, ~_rank_certified(inner, options, state, solver)),
+                jnp.logical_and(converged, ~_capped_solve_certified(inner, options, state, solver)),
             )
             # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
             carry_on = {"mu": state.mu} if options.method == "admm" else {}
@@ -178,7 +179,9 @@ def _solve(options: problem.Options, data: problem.Data, init_l, init_s) -> Deco
         # Unrolled solves have no exact continuation: a full cap, or one whose rank
         # the certificate does not prove, is not converged.
         converged = jnp.logical_and(converged, state.rank < options.rank_cap)
-        converged = jnp.logical_and(converged, _rank_certified(inner, options, state, solver))
+        converged = jnp.logical_and(
+            converged, _capped_solve_certified(inner, options, state, solver)
+        )
     if not options.offset:
         offset = None
     elif not options.constrained:
@@ -221,7 +224,7 @@ def _residual(options: problem.Options, state) -> Array:
 CAPPED_ERROR_FACTOR = 10.0
 
 
-def _rank_certified(data: problem.Data, options: problem.Options, state, solver) -> Array:
+def _capped_solve_certified(data: problem.Data, options: problem.Options, state, solver) -> Array:
     """Whether a rank-capped solve's last SVT is proved close to the exact one.
 
     At a minimiser ``L = SVT_tau(Z)`` (``solver.svt_argument``). The certificate

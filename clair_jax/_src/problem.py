@@ -125,7 +125,7 @@ def penalised_svt_argument(data: Data, low_rank, sparse, options: Options):
     """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser of the penalised problem.
 
     Stationarity in ``L`` at step 1: ``L = SVT_{λ_*}(L + P(X - L - S))``. Used to
-    certify a rank-capped solve (:func:`svd.rank_certified`).
+    certify a rank-capped solve (:func:`svd.capped_svt_certified`).
     """
     return low_rank + residual_blocks(data, low_rank, sparse, options.offset), data.lam_nuc
 

@@ -204,17 +204,24 @@ def _thin_svd_values(z: Array):
 
 
 def _batch_rule(single, outputs: int):
-    """The ``custom_vmap`` rule of ``single``: a sequential map on CPU, a vmap elsewhere."""
+    """The ``custom_vmap`` rule of ``single``: a sequential map on CPU, a vmap elsewhere.
 
-    def rule(axis_size, in_batched, z):
-        del axis_size
-        (batched,) = in_batched
+    Unbatched arguments are broadcast to the batch when another one is batched.
+    """
+
+    def rule(axis_size, in_batched, *args):
+        batched = any(in_batched)
         flags = (batched,) * outputs if outputs > 1 else batched
         if not batched:
-            return single(z), flags
+            return single(*args), flags
+        args = tuple(
+            a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
+            for a, b in zip(args, in_batched, strict=True)
+        )
         if jax.default_backend() == "cpu":
-            return jax.lax.map(single, z), flags  # an outer vmap batches `single` again
-        return jax.vmap(single.fun)(z), flags
+            # An outer vmap batches `single` again.
+            return jax.lax.map(lambda xs: single(*xs), args), flags
+        return jax.vmap(single.fun)(*args), flags
 
     return rule
 
@@ -468,6 +475,10 @@ def capped_svt_certified(
     non-expansive, ``||low_rank - SVT_tau(Z)||_F <= ||low_rank - U (S - tau)_+
     V'^T||_F + ||E||_F``. True when that bound is at most ``error_bound``.
 
+    Under ``jax.vmap`` on CPU the problems are certified one at a time (a
+    ``custom_vmap`` rule, as :func:`thin_svd`): a vmapped ``decompose`` over 12
+    λ's with this check batched never returned (XLA:CPU, jaxlib 0.10, 0% CPU).
+
     Args:
       z: the matrix thresholded.
       tau: the threshold.
@@ -476,10 +487,6 @@ def capped_svt_certified(
       low_rank: the capped result to certify.
       margin: non-negative slack added to ``tau`` for the remaining block.
       error_bound: the Frobenius error accepted.
-
-    Under ``jax.vmap`` on CPU the problems are certified one at a time (a
-    ``custom_vmap`` rule, as :func:`thin_svd`): a vmapped ``decompose`` over 12
-    λ's with this check batched never returned (XLA:CPU, jaxlib 0.10, 0% CPU).
 
     Returns:
       A bool scalar.
@@ -508,16 +515,7 @@ def _certified(z, tau, basis, rank, low_rank, margin, error_bound):
     return jnp.logical_and(jnp.all(jnp.isfinite(factor)), error <= error_bound)
 
 
-@_certified.def_vmap
-def _certified_batch_rule(axis_size, in_batched, *args):
-    """A sequential map on CPU (every argument brought to the batch), a vmap elsewhere."""
-    args = tuple(
-        a if batched else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
-        for a, batched in zip(args, in_batched, strict=True)
-    )
-    if jax.default_backend() == "cpu":
-        return jax.lax.map(lambda xs: _certified(*xs), args), True
-    return jax.vmap(_certified.fun)(*args), True
+_certified.def_vmap(_batch_rule(_certified, 1))
 
 
 def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
