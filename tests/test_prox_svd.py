@@ -1,6 +1,10 @@
 """Proximal maps and the SVT backends against NumPy closed forms."""
 
+import subprocess
+import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 
 import chex
 import jax
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 
 import clair_jax as cj
-from clair_jax._src import prox, svd
+from clair_jax._src import batching, prox, svd
 
 
 def numpy_svt(m, tau):
@@ -211,22 +215,6 @@ def test_svt_derivative_is_finite_at_repeated_singular_values(x64, tau, backend)
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (4, 12), (12, 4)])
-def test_thin_svd_under_vmap_equals_a_loop(shape):
-    """thin_svd batches with its own rule (one matrix at a time on CPU: jaxlib 0.10's
-    batched QR/SVD kernels deadlocked jax.vmap(cj.clair)); nested vmaps too."""
-    z = jax.random.normal(jax.random.key(0), (2, 3, *shape))
-    for compute_uv in (True, False):
-        fn = partial(svd.thin_svd, compute_uv=compute_uv)
-        batched = jax.jit(jax.vmap(jax.vmap(fn)))(z)
-        loop = [[fn(m) for m in row] for row in z]
-        for i in range(2):
-            for j in range(3):
-                chex.assert_trees_all_close(
-                    jax.tree.map(lambda a, i=i, j=j: a[i, j], batched), loop[i][j], atol=1e-6
-                )
-
-
-@pytest.mark.parametrize("shape", [(4, 4), (4, 12), (12, 4)])
 def test_thin_svd_matches_numpy_and_batches_like_a_loop(shape):
     """thin_svd (QR first for wide and tall matrices) against NumPy's SVD, and its
     own batching rule (one matrix at a time on CPU: jaxlib 0.10's batched QR/SVD
@@ -245,3 +233,67 @@ def test_thin_svd_matches_numpy_and_batches_like_a_loop(shape):
                 chex.assert_trees_all_close(
                     jax.tree.map(lambda a, i=i, j=j: a[i, j], batched), fn(z[i, j]), atol=1e-6
                 )
+
+
+def test_sequential_on_cpu_batches_like_vmap_with_unbatched_arguments_and_nesting():
+    """The rule maps one problem at a time (CPU) or vmaps: unbatched arguments are
+    broadcast, pytree outputs keep their structure, nested vmaps map again."""
+
+    def fn(z, w):
+        q = jnp.linalg.qr(z @ w)[0]
+        return {"q": q, "norm": jnp.sum(q * q)}
+
+    wrapped = batching.sequential_on_cpu(fn)
+    z = jax.random.normal(jax.random.key(0), (2, 3, 6, 5))
+    w = jax.random.normal(jax.random.key(1), (5, 2))
+    chex.assert_trees_all_close(wrapped(z[0, 0], w), fn(z[0, 0], w))
+    nested = jax.jit(jax.vmap(jax.vmap(wrapped, in_axes=(0, None)), in_axes=(0, None)))(z, w)
+    for i in range(2):
+        for j in range(3):
+            chex.assert_trees_all_close(
+                jax.tree.map(lambda a, i=i, j=j: a[i, j], nested), fn(z[i, j], w), atol=1e-6
+            )
+    both = jax.vmap(wrapped)(z[0], jnp.stack([w, 2 * w, 3 * w]))
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[2], both), fn(z[0, 2], 3 * w), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["rank_capped", "gram", "full"])
+def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path):
+    """Two independent vmapped SVTs (16 problems each) per trip of a fori_loop.
+
+    jaxlib 0.10's CPU QR kernel spreads a batch over XLA:CPU's thread pool and
+    blocks until it is done; two at once on a two-thread pool wait for each other
+    forever. The rank-capped backend's QRs were batched under vmap and hung at
+    0% CPU in 5 of 5 runs (2 cores) before they went through
+    batching.sequential_on_cpu. Run in a subprocess with a time limit, so that a
+    hang fails the test; one trip's batch equals a loop of single SVTs.
+    """
+    out = tmp_path / "svt.npz"
+    script = textwrap.dedent(
+        f"""
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import clair_jax as cj
+        z = jax.random.normal(jax.random.key(0), (2, 16, 64, 256))
+        basis = jnp.linalg.qr(jax.random.normal(jax.random.key(1), (256, 16)))[0]
+        kw = dict(backend={backend!r})
+        if {backend!r} == "rank_capped":
+            kw["basis"] = basis
+        svt = jax.vmap(lambda m: cj.singular_value_threshold(m, 1.0, **kw)[0])
+        def trip(i, c):
+            return c[0] + 1e-3 * svt(c[0]), c[1] + 1e-3 * svt(c[1])
+        run = jax.jit(lambda a, c: jax.lax.fori_loop(0, 100, trip, (a, c)))
+        jax.block_until_ready(run(z[0], z[1]))
+        np.savez({str(out)!r}, z=z[0], once=jax.jit(svt)(z[0]), basis=basis)
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=300)
+    saved = np.load(out)
+    with jax.enable_x64(True):
+        kw = {"backend": backend}
+        if backend == "rank_capped":
+            kw["basis"] = jnp.asarray(saved["basis"])
+        for m, once in zip(saved["z"], saved["once"], strict=True):
+            alone = cj.singular_value_threshold(jnp.asarray(m), 1.0, **kw)[0]
+            np.testing.assert_allclose(once, alone, atol=1e-10)

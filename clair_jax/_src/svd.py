@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from clair_jax._src import validation
+from clair_jax._src import batching, validation
 
 SvdBackend = Literal["auto", "full", "gram", "rank_capped"]
 SVD_BACKENDS = ("auto", "full", "gram", "rank_capped")
@@ -162,11 +162,12 @@ def thin_svd(z: Float[Array, "p m"], compute_uv: bool = True):
     a wide matrix costs several times its QR). Not meant for autodiff (the QR's
     derivative is singular at rank-deficient inputs); the SVT has its own JVP.
 
-    Under ``jax.vmap`` on CPU the matrices are factorised one at a time (a
-    ``custom_vmap`` rule, ``lax.map`` over the batch): jaxlib 0.10's batched QR
+    Under ``jax.vmap`` on CPU the matrices are factorised one at a time
+    (:func:`clair_jax._src.batching.sequential_on_cpu`): jaxlib 0.10's batched QR
     and SVD kernels deadlocked XLA:CPU's thread pool when two ran concurrently
     (``jax.vmap(cj.clair)`` over 20 federations of 40 clients, ``64 x 640``
-    blocks, hung at 0% CPU). Other backends batch as usual.
+    blocks, hung at 0% CPU). Other backends batch as usual. Every factorisation
+    of this module goes through such a wrapper.
 
     Returns:
       ``(U, s, V^T)``, or ``s`` alone when ``compute_uv`` is False; ``s``
@@ -193,41 +194,27 @@ def _qr_first_svd(z: Array, compute_uv: bool):
     return tuple(out) if compute_uv else out  # a plain tuple, not jnp's SVDResult
 
 
-@jax.custom_batching.custom_vmap
+@batching.sequential_on_cpu
 def _thin_svd_factors(z: Array):
     return _qr_first_svd(z, True)
 
 
-@jax.custom_batching.custom_vmap
+@batching.sequential_on_cpu
 def _thin_svd_values(z: Array):
     return _qr_first_svd(z, False)
 
 
-def _batch_rule(single, outputs: int):
-    """The ``custom_vmap`` rule of ``single``: a sequential map on CPU, a vmap elsewhere.
-
-    Unbatched arguments are broadcast to the batch when another one is batched.
-    """
-
-    def rule(axis_size, in_batched, *args):
-        batched = any(in_batched)
-        flags = (batched,) * outputs if outputs > 1 else batched
-        if not batched:
-            return single(*args), flags
-        args = tuple(
-            a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a)))
-            for a, b in zip(args, in_batched, strict=True)
-        )
-        if jax.default_backend() == "cpu":
-            # An outer vmap batches `single` again.
-            return jax.lax.map(lambda xs: single(*xs), args), flags
-        return jax.vmap(single.fun)(*args), flags
-
-    return rule
+@batching.sequential_on_cpu
+def _orthonormal_factor(z: Array) -> Array:
+    """``Q`` of the thin QR factorisation ``z = Q R``."""
+    return jnp.linalg.qr(z)[0]
 
 
-_thin_svd_factors.def_vmap(_batch_rule(_thin_svd_factors, 3))
-_thin_svd_values.def_vmap(_batch_rule(_thin_svd_values, 1))
+@batching.sequential_on_cpu
+def _symmetric_eigh(a: Array) -> tuple[Array, Array]:
+    """``(eigenvalues ascending, eigenvectors)`` of the symmetric ``a``."""
+    evals, evecs = jnp.linalg.eigh(a)
+    return evals, evecs
 
 
 def _shrink(s: Array, tau: Array) -> Array:
@@ -318,7 +305,7 @@ def _svt_gram_wide(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     """
     gram = z @ z.T
     gram = 0.5 * (gram + gram.T)
-    evals, evecs = jnp.linalg.eigh(gram)
+    evals, evecs = _symmetric_eigh(gram)
     s = jnp.sqrt(jnp.maximum(evals, 0.0))
     keep = s > tau
     # Safe division: the ratio is only used where s > tau >= 0.
@@ -356,14 +343,14 @@ def _svt_capped(z, tau, basis, power_iters: int) -> tuple[Array, Array, Array]:
     """
     v = basis
     for _ in range(power_iters - 1):
-        q, _ = jnp.linalg.qr(z @ v)
-        v, _ = jnp.linalg.qr(z.T @ q)
-    q, _ = jnp.linalg.qr(z @ v)
+        q = _orthonormal_factor(z @ v)
+        v = _orthonormal_factor(z.T @ q)
+    q = _orthonormal_factor(z @ v)
     # The SVD of the small wide projection q^T z by way of the QR of z^T q
-    # (_qr_first_svd, without thin_svd's sequential CPU batching): LAPACK's SVD of
-    # the k x m projection costs several times the QR and the k x k SVD (0.42
-    # against 0.30 ms per factorisation at 256 x 512, k = 16, float64).
-    ub, s, vt = _qr_first_svd((z.T @ q).T, True)
+    # (thin_svd): LAPACK's SVD of the k x m projection costs several times the QR
+    # and the k x k SVD (0.42 against 0.30 ms per factorisation at 256 x 512,
+    # k = 16, float64).
+    ub, s, vt = thin_svd((z.T @ q).T)
     s_new = _shrink(s, tau)
     out = ((q @ ub) * s_new[None, :]) @ vt
     return out, s_new, vt.T
@@ -396,8 +383,8 @@ def _nuclear_value_and_direction(m, row_basis, exact, *, direction: bool) -> tup
 
     def summarise(a):  # a has the singular values of m
         if not direction:
-            return (jnp.sum(jnp.linalg.svd(a, compute_uv=False)),)
-        u, s, vt = jnp.linalg.svd(a, full_matrices=False)
+            return (jnp.sum(thin_svd(a, compute_uv=False)),)
+        u, s, vt = thin_svd(a)
         keep = (s > jnp.finfo(dtype).eps * jnp.max(s, initial=0.0)).astype(dtype)
         return jnp.sum(s), (u * keep[None, :]) @ vt
 
@@ -475,8 +462,8 @@ def capped_svt_certified(
     non-expansive, ``||low_rank - SVT_tau(Z)||_F <= ||low_rank - U (S - tau)_+
     V'^T||_F + ||E||_F``. True when that bound is at most ``error_bound``.
 
-    Under ``jax.vmap`` on CPU the problems are certified one at a time (a
-    ``custom_vmap`` rule, as :func:`thin_svd`): a vmapped ``decompose`` over 12
+    Under ``jax.vmap`` on CPU the problems are certified one at a time
+    (``sequential_on_cpu``, as :func:`thin_svd`): a vmapped ``decompose`` over 12
     λ's with this check batched never returned (XLA:CPU, jaxlib 0.10, 0% CPU).
 
     Args:
@@ -494,7 +481,7 @@ def capped_svt_certified(
     return _certified(z, tau, basis, rank, low_rank, margin, error_bound)
 
 
-@jax.custom_batching.custom_vmap
+@batching.sequential_on_cpu
 def _certified(z, tau, basis, rank, low_rank, margin, error_bound):
     keep = (jnp.arange(basis.shape[1]) < rank).astype(z.dtype)
     v = basis * keep[None, :]
@@ -515,14 +502,11 @@ def _certified(z, tau, basis, rank, low_rank, margin, error_bound):
     return jnp.logical_and(jnp.all(jnp.isfinite(factor)), error <= error_bound)
 
 
-_certified.def_vmap(_batch_rule(_certified, 1))
-
-
 def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
     """Deterministic starting basis ``(cols, rank_cap)`` for ``"rank_capped"``."""
     key = jax.random.key(0)
     g = jax.random.normal(key, (shape[1], rank_cap), dtype=dtype)
-    return jnp.linalg.qr(g)[0]
+    return _orthonormal_factor(g)
 
 
 def singular_value_threshold(
