@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from clair_jax._src import validation
+from clair_jax._src import batching, validation
 
 #: Names of the client kinds; ``Federation.kind`` holds indices into this tuple.
 KIND_NAMES = ("benign", "dense", "sign_flip", "scaled", "subspace", "noise", "label_noise")
@@ -426,6 +426,10 @@ def _float_args(dtype, **values) -> list[Array]:
     return out
 
 
+def _lstsq_solution(a, b):
+    return jnp.linalg.lstsq(a, b)[0]
+
+
 @jax.jit
 def _least_squares(x, y, ridge):
     n, m, p = x.shape
@@ -434,7 +438,8 @@ def _least_squares(x, y, ridge):
     xa = jnp.concatenate([x, eye], axis=1)
     ya = jnp.concatenate([y, jnp.zeros((n, p, y.shape[2]), y.dtype)], axis=1)
     work = validation.working_dtype(x.dtype)  # half precision solved in float32
-    beta = jax.vmap(lambda a, b: jnp.linalg.lstsq(a, b)[0])(xa.astype(work), ya.astype(work))
+    # One client at a time on CPU (clair_jax._src.batching: jaxlib 0.10's batched LAPACK hang).
+    beta = batching.map_matrices(_lstsq_solution, xa.astype(work), ya.astype(work))
     return beta.astype(x.dtype)
 
 
