@@ -398,3 +398,15 @@ def test_rotations_do_not_depend_on_the_factors_scale(factor):
     for g, w in zip(got, rounded, strict=True):
         assert g.dtype == jnp.float16
         np.testing.assert_allclose(np.asarray(g, np.float32) / 300, np.asarray(w) / 300, atol=0.02)
+
+
+def test_eager_calls_with_the_same_shapes_compile_once():
+    """fedrot_align called outside jit re-traced and compiled its two lax.map scans
+    on every call (about 260 ms each against 0.4 ms jitted)."""
+    k1, k2 = jax.random.split(jax.random.key(3))
+    a, b = jax.random.normal(k1, (5, 3, 7)), jax.random.normal(k2, (5, 6, 3))
+    cj.fedrot_align(a, b, a[0], b[0])
+    before = fedrot_module.alignment_rotations._cache_size()
+    for scale in (2.0, 3.0):
+        cj.fedrot_align(scale * a, b, a[1], b[1])
+    assert fedrot_module.alignment_rotations._cache_size() == before

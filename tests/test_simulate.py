@@ -1,5 +1,10 @@
 """clair_jax.simulate: the models and contamination kinds behave as documented."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,3 +219,38 @@ def test_half_precision_federation():
     assert fed.updates.dtype == fed.basis.dtype == jnp.float16
     gram = np.asarray(fed.basis, np.float32).T @ np.asarray(fed.basis, np.float32)
     np.testing.assert_allclose(gram, np.eye(2), atol=1e-2)
+
+
+def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path):
+    """jax.vmap over PRNG keys of shared_subspace_updates: its two independent QRs
+    (the shared basis and the coordinated group's) were batched LAPACK calls, and
+    50 trips of a 16-key vmap in a fori_loop hung at 0% CPU in 3 of 3 runs on
+    2 cores (clair_jax._src.batching). Subprocess with a time limit; one trip's
+    draws equal single draws."""
+    out = tmp_path / "draws.npz"
+    script = textwrap.dedent(
+        f"""
+        import jax, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import clair_jax as cj
+        keys = jax.random.split(jax.random.key(0), 16)
+        def one(k):
+            kw = dict(n=4, p=256, q=8, rank=16, fraction=0.25)
+            return cj.simulate.shared_subspace_updates(k, **kw).updates
+        def trip(i, acc):
+            ks = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+            return acc + jax.vmap(one)(ks).sum()
+        jax.block_until_ready(jax.jit(lambda: jax.lax.fori_loop(0, 50, trip, 0.0))())
+        np.savez({str(out)!r}, draws=jax.jit(jax.vmap(one))(keys[:3]))
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=300)
+    draws = np.load(out)["draws"]
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(0), 16)
+        for i in range(3):
+            single = simulate.shared_subspace_updates(
+                keys[i], n=4, p=256, q=8, rank=16, fraction=0.25
+            ).updates
+            np.testing.assert_allclose(draws[i], single, atol=1e-12)

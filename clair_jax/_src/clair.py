@@ -628,6 +628,12 @@ def clair(
     The formulation is our reconstruction of CLAIR (arXiv:2605.21217) from its
     abstract; the paper's body is not public.
 
+    Not differentiable: detection and the rank estimate are discrete, and the
+    basis comes from SVDs that run one matrix at a time under ``jax.vmap`` on
+    CPU (a ``custom_vmap`` rule, which has no reverse-mode derivative: ``jax.grad``
+    fails with JAX's "Linearization failed" error). Differentiate
+    :func:`clair_jax.decompose` instead.
+
     Args:
       updates: ``(n, p, q)`` preliminary estimates of ``n >= 2`` clients; the
         shared structure is a column space in ``R^p`` (pass

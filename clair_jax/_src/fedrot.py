@@ -53,6 +53,7 @@ def nearest_rotation(
     return jnp.matmul(u, vt, precision=_HIGHEST).astype(m.dtype)
 
 
+@partial(jax.jit, static_argnames=("factor", "allow_reflection"))
 def alignment_rotations(
     A: Float[Array, "n r q"],
     B: Float[Array, "n p r"],
@@ -70,6 +71,10 @@ def alignment_rotations(
     cross term of finite factors could otherwise overflow (float16 entries of a
     few hundred, float32 near 1e38), and LAPACK's SVD of a matrix holding ``inf``
     may never return, or underflow to zero (float32 near 1e-19: no alignment).
+
+    Jitted (``factor`` and ``allow_reflection`` static): called eagerly, its two
+    ``lax.map`` scans were traced and compiled anew on every call (about 260 ms
+    against 0.4 ms).
     """
     dtype = A.dtype
     work = validation.working_dtype(dtype)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from clair_jax._src import batching, validation
+from clair_jax._src import batching, svd, validation
 
 #: Names of the client kinds; ``Federation.kind`` holds indices into this tuple.
 KIND_NAMES = ("benign", "dense", "sign_flip", "scaled", "subspace", "noise", "label_noise")
@@ -142,8 +142,15 @@ def _orthonormal(key, p: int, r: int, dtype) -> Array:
 
 
 def _q_factor(g: Array) -> Array:
-    """Orthonormal Q of ``g``'s thin QR (half precision factorised in float32)."""
-    return jnp.linalg.qr(g.astype(validation.working_dtype(g.dtype)))[0].astype(g.dtype)
+    """Orthonormal Q of ``g``'s thin QR (half precision factorised in float32).
+
+    One matrix at a time under a caller's ``jax.vmap`` on CPU
+    (:func:`svd.orthonormal_factor`): ``_draw_model`` factorises two independent
+    matrices, and ``jax.jit(jax.vmap(shared_subspace_updates))`` over 16 keys hung
+    (two concurrent batched QRs, see ``clair_jax._src.batching``).
+    """
+    work = validation.working_dtype(g.dtype)
+    return svd.orthonormal_factor(g.astype(work)).astype(g.dtype)
 
 
 def _per_position(n: int, count: int, kinds: tuple[str, ...]) -> np.ndarray:

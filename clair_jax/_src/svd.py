@@ -205,8 +205,8 @@ def _thin_svd_values(z: Array):
 
 
 @batching.sequential_on_cpu
-def _orthonormal_factor(z: Array) -> Array:
-    """``Q`` of the thin QR factorisation ``z = Q R``."""
+def orthonormal_factor(z: Array) -> Array:
+    """``Q`` of the thin QR factorisation ``z = Q R`` (one matrix at a time under vmap on CPU)."""
     return jnp.linalg.qr(z)[0]
 
 
@@ -343,9 +343,9 @@ def _svt_capped(z, tau, basis, power_iters: int) -> tuple[Array, Array, Array]:
     """
     v = basis
     for _ in range(power_iters - 1):
-        q = _orthonormal_factor(z @ v)
-        v = _orthonormal_factor(z.T @ q)
-    q = _orthonormal_factor(z @ v)
+        q = orthonormal_factor(z @ v)
+        v = orthonormal_factor(z.T @ q)
+    q = orthonormal_factor(z @ v)
     # The SVD of the small wide projection q^T z by way of the QR of z^T q
     # (thin_svd): LAPACK's SVD of the k x m projection costs several times the QR
     # and the k x k SVD (0.42 against 0.30 ms per factorisation at 256 x 512,
@@ -506,7 +506,7 @@ def initial_basis(shape: tuple[int, int], rank_cap: int, dtype) -> Array:
     """Deterministic starting basis ``(cols, rank_cap)`` for ``"rank_capped"``."""
     key = jax.random.key(0)
     g = jax.random.normal(key, (shape[1], rank_cap), dtype=dtype)
-    return _orthonormal_factor(g)
+    return orthonormal_factor(g)
 
 
 def singular_value_threshold(
