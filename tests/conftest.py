@@ -1,4 +1,9 @@
-"""Shared fixtures: float64 on demand, NumPy random generators."""
+"""Shared fixtures: float64 on demand, NumPy random generators, scripts in a subprocess."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -29,3 +34,20 @@ def x64():
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261123)
+
+
+@pytest.fixture
+def run_python():
+    """Runs a Python script (dedented) in a fresh interpreter at the repository root.
+
+    For programs that may hang (the jaxlib 0.10 batched-LAPACK deadlock on CPU, see
+    ``clair_jax/_src/batching.py``): past ``timeout`` seconds the test fails with
+    ``subprocess.TimeoutExpired`` instead of stalling the suite.
+    """
+    root = Path(__file__).resolve().parents[1]
+
+    def run(script: str, timeout: float) -> None:
+        command = [sys.executable, "-c", textwrap.dedent(script)]
+        subprocess.run(command, cwd=root, check=True, timeout=timeout)
+
+    return run

@@ -1,10 +1,5 @@
 """cj.decompose against independent references (cvxpy, NumPy), exact recovery, transforms."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -393,14 +388,16 @@ def test_automatic_rank_cap_at_the_noise_edge_matches_the_full_svd(x64, method):
     assert np.linalg.norm(auto.low_rank - full.low_rank) < 3e-6 * np.linalg.norm(x)
 
 
-def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(x64, tmp_path):
+def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(
+    x64, tmp_path, run_python
+):
     """jax.jit(jax.vmap(decompose)) over 12 λ's of the 128 x 256 near-tie problem under
     svd="auto" (some solves continue exactly, some not; cache-sized chunks of 8) never
     returned on XLA:CPU when the certificate ran batched (0% CPU). Run in a subprocess with a time
     limit, so that a hang fails the test instead of stalling the suite; the batch
     equals a loop of single solves."""
     lams = [0.5, 1.02, 1.01, 2.0, 6.0, 1.025, 0.99, 1.04, 3.0, 1.02, 0.7, 1.015]
-    script = textwrap.dedent(
+    run_python(
         f"""
         import jax, numpy as np
         jax.config.update("jax_enable_x64", True)
@@ -411,10 +408,9 @@ def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(
         batch = jax.jit(jax.vmap(solve))(jax.numpy.asarray({lams!r}))
         np.savez({str(tmp_path / "batch.npz")!r}, low_rank=batch.low_rank,
                  num_iters=batch.num_iters, converged=batch.converged)
-        """
+        """,
+        timeout=600,
     )
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=600)
     batch = np.load(tmp_path / "batch.npz")
     x, _, _ = near_tie_problem(4, 128, 64, NEAR_TIE_SPECTRUM_128, seed=0)
     for i, lam in enumerate(lams):

@@ -1,10 +1,6 @@
 """Proximal maps and the SVT backends against NumPy closed forms."""
 
-import subprocess
-import sys
-import textwrap
 from functools import partial
-from pathlib import Path
 
 import chex
 import jax
@@ -258,7 +254,7 @@ def test_sequential_on_cpu_batches_like_vmap_with_unbatched_arguments_and_nestin
 
 
 @pytest.mark.parametrize("backend", ["rank_capped", "gram", "full"])
-def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path):
+def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path, run_python):
     """Two independent vmapped SVTs (16 problems each) per trip of a fori_loop.
 
     jaxlib 0.10's CPU QR kernel spreads a batch over XLA:CPU's thread pool and
@@ -269,7 +265,7 @@ def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path):
     hang fails the test; one trip's batch equals a loop of single SVTs.
     """
     out = tmp_path / "svt.npz"
-    script = textwrap.dedent(
+    run_python(
         f"""
         import jax, jax.numpy as jnp, numpy as np
         jax.config.update("jax_enable_x64", True)
@@ -285,10 +281,9 @@ def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path):
         run = jax.jit(lambda a, c: jax.lax.fori_loop(0, 100, trip, (a, c)))
         jax.block_until_ready(run(z[0], z[1]))
         np.savez({str(out)!r}, z=z[0], once=jax.jit(svt)(z[0]), basis=basis)
-        """
+        """,
+        timeout=300,
     )
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=300)
     saved = np.load(out)
     with jax.enable_x64(True):
         kw = {"backend": backend}

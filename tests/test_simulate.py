@@ -1,10 +1,5 @@
 """clair_jax.simulate: the models and contamination kinds behave as documented."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,14 +216,14 @@ def test_half_precision_federation():
     np.testing.assert_allclose(gram, np.eye(2), atol=1e-2)
 
 
-def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path):
+def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path, run_python):
     """jax.vmap over PRNG keys of shared_subspace_updates: its two independent QRs
     (the shared basis and the coordinated group's) were batched LAPACK calls, and
     50 trips of a 16-key vmap in a fori_loop hung at 0% CPU in 3 of 3 runs on
     2 cores (clair_jax._src.batching). Subprocess with a time limit; one trip's
     draws equal single draws."""
     out = tmp_path / "draws.npz"
-    script = textwrap.dedent(
+    run_python(
         f"""
         import jax, numpy as np
         jax.config.update("jax_enable_x64", True)
@@ -242,10 +237,9 @@ def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path):
             return acc + jax.vmap(one)(ks).sum()
         jax.block_until_ready(jax.jit(lambda: jax.lax.fori_loop(0, 50, trip, 0.0))())
         np.savez({str(out)!r}, draws=jax.jit(jax.vmap(one))(keys[:3]))
-        """
+        """,
+        timeout=300,
     )
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-c", script], cwd=root, check=True, timeout=300)
     draws = np.load(out)["draws"]
     with jax.enable_x64(True):
         keys = jax.random.split(jax.random.key(0), 16)
