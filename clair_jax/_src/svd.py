@@ -432,6 +432,7 @@ def _nuclear_norm_in_row_space_jvp(primals, tangents):
     return value, jnp.sum(direction * dm)
 
 
+@batching.sequential_on_cpu
 def capped_svt_certified(
     z: Float[Array, "p m"],
     tau,
@@ -463,8 +464,9 @@ def capped_svt_certified(
     V'^T||_F + ||E||_F``. True when that bound is at most ``error_bound``.
 
     Under ``jax.vmap`` on CPU the problems are certified one at a time
-    (``sequential_on_cpu``, as :func:`thin_svd`): a vmapped ``decompose`` over 12
-    λ's with this check batched never returned (XLA:CPU, jaxlib 0.10, 0% CPU).
+    (``sequential_on_cpu``, as :func:`thin_svd`; positional arguments only): a
+    vmapped ``decompose`` over 12 λ's with this check batched never returned
+    (XLA:CPU, jaxlib 0.10, 0% CPU).
 
     Args:
       z: the matrix thresholded.
@@ -478,11 +480,6 @@ def capped_svt_certified(
     Returns:
       A bool scalar.
     """
-    return _certified(z, tau, basis, rank, low_rank, margin, error_bound)
-
-
-@batching.sequential_on_cpu
-def _certified(z, tau, basis, rank, low_rank, margin, error_bound):
     keep = (jnp.arange(basis.shape[1]) < rank).astype(z.dtype)
     v = basis * keep[None, :]
     u, s, ot = thin_svd(z @ v)  # s descending: the first `rank` are the kept ones
