@@ -2,8 +2,8 @@
 
 ``python benchmarks/clair_simulations.py [--quick]`` runs six experiments on the
 synthetic federations of :mod:`clair_jax.simulate` and writes
-``benchmarks/results/clair_simulations.json`` (every number),
-``benchmarks/results/clair_results.md`` (tables) and ``clair_*.png`` (plots):
+``benchmarks/out/clair_simulations.json`` (every number),
+``benchmarks/out/clair_results.md`` (tables) and ``clair_*.png`` (plots):
 
 1. **phase**: noiseless updates; exact recovery (rank, subspace to 1e-3 in
    float32, contaminated set exactly) over contaminated fraction x rank.
@@ -52,7 +52,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "out"
 METHODS = ("clair", "local", "mean", "coord_median", "trimmed_mean", "geo_median")
 TARGET = {"n": 40, "p": 64, "q": 16, "rank": 3, "samples": 128, "fraction": 0.3}
 DETECTABLE = ("dense", "scaled", "label_noise")
@@ -569,9 +569,12 @@ def main(argv=None) -> None:
         "--only", nargs="*", default=None,
         choices=["target", "phase", "noise", "samples", "refinement", "clients"],
     )  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
+    global RESULTS  # the plotting functions write there
+    RESULTS = results_dir = args.out
     cfg = CONFIGS["quick" if args.quick else "full"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     def log(msg):
@@ -591,11 +594,11 @@ def main(argv=None) -> None:
         "machine": f"{os.cpu_count()}-core {platform.machine()} CPU ({jax.default_backend()})",
     }  # fmt: skip
     suffix = "" if args.only is None else "_partial"
-    with open(RESULTS / f"clair_simulations{suffix}.json", "w") as f:
+    with open(results_dir / f"clair_simulations{suffix}.json", "w") as f:
         json.dump(results, f, indent=1)
     if args.only is None:
-        (RESULTS / "clair_results.md").write_text(markdown(results))
-    log(f"done in {wall:.0f} s; results in {RESULTS}")
+        (results_dir / "clair_results.md").write_text(markdown(results))
+    log(f"done in {wall:.0f} s; results in {results_dir}")
 
 
 if __name__ == "__main__":

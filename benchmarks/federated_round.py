@@ -10,7 +10,7 @@ compiled (and checked to agree with the other) before timing; the figure is the
 median wall time of ``--repeats`` rounds.
 
 Run ``python benchmarks/federated_round.py`` (``--quick`` for fewer repeats);
-writes ``benchmarks/results/federated_round.json``.
+writes ``benchmarks/out/federated_round.json``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,11 @@ def main(argv=None) -> None:
     parser.add_argument("--aggregator", default="fedit", choices=aggregators)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="3 repeats")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+        help="output folder (default: benchmarks/out/)",
+    )
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else args.repeats
 

@@ -32,7 +32,7 @@ Usage::
     python benchmarks/fedrot_alignment.py              # a few minutes on 2 CPU cores
     python benchmarks/fedrot_alignment.py --tc-seeds 0 # synthetic part only (seconds)
 
-Writes ``benchmarks/results/fedrot_alignment.json`` and prints markdown tables.
+Writes ``benchmarks/out/fedrot_alignment.json`` and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tc-seeds", type=int, default=3, help="text-copy seeds (0: skip)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
     args = parser.parse_args()
     n, p, r, q = args.n, args.p, args.r, args.q
     results = {

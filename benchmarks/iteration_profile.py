@@ -51,7 +51,7 @@ def per_trip(body, init, trips: int) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trips", type=int, default=40)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "iteration_profile.json")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "iteration_profile.json")
     args = parser.parse_args(argv)
 
     x = jax.random.normal(jax.random.key(0), (N, P, Q), jnp.float64)

@@ -23,7 +23,7 @@ cores, so no speed-up is to be expected from them: the mode checks the
 mechanics and the per-device memory; the speed-up needs real devices.
 
 Run ``python benchmarks/round_memory.py`` (64 .. 1024 clients; ``--quick``: 64 ..
-256); writes ``benchmarks/results/round_memory.json`` (``round_memory_quick.json``,
+256); writes ``benchmarks/out/round_memory.json`` (``round_memory_quick.json``,
 ``round_memory_devices8.json``).
 """
 
@@ -251,7 +251,11 @@ def main(argv=None) -> None:
     parser.add_argument("--examples", type=int, default=6, help="training sequences per client")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (--devices)")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+        help="output folder (default: benchmarks/out/)",
+    )
     args = parser.parse_args(argv)
     if args.devices > 1:
         if jax.device_count() < args.devices:

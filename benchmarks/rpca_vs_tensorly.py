@@ -22,7 +22,7 @@ Usage::
     python benchmarks/rpca_vs_tensorly.py --quick   # 256x512 and 2048x4096, a few minutes
     python benchmarks/rpca_vs_tensorly.py           # up to 2048x4096
 
-Writes ``benchmarks/results/rpca_vs_tensorly.json`` and ``.png``.
+Writes ``benchmarks/out/rpca_vs_tensorly.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two sizes only")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
     args = parser.parse_args(argv)
     import tensorly
 

@@ -15,7 +15,7 @@ Usage::
     taskset -c 0,1 python benchmarks/solver_scaling.py --quick   # 2 CPU cores
     python benchmarks/solver_scaling.py                          # full sweeps
 
-Writes ``benchmarks/results/solver_scaling.json`` and ``solver_scaling.png`` and
+Writes ``benchmarks/out/solver_scaling.json`` and ``solver_scaling.png`` and
 prints markdown tables.
 """
 
@@ -364,7 +364,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sweeps (a few minutes)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
