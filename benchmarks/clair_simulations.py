@@ -563,6 +563,7 @@ CONFIGS = {
 
 
 def main(argv=None) -> None:
+    global RESULTS  # --out: the plotting functions write there
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller grids (< 5 min on 2 cores)")
     parser.add_argument(
@@ -571,7 +572,6 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
     args = parser.parse_args(argv)
-    global RESULTS  # the plotting functions write there
     RESULTS = results_dir = args.out
     cfg = CONFIGS["quick" if args.quick else "full"]
     results_dir.mkdir(parents=True, exist_ok=True)
