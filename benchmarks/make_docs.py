@@ -191,10 +191,10 @@ def clair_simulations(d: dict) -> str:
     spec.loader.exec_module(module)
     text = module.markdown(d)
     lines = text.splitlines()
-    # Drop the title and the command line (the block's caption gives both); demote headings.
+    # Drop the title and the command line (the caption gives both); one heading level down.
     while lines and not lines[0].startswith("## "):
         lines.pop(0)
-    return "\n".join("##" + line if line.startswith("#") else line for line in lines)
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines)
 
 
 def fedrot_alignment(d: dict) -> str:
