@@ -60,8 +60,7 @@ from clair_jax._src.sharding import replicate as replicate
 from clair_jax._src.sharding import shard_batch as shard_batch
 from clair_jax._src.sharding import shard_clients as shard_clients
 from clair_jax._src.svd import singular_value_threshold as singular_value_threshold
-
-__version__ = "0.1.0"
+from clair_jax._version import __version__ as __version__
 
 __all__ = [
     "AggregateResult",
