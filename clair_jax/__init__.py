@@ -6,6 +6,7 @@ jitted, vmapped, differentiable), CLAIR, FedRot-LoRA and federated baselines.
 
 from clair_jax import data as data
 from clair_jax import simulate as simulate
+from clair_jax._src import lapack_threads as _lapack_threads
 from clair_jax._src.aggregators import AggregateResult as AggregateResult
 from clair_jax._src.aggregators import Aggregator as Aggregator
 from clair_jax._src.aggregators import LoRAFactors as LoRAFactors
@@ -36,6 +37,8 @@ from clair_jax._src.federated import run_rounds as run_rounds
 from clair_jax._src.federated import save_checkpoint as save_checkpoint
 from clair_jax._src.fedrot import aggregation_error as aggregation_error
 from clair_jax._src.fedrot import fedrot_align as fedrot_align
+from clair_jax._src.lapack_threads import lapack_threadpool_info as lapack_threadpool_info
+from clair_jax._src.lapack_threads import limit_lapack_threads as limit_lapack_threads
 from clair_jax._src.lora import LoRALinear as LoRALinear
 from clair_jax._src.lora import LoRATransformer as LoRATransformer
 from clair_jax._src.lora import TransformerConfig as TransformerConfig
@@ -60,8 +63,10 @@ from clair_jax._src.sharding import replicate as replicate
 from clair_jax._src.sharding import shard_batch as shard_batch
 from clair_jax._src.sharding import shard_clients as shard_clients
 from clair_jax._src.svd import singular_value_threshold as singular_value_threshold
+from clair_jax._version import __version__ as __version__
 
-__version__ = "0.1.0"
+_lapack_threads.apply_default()  # one thread for jaxlib's CPU LAPACK (see that module)
+
 
 __all__ = [
     "AggregateResult",
@@ -120,4 +125,6 @@ __all__ = [
     "replicate",
     "shard_batch",
     "shard_clients",
+    "lapack_threadpool_info",
+    "limit_lapack_threads",
 ]

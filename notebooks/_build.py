@@ -153,24 +153,65 @@ Transformer with CLAIR and the baselines (on a TPU or GPU runtime when there is 
     ),
 ]
 
-INSTALL = """# On Colab: install clair_jax from its repository (and JAX for the accelerator).
-# Elsewhere nothing is installed: run `pip install -e .` in the repository first.
-import os
-import shutil
-import subprocess
-import sys
+INSTALL = """# Installs clair_jax if it is not importable yet, from (first found): $CLAIR_JAX_SOURCE
+# (anything pip accepts), a wheel clair_jax-*.whl here or in /content, or the repository
+# this notebook sits in / was cloned or unzipped into (here or one folder down). The
+# runtime's JAX is kept: jax and jaxlib are held at their installed versions.
 
-REPO_URL = os.environ.get("CLAIR_JAX_REPO_URL", "https://github.com/OWNER/clair_jax")  # edit
-if "google.colab" in sys.modules:
-    jax_build = []
-    if os.path.exists("/dev/accel0") or os.environ.get("COLAB_TPU_ADDR"):
-        jax_build = ["jax[tpu]>=0.10,<0.11"]
-    elif shutil.which("nvidia-smi"):
-        jax_build = ["jax[cuda12]>=0.10,<0.11"]
+
+def clair_jax_source():
+    import glob
+    import os
+    import pathlib
+
+    if os.environ.get("CLAIR_JAX_SOURCE"):
+        return os.environ["CLAIR_JAX_SOURCE"]
+    here = os.getcwd()
+    wheels = [w for d in (here, "/content") for w in glob.glob(os.path.join(d, "clair_jax-*.whl"))]
+    if wheels:
+        return max(wheels, key=os.path.getmtime)
+    ups = [here, *map(str, pathlib.Path(here).parents)]
+    downs = sorted(glob.glob(os.path.join(here, "*", "")))
+    for folder in [*ups, *downs, *sorted(glob.glob("/content/*/"))]:
+        try:
+            with open(os.path.join(folder, "pyproject.toml"), encoding="utf-8") as f:
+                if 'name = "clair_jax"' in f.read():
+                    return os.path.abspath(folder)
+        except OSError:
+            continue
+    return None
+
+
+def install_clair_jax():
+    import importlib
+    import importlib.metadata
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    if importlib.util.find_spec("clair_jax") is not None:
+        return
+    source = clair_jax_source()
+    if source is None:
+        raise RuntimeError(
+            "clair_jax is not installed and no copy of it was found: upload the repository "
+            "(or a wheel from `python -m build`) next to this notebook, or set "
+            "CLAIR_JAX_SOURCE to a path, wheel or URL pip can install."
+        )
+    held = [f"{name}=={importlib.metadata.version(name)}" for name in ("jax", "jaxlib")
+            if importlib.util.find_spec(name) is not None]
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
+        constraints.write("\\n".join(held))
+    print(f"installing clair_jax from {source}, keeping {', '.join(held) or 'no JAX yet'}")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", f"clair_jax @ git+{REPO_URL}", *jax_build],
+        [sys.executable, "-m", "pip", "install", "-q", "-c", constraints.name, source],
         check=True,
-    )"""
+    )
+    importlib.invalidate_caches()
+
+
+install_clair_jax()"""
 
 COLAB = [
     new_markdown_cell(
@@ -182,10 +223,12 @@ their own way; 30% are contaminated. Every method trains the same federation fro
 same pre-trained base, and we plot the benign clients' held-out accuracy per round and
 the clients each method flagged.
 
-**On Colab**: *Runtime → Change runtime type* → a TPU or GPU, set `REPO_URL` in the first
-cell to the repository's address, then *Run all*. The first cell installs the package
-only when it runs on Colab (it was not exercised by our tests, which run this notebook on
-CPU). Set `CLAIR_JAX_NOTEBOOK_SMALL=1` for a one-minute configuration."""
+**On Colab**: *Runtime → Change runtime type* → a TPU or GPU; upload the repository
+(or clone it, or upload a wheel built with `python -m build`) to the runtime, then
+*Run all*. The first cell installs clair_jax when it is not importable, from that copy,
+keeping the runtime's own JAX (it is skipped by our tests, which run this notebook with
+clair_jax installed). The round loop shows a progress bar in the notebook. Set
+`CLAIR_JAX_NOTEBOOK_SMALL=1` for a one-minute configuration."""
     ),
     new_code_cell(INSTALL),
     new_code_cell(

@@ -142,7 +142,7 @@ def test_demo_recovers_the_planted_federation(capsys):
     assert "4 contaminated" in lines[0]
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert list(rows) == ["fista", "admm", "clair"]
-    for name, (_, iters, conv, _rank, err, flagged, precision, recall, _) in rows.items():
+    for name, (_, iters, conv, _rank, err, flagged, precision, recall, *_) in rows.items():
         assert conv == "True" and int(iters) > 0, name
         assert (flagged, precision, recall) == ("4", "1.00", "1.00"), name
         assert float(err) < 0.05, name

@@ -80,6 +80,43 @@ def test_colab_notebook_runs(tmp_path, monkeypatch):
     assert "CPU device(s)" in text
     assert "| fedit |" in text and "| clair |" in text  # the results table
     assert "flagged [" in text
+    assert re.search(r"clair \[#+\] 2/2", text), text[:2000]  # the rounds' progress bar
     found = re.search(r"max \|sharded - single device\| = (\S+)\n", text)
     assert found and float(found.group(1)) <= 1e-5, text[-500:]
     assert _images(notebook) == 1
+
+
+def _install_finder():
+    """``clair_jax_source`` from the Colab notebook's install cell (not run: no pip here)."""
+    pytest.importorskip("nbformat", reason=SKIP)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_build", NOTEBOOKS / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    code = build.INSTALL.removesuffix("install_clair_jax()")
+    namespace = {}
+    exec(code, namespace)
+    return namespace["clair_jax_source"]
+
+
+def test_install_cell_finds_a_copy_of_the_repository(tmp_path, monkeypatch):
+    find = _install_finder()
+    monkeypatch.delenv("CLAIR_JAX_SOURCE", raising=False)
+    clone = tmp_path / "clair_jax-main"
+    (clone / "notebooks").mkdir(parents=True)
+    (clone / "pyproject.toml").write_text('[project]\nname = "clair_jax"\n')
+    monkeypatch.chdir(tmp_path)  # Colab: /content with the upload one folder down
+    assert find() == str(clone)
+    monkeypatch.chdir(clone / "notebooks")  # Jupyter: the notebook's folder
+    assert find() == str(clone)
+    wheel = clone / "notebooks" / "clair_jax-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"")
+    assert find() == str(wheel)  # a wheel next to the notebook comes first
+    monkeypatch.setenv("CLAIR_JAX_SOURCE", "/somewhere/else")
+    assert find() == "/somewhere/else"
+
+
+def test_install_cell_pins_no_jax():
+    text = (NOTEBOOKS / "colab_tpu_federated.ipynb").read_text(encoding="utf-8")
+    assert "jax[" not in text and "OWNER" not in text
