@@ -163,15 +163,14 @@ def text_copy_runs(seeds: int, strengths: tuple[float, ...]) -> dict:
     import optax
 
     from clair_jax._src import data as data_lib
-    from clair_jax._src import federated, lora
     from clair_jax.experiments import text_copy
 
     length, rounds, local_steps, clients = 8, 6, 10, 20
-    config = lora.TransformerConfig(vocab_size=32, max_len=2 * length, lora_rank=8, lora_alpha=16.0)
+    config = cj.TransformerConfig(vocab_size=32, max_len=2 * length, lora_rank=8, lora_alpha=16.0)
     graphdef, base, adapters, _ = text_copy.pretrain(
         config, length=length, steps=800, seed=0, cache_dir=text_copy.default_cache_dir()
     )
-    evaluate = jax.jit(federated.evaluate, static_argnums=0)
+    evaluate = jax.jit(cj.evaluate_clients, static_argnums=0)
     methods = {"fedit": cj.fedit()} | {f"fedrot_{s:g}": cj.fedrot(s) for s in strengths}
     rows = {
         name: {"accuracy": [], "error": [], "error_unaligned": [], "per_round": []}
@@ -191,7 +190,7 @@ def text_copy_runs(seeds: int, strengths: tuple[float, ...]) -> dict:
             ),
         )
         for name, aggregator in methods.items():
-            round_fn = federated.make_round(
+            round_fn = cj.make_round(
                 graphdef,
                 base,
                 aggregator,
@@ -199,9 +198,9 @@ def text_copy_runs(seeds: int, strengths: tuple[float, ...]) -> dict:
                 batch_size=8,
                 optimizer=optax.adam(1e-2),
             )
-            state, history = federated.run_rounds(
+            state, history = cj.run_rounds(
                 round_fn,
-                federated.init_server_state(adapters, clients),
+                cj.init_server_state(adapters, clients),
                 fed.train,
                 jax.random.fold_in(key, 1),
                 rounds,

@@ -31,8 +31,9 @@ from _environment import environment  # noqa: E402
 from solver_scaling import per_trip as loop_trip  # noqa: E402
 from solver_scaling import timed  # noqa: E402
 
-from clair_jax._src import admm, problem, prox  # noqa: E402
-from clair_jax._src import svd as svd_lib  # noqa: E402
+from clair_jax._src.linalg import prox, svt_capped  # noqa: E402
+from clair_jax._src.linalg import svt as svd_lib  # noqa: E402
+from clair_jax._src.solvers import admm, problem  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N, P, Q, CAP = 32, 256, 16, 16
@@ -56,7 +57,7 @@ def main(argv=None) -> dict:
 
     x = jax.random.normal(jax.random.key(0), (N, P, Q), jnp.float64)
     matrix = prox.blocks_to_matrix(x)
-    basis = svd_lib.initial_basis(matrix.shape, CAP, x.dtype)
+    basis = svt_capped.initial_basis(matrix.shape, CAP, x.dtype)
     tau = 0.1 * float(jnp.linalg.norm(matrix, 2))
 
     def threshold(c):

@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 from _environment import environment  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
-from clair_jax._src import svd as svd_lib  # noqa: E402
+from clair_jax._src.linalg import svt as svd_lib  # noqa: E402
+from clair_jax._src.linalg import svt_capped  # noqa: E402
 
 TOL = 1e-6
 SECTIONS = ("headline", "n", "p", "q", "batch", "cvxpy")
@@ -153,7 +154,7 @@ def factorisation_time(shape, backend: str, rank_cap: int | None, repeats: int) 
     backend, rank_cap = svd_lib.resolve_backend(shape, backend, rank_cap, m.dtype)
     repeats = max(repeats, 10)
     if backend == "rank_capped":
-        basis = svd_lib.initial_basis(shape, rank_cap, m.dtype)
+        basis = svt_capped.initial_basis(shape, rank_cap, m.dtype)
 
         def capped(c):
             out, _, b = svd_lib.svt(c[0], 1.0, backend=backend, basis=c[1])
@@ -284,7 +285,7 @@ def batch_rows(sizes, n, p, q, repeats):
     solver state holding all the problems (64 MB per array for 64 float64
     problems here), far beyond the CPU caches. On CPU ``decompose`` batches its
     solve itself in cache-sized chunks (two of these problems at a time, see
-    ``decompose._cache_sized_batches``), so ``jax.vmap`` gets that; the explicit
+    ``decomposition.cache_sized_batches``), so ``jax.vmap`` gets that; the explicit
     ``lax.map(..., batch_size=MAP_CHUNK)`` row is the same schedule written by
     the user, kept for comparison.
     """

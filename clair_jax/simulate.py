@@ -8,8 +8,8 @@ function is deterministic given its ``jax.random`` key; see
 from clair_jax._src.simulate import KIND_NAMES as KIND_NAMES
 from clair_jax._src.simulate import REGRESSION_KINDS as REGRESSION_KINDS
 from clair_jax._src.simulate import UPDATE_KINDS as UPDATE_KINDS
-from clair_jax._src.simulate import Federation as Federation
 from clair_jax._src.simulate import RegressionFederation as RegressionFederation
+from clair_jax._src.simulate import UpdateFederation as Federation
 from clair_jax._src.simulate import least_squares as least_squares
 from clair_jax._src.simulate import linear_regression as linear_regression
 from clair_jax._src.simulate import shared_subspace_updates as shared_subspace_updates

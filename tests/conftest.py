@@ -41,7 +41,7 @@ def run_python():
     """Runs a Python script (dedented) in a fresh interpreter at the repository root.
 
     For programs that may hang (the jaxlib 0.10 batched-LAPACK deadlock on CPU, see
-    ``clair_jax/_src/batching.py``): past ``timeout`` seconds the test fails with
+    ``clair_jax/_src/linalg/batching.py``): past ``timeout`` seconds the test fails with
     ``subprocess.TimeoutExpired`` instead of stalling the suite.
     """
     root = Path(__file__).resolve().parents[1]

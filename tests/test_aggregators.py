@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from clair_jax._src import aggregators as ag
+import clair_jax as ag
 
 KEY = jax.random.key(0)
 SHAPES = {"q_proj": (6, 3, 5), "v_proj": (4, 3, 7)}  # module -> (p, r, q)
@@ -488,7 +488,8 @@ def np_best_rank(x, r):
 def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x64):
     """Modules of one shape are stacked and mapped (one compiled CLAIR per shape); the
     diagnostics and adapters equal CLAIR run on each module alone."""
-    from clair_jax._src.clair import clair, refine
+    from clair_jax._src.clair.pipeline import clair
+    from clair_jax._src.clair.refinement import refine
 
     rng = np.random.default_rng(16)
     n, r = 8, 2
@@ -527,7 +528,7 @@ def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x
 
 def test_clair_aggregator_on_products(x64):
     pytest.importorskip("clair_jax._src.clair")
-    from clair_jax._src.clair import clair
+    from clair_jax._src.clair.pipeline import clair
 
     rng = np.random.default_rng(15)
     n, p, r, q = 10, 14, 2, 12
@@ -583,7 +584,8 @@ def test_clair_aggregator_on_products(x64):
 
 
 def test_clair_aggregator_refines_on_at_most_the_lora_rank(x64):
-    from clair_jax._src.clair import clair, refine
+    from clair_jax._src.clair.pipeline import clair
+    from clair_jax._src.clair.refinement import refine
 
     rng = np.random.default_rng(4)
     n, p, r, q = 8, 12, 2, 10
@@ -644,7 +646,7 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     every module; benign client 4 sends a random update in module ``"c"`` only:
     module-level detection flags it, the pooled client score does not.
     """
-    from clair_jax._src.clair import clair
+    from clair_jax._src.clair.pipeline import clair
 
     rng = np.random.default_rng(3)
     n, r = 10, 2

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import clair_jax as cj
-from clair_jax._src import clair as clair_module
+from clair_jax._src.clair import core, detection
+from clair_jax._src.clair import noise as noise_lib
 
 SMALL = {"n": 16, "p": 12, "q": 3, "rank": 2, "fraction": 0.25}
 
@@ -217,9 +218,7 @@ def test_marchenko_pastur_median_matches_quadrature():
             return integrate.quad(density, a, t, limit=200)[0]
 
         ref = optimize.brentq(lambda t: cdf(t) - 0.5, a + 1e-12, b)
-        np.testing.assert_allclose(
-            float(clair_module.marchenko_pastur_median(beta)), ref, rtol=1e-4
-        )
+        np.testing.assert_allclose(float(noise_lib.marchenko_pastur_median(beta)), ref, rtol=1e-4)
 
 
 # --- determinism, jit, vmap, no recompilation ------------------------------------------------
@@ -258,9 +257,9 @@ def test_vmap_over_modules_equals_loop():
 
 def test_no_recompilation_on_second_call():
     cj.clair(small_federation(seed=1).updates)
-    before = clair_module._clair._cache_size()
+    before = core.clair_core._cache_size()
     cj.clair(small_federation(seed=2).updates)
-    assert clair_module._clair._cache_size() == before
+    assert core.clair_core._cache_size() == before
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -451,7 +450,7 @@ def test_one_huge_client_neither_sets_the_noise_floor_nor_swamps_the_fit(offset)
         np.testing.assert_allclose(res.noise_scale, clean.noise_scale, rtol=0.1)
         assert np.isfinite(np.asarray(res.refined)).all()
         # Screened (step 0) beyond 1e3 times the median client's size: score inf.
-        assert np.isinf(res.scores[contaminated[0]]) == (scale > clair_module.SCREEN_RATIO)
+        assert np.isinf(res.scores[contaminated[0]]) == (scale > detection.SCREEN_RATIO)
 
 
 def test_a_client_at_the_top_of_the_float32_range_is_screened():

@@ -9,9 +9,9 @@ import pytest
 from jax.test_util import check_grads
 
 import clair_jax as cj
-from clair_jax._src import decompose as decompose_module
-from clair_jax._src import problem as problem_module
-from clair_jax._src import svd
+from clair_jax._src.linalg import svt
+from clair_jax._src.solvers import decomposition as decompose_module
+from clair_jax._src.solvers import problem as problem_module
 
 from . import reference
 
@@ -141,7 +141,7 @@ def test_admm_sweep_carrying_s_plus_n_equals_the_textbook_sweep(x64, offset, con
     # admm.sweep carries W = S + N and derives S = BST_{lam_S w}(W) (N = W - S) and the
     # multiplier from V: five sweeps with a changing penalty reproduce the sweep that
     # keeps S, N and Y apart.
-    from clair_jax._src import admm
+    from clair_jax._src.solvers import admm
 
     x = small_problem(seed=3)["updates"]
     w = np.linspace(0.5, 1.5, x.shape[0])
@@ -342,7 +342,7 @@ def test_automatic_rank_cap_does_not_miss_a_singular_value_tied_with_the_next(x6
     The capped solve stopped at rank 15 with L off by 2e-4 relative, reported converged."""
     spectrum = NEAR_TIE_SPECTRUM_128
     x, u, v = near_tie_problem(4, 128, 64, spectrum, seed=0)
-    assert svd.auto_rank_cap((128, 256)) == 16 or jax.default_backend() == "tpu"
+    assert svt.auto_rank_cap((128, 256)) == 16 or jax.default_backend() == "tpu"
     truth = (u * np.maximum(spectrum - 1.02, 0)) @ v.T
     sol = cj.decompose(x, lam_nuc=1.02, lam_block=1e3)
     assert bool(sol.converged) and int(sol.rank) == 16
@@ -484,9 +484,9 @@ def test_jit_with_closed_over_concrete_arguments():
 def test_no_recompilation_on_second_call(rng):
     kw = {"lam_nuc": 1.0, "lam_block": 1.0, "method": "admm"}
     cj.decompose(rng.normal(size=(5, 6, 2)), **kw)
-    before = decompose_module._solve._cache_size()
+    before = decompose_module.solve_decomposition._cache_size()
     cj.decompose(rng.normal(size=(5, 6, 2)), lam_nuc=0.5, lam_block=2.0, method="admm")
-    assert decompose_module._solve._cache_size() == before
+    assert decompose_module.solve_decomposition._cache_size() == before
 
     @jax.jit
     @chex.assert_max_traces(n=1)
@@ -588,7 +588,7 @@ def test_unrolled_gradient_on_exactly_low_rank_data_is_finite_for_every_backend(
     rng = np.random.default_rng(0)
     u = rng.normal(size=(8, 2))
     x = jnp.asarray(np.einsum("pr,nrq->npq", u, rng.normal(size=(6, 2, 4))))
-    assert svd.resolve_backend((8, 24), "auto", None, x.dtype, unrolled=True)[0] == "gram"
+    assert svt.resolve_backend((8, 24), "auto", None, x.dtype, unrolled=True)[0] == "gram"
 
     def grad(backend):
         def loss(x):
@@ -625,7 +625,7 @@ def test_auto_caps_the_rank_of_large_matrices_and_matches_full_svd(x64):
     # M is 128 x 128: "auto" runs the rank-capped factorisation (off TPU) and lands
     # on the full-SVD minimiser.
     prob = reference.make_problem(9, n=8, p=128, q=16, rank=3, n_outliers=2, noise=0.01)
-    assert svd.auto_rank_cap((128, 128)) in (None, svd.AUTO_RANK_CAP)
+    assert svt.auto_rank_cap((128, 128)) in (None, svt.AUTO_RANK_CAP)
     kw = {"lam_nuc": 2.0, "lam_block": 2.0, "tol": 1e-9, "max_iter": 5000}
     auto = cj.decompose(prob["updates"], **kw)
     full = cj.decompose(prob["updates"], svd="full", **kw)

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+import clair_jax as cj
 from clair_jax import demo
 from clair_jax._src import data as data_lib
-from clair_jax._src import federated, lora
 from clair_jax.experiments import text_copy
 
 TINY = [
@@ -178,7 +178,7 @@ def test_unknown_method_is_a_value_error():
 
 
 def test_pretrain_cache_round_trip(tmp_path):
-    config = lora.TransformerConfig(vocab_size=16, max_len=8, lora_rank=2)
+    config = cj.TransformerConfig(vocab_size=16, max_len=8, lora_rank=2)
     _, base, _, info = text_copy.pretrain(
         config, length=4, steps=5, cache_dir=str(tmp_path), progress=False
     )
@@ -237,7 +237,7 @@ def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
     with_ckpt = text_copy.parse_args(common + ["--checkpoint-dir", ckpt])
 
     # Interrupted after round 1 of 2 (its checkpoint and history written) ...
-    run_rounds = federated.run_rounds
+    run_rounds = cj.run_rounds
 
     def interrupted(*args, callback, **kwargs):
         def stop(state, metrics):
@@ -247,7 +247,7 @@ def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
         return run_rounds(*args, callback=stop, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(federated, "run_rounds", interrupted)
+        patch.setattr(cj, "run_rounds", interrupted)
         with pytest.raises(_Interrupted):
             text_copy.run(with_ckpt)
     # ... then resumed, and resumed again once finished (no more rounds run).

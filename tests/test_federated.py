@@ -12,7 +12,7 @@ from flax import nnx
 
 import clair_jax as cj
 from clair_jax import data
-from clair_jax._src import federated
+from clair_jax._src.federated import training
 
 N = 6
 CONFIG = cj.TransformerConfig(
@@ -423,7 +423,7 @@ def test_masked_cross_entropy_ignores_masked_targets_and_rejects_bad_ones():
     mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     logp = np.asarray(jax.nn.log_softmax(logits))
     expected = -np.mean([logp[0, 0, 1], logp[0, 1, 4], logp[1, 0, 0], logp[1, 1, 2]])
-    for fn in (federated.masked_cross_entropy, jax.jit(federated.masked_cross_entropy)):
+    for fn in (training.masked_cross_entropy, jax.jit(training.masked_cross_entropy)):
         np.testing.assert_allclose(fn(logits, targets, mask), expected, rtol=1e-6)
         # Loss weights of any positive total give the weighted mean (not Σ w CE / 1
         # for totals below 1); an empty mask gives 0.
@@ -436,8 +436,8 @@ def test_masked_cross_entropy_ignores_masked_targets_and_rejects_bad_ones():
     with pytest.raises(
         ValueError, match=r"targets \(where mask != 0\) must hold integers in \[0, 5\)"
     ):
-        federated.masked_cross_entropy(logits, targets, jnp.ones((2, 3)))
+        training.masked_cross_entropy(logits, targets, jnp.ones((2, 3)))
     with pytest.raises(Exception, match=r"must hold integers in \[0, 5\)"):
         jax.block_until_ready(
-            jax.jit(federated.masked_cross_entropy)(logits, targets, jnp.ones((2, 3)))
+            jax.jit(training.masked_cross_entropy)(logits, targets, jnp.ones((2, 3)))
         )

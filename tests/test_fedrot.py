@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 
 import clair_jax as cj
-from clair_jax._src import fedrot as fedrot_module
+from clair_jax._src.aggregators import alignment as fedrot_module
 
 KEY = jax.random.key(0)
 

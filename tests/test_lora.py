@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 import clair_jax as cj
-from clair_jax._src import lora
+from clair_jax._src.lora import conversion
+from clair_jax._src.lora import model as lora_model
 
 TINY = cj.TransformerConfig(
     vocab_size=7, max_len=6, num_layers=2, width=8, num_heads=2, mlp_width=12, lora_rank=2
@@ -38,7 +39,7 @@ def np_layer_norm(x, p, eps=1e-6):
 
 def np_dense(x, base, adapters, name, scale):
     node = base
-    for k in lora.module_path(name):
+    for k in conversion.module_path(name):
         node = node[k]
     y = x @ np.asarray(node["kernel"]) + np.asarray(node["bias"])
     if name in adapters:
@@ -78,12 +79,12 @@ def np_forward(config, base, adapters, toks):
     return np_dense(np_layer_norm(x, base["ln_f"]), base, adapters, "head", scale)
 
 
-@pytest.mark.parametrize("targets", [lora.DEFAULT_TARGETS, ("value", "head")])
+@pytest.mark.parametrize("targets", [lora_model.DEFAULT_TARGETS, ("value", "head")])
 def test_forward_matches_numpy_reference(x64, targets):
     config = TINY._replace(lora_targets=targets, lora_alpha=3.0)
     model = cj.LoRATransformer(config, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     graphdef, base, adapters = cj.split_lora(model)
-    if targets == lora.DEFAULT_TARGETS:
+    if targets == lora_model.DEFAULT_TARGETS:
         expected = [f"blocks/{i}/attn/{m}" for i in range(2) for m in ("query", "key", "value")]
         expected += [f"blocks/{i}/{m}" for i in range(2) for m in ("attn/out", "mlp_in", "mlp_out")]
     else:
@@ -106,7 +107,7 @@ def test_adapter_names_follow_targets():
     assert sorted(adapters) == ["blocks/0/attn/value", "blocks/1/attn/value", "head"]
     assert adapters["head"].B.shape == (8, 2) and adapters["head"].A.shape == (2, 7)
     # The base holds no adapter factor; every adapter factor is an nnx.LoRAParam.
-    flat = lora._flatten(base)
+    flat = conversion.flatten_tree(base)
     assert not any(k[-1] in ("lora_a", "lora_b") for k in flat)
     lora_state = nnx.state(model, nnx.LoRAParam)
     assert len(jax.tree.leaves(lora_state)) == 2 * len(adapters)
@@ -117,20 +118,20 @@ def test_initial_adapters_are_a_no_op():
     for f in adapters.values():
         assert not np.any(np.asarray(f.B)) and np.all(np.abs(np.asarray(f.A)).sum(1) > 0)
     toks = tokens((2, 6), TINY.vocab_size)
-    zero = lora.zeros_like_adapters(adapters)
+    zero = conversion.zeros_like_adapters(adapters)
     np.testing.assert_array_equal(
         cj.apply_lora(graphdef, base, adapters, toks), cj.apply_lora(graphdef, base, zero, toks)
     )
 
 
 def test_merged_weights_give_the_adapter_model(x64):
-    config = TINY._replace(lora_targets=lora.LORA_TARGETS, lora_alpha=5.0)
+    config = TINY._replace(lora_targets=lora_model.LORA_TARGETS, lora_alpha=5.0)
     model = cj.LoRATransformer(config, param_dtype=jnp.float64, rngs=nnx.Rngs(3))
     graphdef, base, adapters = cj.split_lora(model)
     adapters = random_adapters(adapters, seed=4)
     merged = cj.merge_adapters(base, adapters, config.lora_scale)
     toks = tokens((4, 5), config.vocab_size)
-    zero = lora.zeros_like_adapters(adapters)
+    zero = conversion.zeros_like_adapters(adapters)
     np.testing.assert_allclose(
         cj.apply_lora(graphdef, merged, zero, toks),
         cj.apply_lora(graphdef, base, adapters, toks),
@@ -256,7 +257,7 @@ def test_adapters_must_fit_the_model():
     stacked = jax.tree.map(lambda x: x[None], adapters)
     with pytest.raises(ValueError, match=r"B \(1, 8, 2\)"):
         cj.merge_lora(graphdef, base, stacked)
-    assert lora.adapter_shapes(graphdef)["blocks/1/attn/value"] == ((8, 2), (2, 8))
+    assert conversion.adapter_shapes(graphdef)["blocks/1/attn/value"] == ((8, 2), (2, 8))
 
 
 def test_bad_inputs():

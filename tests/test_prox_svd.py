@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import clair_jax as cj
-from clair_jax._src import batching, prox, svd
+from clair_jax._src.linalg import batching, prox, svd, svt_capped
+from clair_jax._src.linalg import svt as svt_lib
 
 
 def numpy_svt(m, tau):
@@ -36,7 +37,7 @@ def test_capped_svt_certificate_against_numpy(x64, rng, shape, rank):
 
     def certified(tau, margin, low_rank=None, bound=1e-9, basis=basis, rank=rank):
         low_rank = numpy_svt(np.asarray(z), tau) if low_rank is None else low_rank
-        return bool(svd.capped_svt_certified(z, tau, basis, rank, low_rank, margin, bound))
+        return bool(svt_capped.capped_svt_certified(z, tau, basis, rank, low_rank, margin, bound))
 
     for tau, margin in [(nxt + 0.01, 0.0), (nxt - 0.01, 0.0), (nxt - 0.01, 0.02), (0.0, 0.0)]:
         # What the capped map keeps: the first `rank` directions, shrunk.
@@ -81,7 +82,7 @@ def test_svt_matches_numpy(x64, rng, shape, backend):
 def test_rank_capped_converges_to_exact_svt(x64, rng):
     u = np.linalg.qr(rng.normal(size=(30, 3)))[0]
     m = u @ np.diag([10.0, 5.0, 2.0]) @ rng.normal(size=(3, 50)) + 1e-3 * rng.normal(size=(30, 50))
-    basis = svd.initial_basis(m.shape, 6, jnp.float64)
+    basis = svt_capped.initial_basis(m.shape, 6, jnp.float64)
     for _ in range(30):  # repeated calls = subspace iteration, as inside the solvers
         out, rank, basis = cj.singular_value_threshold(
             jnp.asarray(m), 0.1, backend="rank_capped", basis=basis
@@ -104,7 +105,7 @@ def test_one_rank_capped_step_is_the_svt_of_the_projection(x64, rng, shape, rank
     if rank is not None:
         z = rng.normal(size=(shape[0], max(rank, 1))) @ rng.normal(size=(max(rank, 1), shape[1]))
         z *= rank > 0
-    basis = np.asarray(svd.initial_basis(shape, cap, jnp.float64))
+    basis = np.asarray(svt_capped.initial_basis(shape, cap, jnp.float64))
     q = np.linalg.qr(z @ basis)[0]
     proj = q.T @ z
     s_proj = np.linalg.svd(proj, compute_uv=False)
@@ -158,29 +159,29 @@ def test_layout_round_trip(rng):
     ("shape", "expected"), [((256, 512), "gram"), ((100, 120), "full"), ((512, 64), "gram")]
 )
 def test_auto_backend_by_shape_and_dtype(shape, expected):
-    assert svd.select_backend(shape, dtype=jnp.float64) == expected
-    assert svd.select_backend(shape, dtype=jnp.float32) == "full"
-    assert svd.select_backend(shape, rank_cap=5) == "rank_capped"
+    assert svt_lib.select_backend(shape, dtype=jnp.float64) == expected
+    assert svt_lib.select_backend(shape, dtype=jnp.float32) == "full"
+    assert svt_lib.select_backend(shape, rank_cap=5) == "rank_capped"
 
 
 def test_auto_rank_cap_only_for_large_matrices_and_auto():
-    cap = svd.auto_rank_cap((128, 4096))
-    assert cap == (None if jax.default_backend() == "tpu" else svd.AUTO_RANK_CAP)
-    assert svd.auto_rank_cap((127, 4096)) is None
-    assert svd.auto_rank_cap((256, 512), "full") is None
+    cap = svt_lib.auto_rank_cap((128, 4096))
+    assert cap == (None if jax.default_backend() == "tpu" else svt_lib.AUTO_RANK_CAP)
+    assert svt_lib.auto_rank_cap((127, 4096)) is None
+    assert svt_lib.auto_rank_cap((256, 512), "full") is None
     if cap is not None:  # off TPU
-        assert svd.resolve_backend((128, 4096)) == ("rank_capped", cap)
-        assert svd.resolve_backend((128, 4096), unrolled=True) == ("full", None)
-    assert svd.resolve_backend((256, 512), "gram") == ("gram", None)
+        assert svt_lib.resolve_backend((128, 4096)) == ("rank_capped", cap)
+        assert svt_lib.resolve_backend((128, 4096), unrolled=True) == ("full", None)
+    assert svt_lib.resolve_backend((256, 512), "gram") == ("gram", None)
 
 
 def test_backend_errors():
     with pytest.raises(ValueError, match="svd must be one of"):
-        svd.select_backend((4, 4), "lapack")
+        svt_lib.select_backend((4, 4), "lapack")
     with pytest.raises(ValueError, match="needs rank_cap"):
-        svd.select_backend((4, 4), "rank_capped")
+        svt_lib.select_backend((4, 4), "rank_capped")
     with pytest.raises(ValueError, match="rank_cap must be an int in"):
-        svd.select_backend((4, 6), "rank_capped", rank_cap=7)
+        svt_lib.select_backend((4, 6), "rank_capped", rank_cap=7)
 
 
 @pytest.mark.parametrize("backend", ["full", "gram"])
@@ -188,7 +189,7 @@ def test_backend_errors():
 @pytest.mark.parametrize("tau", [0.0, 0.7])
 def test_svt_closed_form_derivative_matches_finite_differences(x64, rng, shape, tau, backend):
     z = jnp.asarray(rng.normal(size=shape))
-    svt = lambda z, t: svd.svt(z, t, backend=backend)[0]  # noqa: E731
+    svt = lambda z, t: svt_lib.svt(z, t, backend=backend)[0]  # noqa: E731
     jax.test_util.check_grads(svt, (z, tau), order=1, modes=["fwd", "rev"], eps=1e-6)
 
 
@@ -200,7 +201,7 @@ def test_svt_derivative_is_finite_at_repeated_singular_values(x64, tau, backend)
     # closed form must match central differences there.
     rank_one = jnp.outer(jnp.arange(1.0, 7.0), jnp.ones(9))
     dz = jnp.asarray(np.random.default_rng(3).normal(size=(6, 9)))
-    svt = lambda z: svd.svt(z, tau, backend=backend)[0]  # noqa: E731
+    svt = lambda z: svt_lib.svt(z, tau, backend=backend)[0]  # noqa: E731
     for z in (jnp.zeros((6, 9)), rank_one):
         _, tangent = jax.jvp(svt, (z,), (dz,))
         grad = jax.grad(lambda z: jnp.sum(svt(z) ** 2))(z)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import clair_jax as cj
-from clair_jax._src import sparsity
+from clair_jax._src.linalg import sparsity
 
 
 def numpy_group_prox(z, tau, kind):

@@ -3,7 +3,7 @@
 The multi-device checks run in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set
 before JAX starts); it has a timeout, so a hang (e.g. the jaxlib 0.10 CPU
-LAPACK thread-pool deadlock, see ``clair_jax/_src/batching.py``) fails the test
+LAPACK thread-pool deadlock, see ``clair_jax/_src/linalg/batching.py``) fails the test
 instead of blocking. The bad-input checks run in-process on one device.
 """
 

@@ -220,7 +220,7 @@ def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path, run_python):
     """jax.vmap over PRNG keys of shared_subspace_updates: its two independent QRs
     (the shared basis and the coordinated group's) were batched LAPACK calls, and
     50 trips of a 16-key vmap in a fori_loop hung at 0% CPU in 3 of 3 runs on
-    2 cores (clair_jax._src.batching). Subprocess with a time limit; one trip's
+    2 cores (clair_jax._src.linalg.batching). Subprocess with a time limit; one trip's
     draws equal single draws."""
     out = tmp_path / "draws.npz"
     run_python(

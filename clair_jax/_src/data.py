@@ -35,7 +35,7 @@ A fraction of clients is contaminated (``contamination``):
   Krum).
 
 The update attacks are applied by the federated round
-(:func:`clair_jax._src.federated.make_round`) from the ``update_scale`` and
+(:func:`clair_jax.make_round`) from the ``update_scale`` and
 ``coordinated`` fields of :class:`ClientData`. Everything is generated from a
 ``jax.random`` key; nothing is downloaded.
 """

@@ -64,15 +64,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from clair_jax._src import batching, svd, validation
+from clair_jax._src import validation
+from clair_jax._src.linalg import batching, svd
 
-#: Names of the client kinds; ``Federation.kind`` holds indices into this tuple.
+#: Names of the client kinds; ``UpdateFederation.kind`` holds indices into this tuple.
 KIND_NAMES = ("benign", "dense", "sign_flip", "scaled", "subspace", "noise", "label_noise")
 UPDATE_KINDS = ("dense", "sign_flip", "scaled", "subspace", "noise")
 REGRESSION_KINDS = ("dense", "sign_flip", "scaled", "subspace", "label_noise")
 
 
-class Federation(NamedTuple):
+class UpdateFederation(NamedTuple):
     """Matrix-level synthetic federation (see :func:`shared_subspace_updates`).
 
     Attributes:
@@ -138,6 +139,7 @@ def _check_sizes(n, p, q, rank, fraction, samples=None) -> int:
 
 
 def _orthonormal(key, p: int, r: int, dtype) -> Array:
+    """A random ``(p, r)`` matrix with orthonormal columns."""
     return _q_factor(jax.random.normal(key, (p, r), dtype))
 
 
@@ -145,9 +147,8 @@ def _q_factor(g: Array) -> Array:
     """Orthonormal Q of ``g``'s thin QR (half precision factorised in float32).
 
     One matrix at a time under a caller's ``jax.vmap`` on CPU
-    (:func:`svd.orthonormal_factor`): ``_draw_model`` factorises two independent
-    matrices, and ``jax.jit(jax.vmap(shared_subspace_updates))`` over 16 keys hung
-    (two concurrent batched QRs, see ``clair_jax._src.batching``).
+    (:func:`~clair_jax._src.linalg.svd.orthonormal_factor`), where concurrent
+    batched QRs can deadlock (see ``clair_jax._src.linalg.batching``).
     """
     work = validation.working_dtype(g.dtype)
     return svd.orthonormal_factor(g.astype(work)).astype(g.dtype)
@@ -228,7 +229,7 @@ def _updates(
         },
         honest,
     )
-    return Federation(updates, model.parameters, model.basis, model.offset, codes > 0, codes)
+    return UpdateFederation(updates, model.parameters, model.basis, model.offset, codes > 0, codes)
 
 
 def shared_subspace_updates(
@@ -248,7 +249,7 @@ def shared_subspace_updates(
     attack_scale: float | Float[ArrayLike, ""] = 5.0,
     noise_factor: float | Float[ArrayLike, ""] = 5.0,
     dtype=None,
-) -> Federation:
+) -> UpdateFederation:
     """Matrix-valued client updates sharing a column space, some contaminated.
 
     Every client sends ``X_i = Θ_i + E_i`` (``E_i`` i.i.d. ``N(0, noise²)``, the
@@ -277,7 +278,7 @@ def shared_subspace_updates(
     ``fraction`` and ``kind`` are static.
 
     Returns:
-      A :class:`Federation`.
+      A :class:`UpdateFederation`.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -445,7 +446,7 @@ def _least_squares(x, y, ridge):
     xa = jnp.concatenate([x, eye], axis=1)
     ya = jnp.concatenate([y, jnp.zeros((n, p, y.shape[2]), y.dtype)], axis=1)
     work = validation.working_dtype(x.dtype)  # half precision solved in float32
-    # One client at a time on CPU (clair_jax._src.batching: jaxlib 0.10's batched LAPACK hang).
+    # One client at a time on CPU (see clair_jax._src.linalg.batching).
     beta = batching.map_matrices(_lstsq_solution, xa.astype(work), ya.astype(work))
     return beta.astype(x.dtype)
 

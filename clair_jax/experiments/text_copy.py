@@ -57,9 +57,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from clair_jax._src import aggregators as agg_lib
+import clair_jax as cj
 from clair_jax._src import data as data_lib
-from clair_jax._src import federated, lora, validation
+from clair_jax._src import validation
+from clair_jax._src.federated.checkpoint import atomic_write
+from clair_jax._src.federated.training import masked_cross_entropy
 from clair_jax._src.progress import ProgressBar
 
 METHODS = (
@@ -89,7 +91,7 @@ def default_cache_dir() -> str:
 
 
 def pretrain(
-    config: lora.TransformerConfig,
+    config: cj.TransformerConfig,
     *,
     length: int,
     steps: int,
@@ -120,8 +122,8 @@ def pretrain(
     """
     if config.max_len < 2 * length:
         raise ValueError(f"config.max_len ({config.max_len}) must be >= 2 * length ({2 * length}).")
-    model = lora.LoRATransformer(config, rngs=nnx.Rngs(seed))
-    graphdef, base, adapters = lora.split_lora(model)
+    model = cj.LoRATransformer(config, rngs=nnx.Rngs(seed))
+    graphdef, base, adapters = cj.split_lora(model)
     settings = {
         "config": config._asdict(),
         "length": length,
@@ -137,7 +139,7 @@ def pretrain(
     info = {"cache_file": path, "settings": settings}
     if path is not None and os.path.exists(path):
         info["loaded"] = True
-        return graphdef, federated.load_checkpoint(path, like=base), adapters, info
+        return graphdef, cj.load_checkpoint(path, like=base), adapters, info
 
     identity = jnp.arange(config.vocab_size, dtype=jnp.int32)
     warmup = max(1, min(100, steps // 10))
@@ -148,9 +150,9 @@ def pretrain(
 
     def loss_fn(params, key):
         x, y, w = data_lib.copy_examples(key, batch_size, identity, length=length)
-        logits = lora.apply_lora(graphdef, params, adapters, x)
+        logits = cj.apply_lora(graphdef, params, adapters, x)
         accuracy = jnp.sum(w * (jnp.argmax(logits, -1) == y)) / jnp.sum(w)
-        return federated.masked_cross_entropy(logits, y, w), accuracy
+        return masked_cross_entropy(logits, y, w), accuracy
 
     @jax.jit
     def chunk(params, opt_state, keys):
@@ -176,7 +178,7 @@ def pretrain(
             bar.update(loss=loss, acc=acc)
     info.update(loaded=False, seconds=time.perf_counter() - start, loss=loss, accuracy=acc)
     if path is not None:
-        federated.save_checkpoint(path, base)
+        cj.save_checkpoint(path, base)
     return graphdef, base, adapters, info
 
 
@@ -193,7 +195,7 @@ def make_aggregator(
     clair_flagged: str = "trained",
     clair_space: str = "column",
     clair_rank: str = "lora",
-) -> agg_lib.Aggregator:
+) -> cj.Aggregator:
     """The rule ``name`` with the experiment's settings.
 
     The Byzantine rules get the contaminated fraction as their assumed attacker
@@ -211,17 +213,17 @@ def make_aggregator(
     f = byzantine_budget(fraction, participants)
     rank_kwargs = clair_rank_kwargs(clair_rank)
     factories = {
-        "local_only": agg_lib.local_only,
-        "fedit": agg_lib.fedit,
-        "flexlora": agg_lib.flexlora,
-        "ffa_lora": agg_lib.ffa_lora,
-        "fedrot": lambda: agg_lib.fedrot(0.4),
-        "coordinate_median": agg_lib.coordinate_median,
-        "trimmed_mean": lambda: agg_lib.trimmed_mean(min(fraction, 0.49)),
-        "krum": lambda: agg_lib.krum(f),
-        "multi_krum": lambda: agg_lib.multi_krum(f, max(participants - f, 1)),
-        "geometric_median": agg_lib.geometric_median,
-        "clair": lambda: agg_lib.clair_aggregator(
+        "local_only": cj.local_only,
+        "fedit": cj.fedit,
+        "flexlora": cj.flexlora,
+        "ffa_lora": cj.ffa_lora,
+        "fedrot": lambda: cj.fedrot(0.4),
+        "coordinate_median": cj.coordinate_median,
+        "trimmed_mean": lambda: cj.trimmed_mean(min(fraction, 0.49)),
+        "krum": lambda: cj.krum(f),
+        "multi_krum": lambda: cj.multi_krum(f, max(participants - f, 1)),
+        "geometric_median": cj.geometric_median,
+        "clair": lambda: cj.clair_aggregator(
             offset=True,
             measure=clair_measure,
             detection=clair_detection,
@@ -544,12 +546,12 @@ def unconverged_count(diagnostics) -> int:
 
 def _write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
-    federated.atomic_write(path, lambda f: json.dump(obj, f), binary=False)
+    atomic_write(path, lambda f: json.dump(obj, f), binary=False)
 
 
 def resume(
-    checkpoint: str | None, history_file: str | None, state: federated.ServerState
-) -> tuple[federated.ServerState, dict[str, list]]:
+    checkpoint: str | None, history_file: str | None, state: cj.ServerState
+) -> tuple[cj.ServerState, dict[str, list]]:
     """The state and per-round history a method's earlier run saved, else a fresh start.
 
     After every round the experiment writes the history (``HISTORY_KEYS``: the
@@ -571,7 +573,7 @@ def resume(
     fresh = {k: [] for k in HISTORY_KEYS}
     if checkpoint is None or not os.path.exists(checkpoint):
         return state, fresh
-    loaded = federated.load_checkpoint(checkpoint, like=state)
+    loaded = cj.load_checkpoint(checkpoint, like=state)
     done = int(loaded.round)
     try:
         with open(history_file) as f:
@@ -591,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the experiment described by ``args`` (see :func:`parse_args`); returns the results."""
     start = time.perf_counter()
     length = 8
-    model_config = lora.TransformerConfig(
+    model_config = cj.TransformerConfig(
         vocab_size=32,
         max_len=2 * length,
         num_layers=args.layers,
@@ -626,18 +628,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     benign = ~truth
     participants = args.participation or args.clients
     optimizer = OPTIMIZERS[args.optimizer][0](args.lr)
-    evaluate = jax.jit(federated.evaluate_clients, static_argnums=0)
+    evaluate = jax.jit(cj.evaluate_clients, static_argnums=0)
     kinds = token_kinds(fed, length)
 
     @jax.jit
     def correct(base, adapters, data):
         def one(adapters_i, x, y):
-            return jnp.argmax(lora.apply_lora(graphdef, base, adapters_i, x), -1) == y
+            return jnp.argmax(cj.apply_lora(graphdef, base, adapters_i, x), -1) == y
 
         return jax.vmap(one)(adapters, data.inputs, data.targets)
 
     base_eval = evaluate(
-        graphdef, base, federated.init_server_state(adapters, args.clients).clients, fed.test
+        graphdef, base, cj.init_server_state(adapters, args.clients).clients, fed.test
     )
     print(
         f"{args.clients} clients ({int(truth.sum())} contaminated, {args.kind}), "
@@ -663,7 +665,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             clair_space=args.clair_space,
             clair_rank=args.clair_rank,
         )
-        round_fn = federated.make_round(
+        round_fn = cj.make_round(
             graphdef,
             base,
             aggregator,
@@ -672,7 +674,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             optimizer=optimizer,
             participation=args.participation,
         )
-        state = federated.init_server_state(adapters, args.clients)
+        state = cj.init_server_state(adapters, args.clients)
         checkpoint = history_file = None
         if args.checkpoint_dir:
             checkpoint = os.path.join(args.checkpoint_dir, run_id, f"{name}.npz")
@@ -714,9 +716,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "unconverged": unconverged,
                     },
                 )
-                federated.save_checkpoint(checkpoint, state)
+                cj.save_checkpoint(checkpoint, state)
 
-        state, _ = federated.run_rounds(
+        state, _ = cj.run_rounds(
             round_fn,
             state,
             fed.train,

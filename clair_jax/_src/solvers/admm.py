@@ -45,8 +45,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from clair_jax._src import problem, prox, sparsity
-from clair_jax._src.loop import run_iterations
+from clair_jax._src.linalg import prox, sparsity
+from clair_jax._src.solvers import problem
+from clair_jax._src.solvers.loop import run_iterations
 
 BALANCE_RATIO = 10.0
 PENALTY_FACTOR = 2.0

@@ -1,27 +1,13 @@
-"""Applying a per-matrix linear-algebra routine over a batch, safely on every backend.
+"""Mapping a per-matrix linear-algebra routine over a batch on every backend.
 
-jaxlib 0.10's CPU LAPACK kernels (SVD, eigh, QR, ...) split a *batched* call
-into chunks on XLA's intra-op thread pool and block until the chunks finish.
-When XLA runs as many independent batched calls concurrently as the pool has
-threads (two on a 2-core machine: e.g. the per-client SVDs of two adapted
-modules in one aggregation), every pool thread blocks waiting for chunks that no
-thread is free to run, and the program hangs at 0% CPU. Calls on a single matrix
-run inline and are not affected, and XLA's scheduling barriers
-(``lax.optimization_barrier``) do not survive to the CPU runtime, so the routine
-is mapped over the batch with :func:`jax.lax.map` on CPU (one matrix at a time:
-this costs the batch's intra-op parallelism, small for the matrices the
-aggregators factorise) and with :func:`jax.vmap` elsewhere, where the batched
-kernels are the fast path.
+On CPU, batched LAPACK calls (SVD, eigh, QR) that XLA runs concurrently can
+exhaust the intra-op thread pool and deadlock, while single-matrix calls run
+inline. The helpers here therefore map over a batch with :func:`jax.lax.map` on
+CPU and with :func:`jax.vmap` on GPU/TPU, where batched kernels are the fast path.
 
-Two entry points: :func:`map_matrices` for a batch the library itself forms
-(differentiable: ``lax.map`` is), and :func:`sequential_on_cpu` for the
-factorisations inside the solvers, which a *caller's* ``jax.vmap`` batches (a
-``custom_vmap`` rule; it also keeps nested vmaps sequential).
-
-The hang, as seen with ``gdb`` (jaxlib 0.10.2, 2 cores): two ``jnp.linalg.qr`` of
-``(16, 256, 16)`` float64 batches, independent, in one ``fori_loop`` body: both
-``tf_XLAEigen`` threads wait in ``jax::ParallelBatchMap`` (under
-``QrFactorization::Kernel``) for chunks queued on the pool itself.
+:func:`map_matrices` maps over a batch the library forms itself (it is
+differentiable); :func:`sequential_on_cpu` gives a function a ``jax.vmap`` rule,
+for the factorisations a caller's ``jax.vmap`` batches.
 """
 
 from __future__ import annotations
@@ -37,10 +23,9 @@ from jaxtyping import Array
 def map_matrices(fn: Callable[..., Any], *batched: Array) -> Any:
     """``fn`` applied to every element of the leading axis of ``batched``.
 
-    Equivalent to ``jax.vmap(fn)(*batched)``: on CPU it is computed with
-    ``jax.lax.map`` (sequentially), to avoid the jaxlib 0.10 CPU thread-pool
-    deadlock of concurrent batched LAPACK calls described in this module's
-    docstring; on GPU/TPU with ``jax.vmap``.
+    Equivalent to ``jax.vmap(fn)(*batched)``: computed with ``jax.lax.map``
+    (sequentially) on CPU, where concurrent batched LAPACK calls can deadlock
+    (see the module docstring), and with ``jax.vmap`` on GPU/TPU.
 
     Args:
       fn: a function of unbatched arrays returning a pytree of arrays.
@@ -63,16 +48,19 @@ def map_matrices(fn: Callable[..., Any], *batched: Array) -> Any:
 def sequential_on_cpu(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with a ``jax.vmap`` rule that computes a batch one problem at a time on CPU.
 
-    ``fn`` takes unbatched arrays (positional) and returns a pytree of arrays.
     Under ``jax.vmap`` on CPU the wrapped function maps ``fn`` over the batch
     with ``jax.lax.map`` (unbatched arguments are broadcast; an outer vmap maps
-    again), so LAPACK only ever sees single matrices; elsewhere it vmaps ``fn``.
+    again), so LAPACK only sees single matrices; elsewhere it vmaps ``fn``.
     Values equal ``jax.vmap(fn)``'s up to LAPACK's batched-versus-single rounding.
-
     The rule is a :func:`jax.custom_batching.custom_vmap`, which has no
-    reverse-mode derivative: use it where no cotangent flows through ``fn``, e.g.
-    in the primal computation of a ``jax.custom_jvp`` whose rule does not
-    differentiate ``fn`` (the solvers' thresholding maps).
+    reverse-mode derivative: use it where no cotangent flows through ``fn``
+    (e.g. the primal of a ``jax.custom_jvp`` whose rule does not differentiate it).
+
+    Args:
+      fn: a function of unbatched positional arrays returning a pytree of arrays.
+
+    Returns:
+      ``fn`` with the ``jax.vmap`` rule above; unbatched calls are ``fn``'s.
 
     Examples:
       >>> import jax, jax.numpy as jnp

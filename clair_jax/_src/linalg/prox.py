@@ -11,7 +11,8 @@ import numbers
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from clair_jax._src import sparsity, validation
+from clair_jax._src import validation
+from clair_jax._src.linalg import sparsity
 
 
 def blocks_to_matrix(x: Float[Array, "n p q"]) -> Float[Array, "p nq"]:

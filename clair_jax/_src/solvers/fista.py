@@ -30,8 +30,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from clair_jax._src import problem
-from clair_jax._src.loop import run_iterations
+from clair_jax._src.solvers import problem
+from clair_jax._src.solvers.loop import run_iterations
 
 
 class FistaState(NamedTuple):

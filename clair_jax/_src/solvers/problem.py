@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from clair_jax._src import prox, sparsity, svd
+from clair_jax._src.linalg import prox, sparsity
+from clair_jax._src.linalg import svt as svt_lib
 
 # Step size of the proximal-gradient map: the gradient of
 # (L, S) -> 1/2 ||P(X - L - S)||^2 is Lipschitz with constant ||[P, P]||^2 = 2.
@@ -96,7 +97,7 @@ def residual_blocks(data: Data, low_rank, sparse, offset: bool) -> Array:
 def svt_blocks(z, tau, options: Options, basis):
     """Singular value thresholding of ``(n, p, q)`` blocks as one ``p x nq`` matrix."""
     n = z.shape[0]
-    out, rank, basis = svd.svt(
+    out, rank, basis = svt_lib.svt(
         prox.blocks_to_matrix(z),
         tau,
         backend=options.backend,
@@ -125,7 +126,7 @@ def penalised_svt_argument(data: Data, low_rank, sparse, options: Options):
     """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser of the penalised problem.
 
     Stationarity in ``L`` at step 1: ``L = SVT_{λ_*}(L + P(X - L - S))``. Used to
-    certify a rank-capped solve (:func:`svd.capped_svt_certified`).
+    certify a rank-capped solve (:func:`svt_capped.capped_svt_certified`).
     """
     return low_rank + residual_blocks(data, low_rank, sparse, options.offset), data.lam_nuc
 

@@ -33,9 +33,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import PRNGKeyArray
 
-from clair_jax._src.aggregators import Aggregator
+from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
-from clair_jax._src.federated import RoundMetrics, ServerState, make_round
+from clair_jax._src.federated.round import RoundMetrics, ServerState, make_round
 
 DEFAULT_AXIS = "clients"
 """Name of the mesh axis :func:`client_mesh` creates."""

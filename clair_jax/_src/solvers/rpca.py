@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src import validation
-from clair_jax._src.decompose import decompose
+from clair_jax._src.solvers.decompose import decompose
 
 
 class RobustPCA(NamedTuple):

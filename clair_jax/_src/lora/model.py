@@ -32,9 +32,7 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -43,9 +41,10 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from clair_jax._src import validation
-from clair_jax._src.aggregators import Adapters, LoRAFactors
 
+#: Projections that can carry adapters.
 LORA_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out", "head")
+#: Projections adapted by default (every one but the output head).
 DEFAULT_TARGETS = ("query", "key", "value", "out", "mlp_in", "mlp_out")
 
 
@@ -82,11 +81,21 @@ class TransformerConfig(NamedTuple):
 
 
 def check_config(config: TransformerConfig) -> TransformerConfig:
-    """Raises a clear ``ValueError``/``TypeError`` for an invalid configuration.
+    """Checks a :class:`TransformerConfig`.
+
+    Args:
+      config: the configuration.
 
     Returns:
-      The configuration with ``lora_targets`` as a tuple (a list given there
-      would make the configuration, and so a model's ``graphdef``, unhashable).
+      The configuration with ``lora_targets`` as a tuple, so that it (and a
+      model's ``graphdef``) stays hashable.
+
+    Raises:
+      ValueError: non-positive sizes or rank, ``num_heads`` not dividing
+        ``width``, a non-finite or non-positive ``lora_alpha``, unknown or no
+        ``lora_targets``.
+      TypeError: not a :class:`TransformerConfig`, a non-int ``lora_rank``, a
+        non-real ``lora_alpha``.
     """
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
@@ -258,6 +267,7 @@ class LoRATransformer(nnx.Module):
       >>> model = LoRATransformer(config, rngs=nnx.Rngs(0))
       >>> model(jnp.zeros((3, 6), jnp.int32)).shape
       (3, 6, 8)
+      >>> from clair_jax import split_lora
       >>> graphdef, base, adapters = split_lora(model)
       >>> sorted(adapters)[:2]
       ['blocks/0/attn/key', 'blocks/0/attn/out']
@@ -308,194 +318,3 @@ class LoRATransformer(nnx.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
-
-
-# --- pure-pytree view: graphdef, base dict, Adapters -----------------------------------
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, (*prefix, k)))
-        else:
-            flat[(*prefix, k)] = v
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def module_name(path: tuple) -> str:
-    """``("blocks", 0, "attn", "query")`` -> ``"blocks/0/attn/query"``."""
-    return "/".join(str(k) for k in path)
-
-
-def module_path(name: str) -> tuple:
-    """Inverse of :func:`module_name` (list indices come back as ints)."""
-    return tuple(int(k) if k.isdigit() else k for k in name.split("/"))
-
-
-def lora_state_to_adapters(lora_state: nnx.State | Mapping) -> Adapters:
-    """``nnx.LoRAParam`` state (or its pure dict) -> ``{module name: LoRAFactors(B, A)}``.
-
-    ``B = lora_a`` and ``A = lora_b``; any leading (client) axes are kept.
-    """
-    pure = nnx.to_pure_dict(lora_state) if isinstance(lora_state, nnx.State) else lora_state
-    flat = _flatten(pure)
-    names = sorted({module_name(path[:-1]) for path in flat})
-    out = {}
-    for name in names:
-        path = module_path(name)
-        try:
-            out[name] = LoRAFactors(B=flat[(*path, "lora_a")], A=flat[(*path, "lora_b")])
-        except KeyError as err:
-            raise ValueError(f"module {name!r} lacks lora_a or lora_b in the LoRA state.") from err
-    return out
-
-
-def adapters_to_lora_state(adapters: Adapters) -> dict:
-    """Inverse of :func:`lora_state_to_adapters`: a pure nested dict for ``nnx.merge``."""
-    flat = {}
-    for name, factors in adapters.items():
-        path = module_path(name)
-        flat[(*path, "lora_a")] = factors.B
-        flat[(*path, "lora_b")] = factors.A
-    return _unflatten(flat)
-
-
-def split_lora(model: LoRATransformer) -> tuple[nnx.GraphDef, dict, Adapters]:
-    """Splits a model into ``(graphdef, base, adapters)``, all pure pytrees.
-
-    ``base`` holds every non-adapter variable (a pure nested dict); ``adapters``
-    the ``nnx.LoRAParam`` factors as an ``Adapters`` dict. :func:`apply_lora` and
-    :func:`merge_lora` invert it.
-    """
-    graphdef, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)
-    return graphdef, nnx.to_pure_dict(base_state), lora_state_to_adapters(lora_state)
-
-
-def _compute_adapter_shapes(graphdef: nnx.GraphDef) -> dict[str, tuple[tuple, tuple]] | None:
-    # nnx.merge fills the variables from the states' leaves in order (their paths are not
-    # compared), so placeholders rebuild the modules, whose static attributes give the
-    # adapter shapes. None (no check) when some adapter is not a LoRALinear's.
-    try:
-        model = nnx.merge(graphdef, [None] * graphdef.num_leaves)
-        nodes = list(nnx.iter_graph(model))
-    except Exception:  # noqa: BLE001 - a graphdef this cannot rebuild is left unchecked
-        return None
-    shapes = {
-        module_name(path): ((m.in_features, m.lora_rank), (m.lora_rank, m.out_features))
-        for path, m in nodes
-        if isinstance(m, LoRALinear) and m.lora_rank > 0
-    }
-    num_lora = sum(isinstance(node, nnx.LoRAParam) for _, node in nodes)
-    return shapes if num_lora == 2 * len(shapes) else None
-
-
-_cached_adapter_shapes = functools.lru_cache(maxsize=64)(_compute_adapter_shapes)
-
-
-def adapter_shapes(graphdef: nnx.GraphDef) -> dict[str, tuple[tuple, tuple]] | None:
-    """The adapters a model's ``graphdef`` holds: ``{module name: (B shape, A shape)}``.
-
-    ``None`` when the graphdef has adapters other than :class:`LoRALinear`'s.
-    """
-    try:
-        return _cached_adapter_shapes(graphdef)
-    except TypeError:  # an unhashable graphdef (a static attribute holds a list)
-        return _compute_adapter_shapes(graphdef)
-
-
-def check_adapters(graphdef: nnx.GraphDef, adapters: Adapters) -> None:
-    """Raises a ``ValueError`` when ``adapters`` do not fit the model ``graphdef``.
-
-    The module names must be those of the model's adapters, and every module's
-    ``B`` and ``A`` must have the model's ``(in, r)`` and ``(r, out)`` shapes
-    (unstacked: no leading client axis).
-    """
-    if not isinstance(adapters, Mapping):
-        raise TypeError(
-            f"adapters must be a dict of module name -> LoRAFactors, got {type(adapters).__name__}."
-        )
-    expected = adapter_shapes(graphdef)
-    if expected is None:
-        return
-    if set(adapters) != set(expected):
-        missing = sorted(set(expected) - set(adapters))
-        extra = sorted(set(adapters) - set(expected))
-        raise ValueError(
-            f"adapters do not match the model's adapted modules: missing {missing}, "
-            f"unexpected {extra}."
-        )
-    for name, (b_shape, a_shape) in expected.items():
-        b, a = adapters[name]
-        if tuple(b.shape) != b_shape or tuple(a.shape) != a_shape:
-            raise ValueError(
-                f"adapter {name!r}: B {tuple(b.shape)} and A {tuple(a.shape)}, the model "
-                f"expects B {b_shape} and A {a_shape} (rank {b_shape[1]})."
-            )
-
-
-def merge_lora(graphdef: nnx.GraphDef, base: Mapping, adapters: Adapters) -> LoRATransformer:
-    """Rebuilds the NNX model from :func:`split_lora`'s pieces.
-
-    Raises:
-      ValueError: the adapters' modules or shapes differ from the model's
-        (see :func:`check_adapters`).
-    """
-    check_adapters(graphdef, adapters)
-    return nnx.merge(graphdef, adapters_to_lora_state(adapters), base)
-
-
-def apply_lora(
-    graphdef: nnx.GraphDef, base: Mapping, adapters: Adapters, tokens: Int[Array, "b t"]
-) -> Float[Array, "b t v"]:
-    """Pure forward pass: logits of the model ``(graphdef, base, adapters)`` on ``tokens``.
-
-    Raises:
-      ValueError: the adapters do not fit the model (see :func:`check_adapters`).
-    """
-    return merge_lora(graphdef, base, adapters)(tokens)
-
-
-def merge_adapters(base: Mapping, adapters: Adapters, scale: float) -> dict:
-    """Folds the adapters into the base kernels: ``W <- W + scale * B A``.
-
-    The model ``(graphdef, merge_adapters(base, adapters, scale), zero adapters)``
-    computes the same function as ``(graphdef, base, adapters)`` when ``scale``
-    is the model's ``lora_alpha / lora_rank`` (:attr:`TransformerConfig.lora_scale`).
-
-    Args:
-      base: the base parameters from :func:`split_lora`.
-      adapters: unstacked adapters, ``B (p, r)``, ``A (r, q)`` per module.
-      scale: ``alpha / r``.
-
-    Returns:
-      A new base dict (the input is not modified).
-    """
-    flat = _flatten(base)
-    for name, factors in adapters.items():
-        key = (*module_path(name), "kernel")
-        if key not in flat:
-            raise ValueError(f"adapter {name!r} has no kernel in the base parameters.")
-        kernel = flat[key]
-        if factors.B.ndim != 2 or (factors.B @ factors.A).shape != kernel.shape:
-            raise ValueError(
-                f"adapter {name!r}: B {tuple(factors.B.shape)} @ A {tuple(factors.A.shape)} "
-                f"does not match the kernel {tuple(kernel.shape)}."
-            )
-        flat[key] = kernel + scale * (factors.B @ factors.A)
-    return _unflatten(flat)
-
-
-def zeros_like_adapters(adapters: Adapters) -> Adapters:
-    """Adapters with every factor zero (the base model's function)."""
-    return jax.tree.map(jnp.zeros_like, adapters)

@@ -3,20 +3,26 @@
 A LoRA update ``B A`` (``B`` ``p x r``, ``A`` ``r x q``) is invariant under
 ``B -> B R``, ``A -> R^T A`` for any orthogonal ``R``. Clients that learn the same
 update in different latent bases therefore send factors that cancel when the
-server averages ``A`` and ``B`` separately (FedIT). FedRot-LoRA (arXiv:2602.23638)
-rotates each client's factors toward the reference the server broadcast at the
-start of the round, which leaves every client's product unchanged and shrinks the
-aggregation error
+server averages ``A`` and ``B`` separately (FedIT). FedRot-LoRA rotates each
+client's factors toward the reference the server broadcast at the start of the
+round, which leaves every client's product unchanged and shrinks the aggregation
+error
 
 .. math::
 
     \\Big\\|\\sum_i p_i B_i A_i - \\bar B \\bar A\\Big\\|_F,
     \\qquad \\bar B = \\sum_i p_i B_i,\\; \\bar A = \\sum_i p_i A_i.
 
-Only the abstract of the paper is public to us: the closed form below is the
-orthogonal Procrustes solution (Schönemann 1966) with the Kabsch reflection fix,
-and the soft alignment, alternation and round-0 skip follow the project notes
-(``DESIGN.md`` section 4).
+The rotation is the orthogonal Procrustes solution with the Kabsch reflection
+fix; a soft alignment interpolates between no rotation and the full one.
+
+References:
+  FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA,
+  arXiv:2602.23638.
+  P. H. Schönemann, "A generalized solution of the orthogonal Procrustes
+  problem", Psychometrika 31, 1966.
+  W. Kabsch, "A solution for the best rotation to relate two sets of vectors",
+  Acta Cryst. A32, 1976.
 """
 
 from __future__ import annotations
@@ -28,10 +34,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from clair_jax._src import batching, validation
-from clair_jax._src.scaling import unit_size
+from clair_jax._src import validation
+from clair_jax._src.linalg import batching
+from clair_jax._src.linalg.scaling import unit_size
+from clair_jax._src.lora import types as lora_types
 
 FACTORS = ("A", "B")
+
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -66,15 +76,22 @@ def alignment_rotations(
     """Per-client rotations ``R_i`` of :func:`fedrot_align` (no argument checks).
 
     The rotation does not change when a client's factor or the reference is
-    scaled, so both are brought to unit size (the power of two of their largest
-    entry; in float32 for half precision) before the cross term is formed: the
-    cross term of finite factors could otherwise overflow (float16 entries of a
-    few hundred, float32 near 1e38), and LAPACK's SVD of a matrix holding ``inf``
-    may never return, or underflow to zero (float32 near 1e-19: no alignment).
+    scaled, so both are brought to unit size (a power of two; in at least
+    float32) before the cross term is formed, which then neither overflows nor
+    underflows. Jitted, with ``factor`` and ``allow_reflection`` static, so
+    eager calls compile once.
 
-    Jitted (``factor`` and ``allow_reflection`` static): called eagerly, its two
-    ``lax.map`` scans were traced and compiled anew on every call (about 260 ms
-    against 0.4 ms).
+    Args:
+      A: ``(n, r, q)`` clients' ``A`` factors.
+      B: ``(n, p, r)`` clients' ``B`` factors.
+      A_ref: ``(r, q)`` reference (used when ``factor == "A"``).
+      B_ref: ``(p, r)`` reference (used when ``factor == "B"``).
+      strength: scalar in ``[0, 1]``.
+      factor: ``"A"`` or ``"B"``.
+      allow_reflection: whether ``det R_i = -1`` is allowed.
+
+    Returns:
+      ``(n, r, r)`` orthogonal matrices, in ``A``'s dtype.
     """
     dtype = A.dtype
     work = validation.working_dtype(dtype)
@@ -85,7 +102,7 @@ def alignment_rotations(
     mine, ref = unit_size(mine.astype(work), (1, 2)), unit_size(ref.astype(work))
     cross = jnp.einsum(spec, mine, ref, precision=_HIGHEST)
     eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
-    # One client at a time on CPU (see clair_jax._src.batching: jaxlib 0.10 hang).
+    # One client at a time on CPU (see clair_jax._src.linalg.batching: jaxlib 0.10 hang).
     polar = partial(nearest_rotation, allow_reflection=allow_reflection)
     hard = batching.map_matrices(polar, cross)
     # A zero cross term (e.g. a zero reference) makes every rotation optimal: keep I.
@@ -182,7 +199,7 @@ def fedrot_align(
       vectors", Acta Cryst. A32, 1976.
     """
     validation.check_choice(factor, "factor", FACTORS)
-    a, b, a_ref, b_ref = check_factors(A, B, A_ref, B_ref, factor)
+    a, b, a_ref, b_ref = lora_types.check_factors(A, B, A_ref, B_ref, factor)
     lam = check_strength(strength, a.dtype)
     allow_reflection = validation.check_bool(allow_reflection, "allow_reflection")
     rot = alignment_rotations(a, b, a_ref, b_ref, lam, factor, allow_reflection)
@@ -228,8 +245,8 @@ def aggregation_error(
       >>> cj.aggregation_error(A, B)              # but the factor means are 0
       Array(1., dtype=float32)
     """
-    a, b, a_glob, b_glob = check_factors(A, B, A_global, B_global, None, "_global")
-    p = check_weights(weights, a.shape[0], a.dtype)
+    a, b, a_glob, b_glob = lora_types.check_factors(A, B, A_global, B_global, None, "_global")
+    p = lora_types.check_weights(weights, a.shape[0], a.dtype)
     if a_glob is None:
         a_glob = jnp.einsum("n,nrq->rq", p, a, precision=_HIGHEST)
     if b_glob is None:
@@ -240,7 +257,15 @@ def aggregation_error(
 def product_error(a, b, p, a_glob, b_glob) -> Array:
     """``||Σ p_i B_i A_i - B_g A_g||_F`` without argument checks (``p`` normalised).
 
-    Computed in the working dtype (at least float32, see ``validation.working_dtype``).
+    Args:
+      a: ``(n, r, q)`` clients' ``A``.
+      b: ``(n, p, r)`` clients' ``B``.
+      p: ``(n,)`` weights summing to one.
+      a_glob: ``(r, q)`` global ``A``.
+      b_glob: ``(p, r)`` global ``B``.
+
+    Returns:
+      The Frobenius norm, a scalar in the working dtype (at least float32).
     """
     work = validation.working_dtype(jnp.result_type(p, b, a, b_glob, a_glob))
     p, b, a, b_glob, a_glob = (x.astype(work) for x in (p, b, a, b_glob, a_glob))
@@ -249,57 +274,20 @@ def product_error(a, b, p, a_glob, b_glob) -> Array:
     return jnp.linalg.norm(exact - approx)
 
 
-# --- argument checks -----------------------------------------------------------------------
-
-
-def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
-    """Converts and checks stacked factors and (optional) references.
-
-    ``factor`` names the reference that must be present (``None``: neither).
-    """
-    a = validation.as_float_array(A, "A")
-    b = validation.as_float_array(B, "B")
-    dtype = jnp.result_type(a.dtype, b.dtype)
-    a, b = a.astype(dtype), b.astype(dtype)
-    if a.ndim != 3 or b.ndim != 3:
-        raise ValueError(
-            f"A must have shape (n, r, q) and B shape (n, p, r), got A {tuple(a.shape)} and "
-            f"B {tuple(b.shape)}; align several modules with jax.vmap."
-        )
-    n, r, q = a.shape
-    n_b, p, r_b = b.shape
-    if n != n_b:
-        raise ValueError(
-            f"A and B must hold the same number of clients, got A {tuple(a.shape)} (n={n}) and "
-            f"B {tuple(b.shape)} (n={n_b})."
-        )
-    if r != r_b:
-        raise ValueError(
-            f"rank mismatch: A {tuple(a.shape)} has rank r={r} (axis 1) but B {tuple(b.shape)} "
-            f"has rank r={r_b} (axis 2)."
-        )
-    if min(n, p, r, q) < 1:
-        raise ValueError(f"A and B must be non-empty, got A {tuple(a.shape)}, B {tuple(b.shape)}.")
-    a, b = validation.check_finite(a, "A"), validation.check_finite(b, "B")
-    out = []
-    for name, ref, shape in ((f"A{suffix}", A_ref, (r, q)), (f"B{suffix}", B_ref, (p, r))):
-        if ref is None:
-            if factor is not None and name[0] == factor:
-                raise ValueError(f'factor="{factor}" needs {name} of shape {shape}, got None.')
-            out.append(None)
-            continue
-        ref = validation.as_float_array(ref, name, dtype)
-        if ref.shape != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                f"got {tuple(ref.shape)}."
-            )
-        out.append(validation.check_finite(ref, name))
-    return a, b, out[0], out[1]
-
-
 def check_strength(strength, dtype) -> Array:
-    """A scalar strength in ``[0, 1]`` (checked now, or at run time when traced)."""
+    """A scalar strength in ``[0, 1]`` (checked now, or at run time when traced).
+
+    Args:
+      strength: the alignment strength.
+      dtype: its dtype.
+
+    Returns:
+      ``strength`` as a scalar array.
+
+    Raises:
+      ValueError: not a scalar, or outside ``[0, 1]``.
+      TypeError: non-numeric.
+    """
     lam = validation.as_float_array(strength, "strength", dtype)
     validation.check_scalar(lam, "strength")
     bad = ~((lam >= 0) & (lam <= 1))
@@ -309,26 +297,3 @@ def check_strength(strength, dtype) -> Array:
     if bool(bad):
         raise ValueError(f"{msg}, got {float(lam)!r}.")
     return lam
-
-
-def check_weights(weights, n: int, dtype) -> Array:
-    """Client weights ``(n,)``, non-negative and not all zero, normalised to sum to one.
-
-    The weights are normalised in ``validation.working_dtype(dtype)`` (at least
-    float32): with half-precision factors, weights such as example counts whose sum
-    exceeds float16's 65504 would otherwise all round to ``w / inf = 0``.
-    """
-    dtype = validation.working_dtype(dtype)
-    if weights is None:
-        return jnp.full((n,), 1.0 / n, dtype)
-    w = validation.as_float_array(weights, "weights", dtype)
-    if w.shape != (n,):
-        raise ValueError(f"weights must have shape (n,) = ({n},), got shape {tuple(w.shape)}.")
-    w = validation.check_nonnegative(w, "weights")
-    total = jnp.sum(w)
-    msg = "weights must not all be zero"
-    if validation.is_traced(total):
-        total = eqx.error_if(total, total <= 0, msg + ".")
-    elif not float(total) > 0:
-        raise ValueError(f"{msg}, got {w!r}.")
-    return w / total

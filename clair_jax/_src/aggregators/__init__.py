@@ -1,0 +1,1 @@
+"""Server aggregation rules for federated LoRA and FedRot-LoRA alignment."""

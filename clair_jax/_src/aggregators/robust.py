@@ -1,0 +1,209 @@
+"""Byzantine-robust rules on the clients' flattened factors."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+from clair_jax._src import validation
+from clair_jax._src.aggregators.base import (
+    HIGHEST,
+    AggregateResult,
+    Aggregator,
+    broadcast_result,
+    flatten_clients,
+    selected_mean,
+)
+from clair_jax._src.lora.types import check_adapters
+
+
+def coordinate_median() -> Aggregator:
+    """Coordinate-wise median of the clients' flattened factors (unweighted).
+
+    Every coordinate of ``(B, A)`` over all modules is the median over clients
+    (the mean of the two middle values when ``n`` is even). Flags nobody.
+
+    References:
+      D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+      Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
+    """
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+        return broadcast_result(clients, unflatten(jnp.median(rows, axis=0)), p)
+
+    return Aggregator("coordinate_median", aggregate)
+
+
+def trimmed_mean(beta: float = 0.1) -> Aggregator:
+    """Coordinate-wise β-trimmed mean of the clients' flattened factors (unweighted).
+
+    For every coordinate the ``k = floor(β n)`` largest and ``k`` smallest values
+    over clients are removed and the remaining ``n - 2k`` averaged. Flags nobody.
+
+    Args:
+      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < n``).
+
+    References:
+      D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
+      Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
+        raise ValueError(f"beta must be a number in [0, 0.5), got {beta!r}.")
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+        n = rows.shape[0]
+        k = int(np.floor(beta * n))
+        kept = jnp.sort(rows, axis=0)[k : n - k]
+        return broadcast_result(clients, unflatten(jnp.mean(kept, axis=0)), p)
+
+    return Aggregator("trimmed_mean", aggregate)
+
+
+def _squared_distances(rows: Array) -> Array:
+    """``(n, n)`` exact squared Euclidean distances, one row at a time (``O(n d)`` memory)."""
+    return jax.lax.map(lambda x: jnp.sum((rows - x[None, :]) ** 2, axis=1), rows)
+
+
+def krum_scores(rows: Array, f: int) -> Array:
+    """Krum scores: sum of squared distances to the ``n - f - 2`` nearest other clients."""
+    n = rows.shape[0]
+    d = _squared_distances(rows)
+    d = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d)
+    return jnp.sum(jnp.sort(d, axis=1)[:, : n - f - 2], axis=1)
+
+
+def _check_krum(n: int, f: int, m: int) -> None:
+    if n < 2 * f + 3:
+        raise ValueError(f"Krum with f={f} needs n >= 2f + 3 = {2 * f + 3} clients, got n={n}.")
+    if m > n:
+        raise ValueError(f"multi_krum m={m} is larger than the number of clients n={n}.")
+
+
+def multi_krum(f: int, m: int) -> Aggregator:
+    """Multi-Krum: average the ``m`` clients with the lowest Krum scores.
+
+    On the clients' flattened factors ``x_i`` (all modules), the score of client
+    ``i`` is ``Σ_{j ∈ N_i} ||x_i - x_j||^2`` over its ``n - f - 2`` nearest other
+    clients; the ``m`` lowest-scoring clients (ties broken by index) are averaged
+    factor-wise with their weights renormalised, and the others are flagged.
+    ``m = 1`` is Krum. Scores are computed once (Blanchard et al.'s Multi-Krum),
+    not by repeated Krum. Needs ``n >= 2f + 3``. Diagnostics: ``krum/scores``.
+
+    Args:
+      f: assumed number of Byzantine clients, ``f >= 0``.
+      m: number of clients averaged, ``1 <= m <= n``.
+
+    References:
+      P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
+      with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+    """
+    for value, arg, low in ((f, "f", 0), (m, "m", 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}.")
+    f, m = int(f), int(m)
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, _ = flatten_clients(clients)
+        n = rows.shape[0]
+        _check_krum(n, f, m)
+        scores = krum_scores(rows, f)
+        selected = jnp.zeros((n,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True)
+        w = jnp.where(selected, p, 0.0)
+        # All selected weights zero (zero-weight clients): average them equally.
+        w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
+        w = w / jnp.sum(w)
+        new_global = {name: selected_mean(fac, w, selected) for name, fac in clients.items()}
+        return broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
+
+    return Aggregator("krum" if m == 1 else "multi_krum", aggregate)
+
+
+def krum(f: int) -> Aggregator:
+    """Krum: the single client with the lowest Krum score (see :func:`multi_krum`).
+
+    The global adapter is that client's factors; every other client is flagged.
+
+    References:
+      P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
+      with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+    """
+    return multi_krum(f, 1)
+
+
+def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6) -> Aggregator:
+    """Weighted geometric median of the flattened factors by smoothed Weiszfeld (RFA).
+
+    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``) by the iteration
+
+    .. math::
+
+        β_i = \\frac{α_i}{\\max(ν, \\|v - x_i\\|)}, \\qquad
+        v \\leftarrow \\frac{\\sum_i β_i x_i}{\\sum_i β_i},
+
+    from the weighted mean, until ``||Δv|| <= tol · ||v||`` or ``max_iter``
+    iterations. Flags nobody. Diagnostics: ``geometric_median/num_iters``,
+    ``geometric_median/converged`` and the final normalised ``β``
+    (``geometric_median/weights``, small for far-away clients).
+
+    Args:
+      nu: smoothing ``ν > 0`` (guards the division when ``v`` hits a client).
+        Absolute, in the units of the factors, as in RFA: clients closer than
+        ``ν`` to ``v`` get the same weight, so with factors whose distances are
+        all below ``ν`` the rule returns the weighted mean.
+      max_iter: iteration cap.
+      tol: relative change at which to stop.
+
+    References:
+      K. Pillutla, S. M. Kakade, Z. Harchaoui, "Robust Aggregation for Federated
+      Learning", IEEE Trans. Signal Process. 2022, arXiv:1912.13445.
+    """
+    nu = validation.check_positive_float(nu, "nu")
+    tol = validation.check_positive_float(tol, "tol")
+    max_iter = validation.check_positive_int(max_iter, "max_iter")
+
+    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        rows, unflatten = flatten_clients(clients)
+
+        def beta(v):
+            dist = jnp.sqrt(jnp.sum((rows - v[None, :]) ** 2, axis=1))
+            return p / jnp.maximum(dist, nu)
+
+        def step(v):
+            b = beta(v)
+            return jnp.einsum("n,nd->d", b / jnp.sum(b), rows, precision=HIGHEST)
+
+        def cond(state):
+            v, change, it = state
+            return (it < max_iter) & (change > tol * jnp.linalg.norm(v))
+
+        def body(state):
+            v, _, it = state
+            new = step(v)
+            return new, jnp.linalg.norm(new - v), it + 1
+
+        v0 = jnp.einsum("n,nd->d", p, rows, precision=HIGHEST)
+        init = (v0, jnp.asarray(jnp.inf, rows.dtype), jnp.zeros((), jnp.int32))
+        v, change, it = jax.lax.while_loop(cond, body, init)
+        b = beta(v)
+        extra = {
+            "geometric_median/num_iters": it,
+            "geometric_median/converged": change <= tol * jnp.linalg.norm(v),
+            "geometric_median/weights": b / jnp.sum(b),
+        }
+        return broadcast_result(clients, unflatten(v), p, extra=extra)
+
+    return Aggregator("geometric_median", aggregate)

@@ -1,0 +1,1 @@
+"""CLAIR: noise estimation, detection of contaminated clients, subspace refinement."""

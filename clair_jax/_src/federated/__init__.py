@@ -1,0 +1,1 @@
+"""Federated rounds: local training, attacks, the round, checkpoints, sharding."""

@@ -1,0 +1,1 @@
+"""Linear algebra: SVD and singular value thresholding backends, proximal maps, batching rules."""

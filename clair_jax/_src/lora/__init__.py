@@ -1,0 +1,1 @@
+"""LoRA factor types, the LoRA Transformer and its pure-pytree view."""

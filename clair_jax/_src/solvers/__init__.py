@@ -1,0 +1,1 @@
+"""Solvers of the low-rank + block-sparse problem: FISTA, ADMM, loop, implicit derivatives."""
