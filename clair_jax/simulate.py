@@ -5,14 +5,14 @@ function is deterministic given its ``jax.random`` key; see
 :func:`shared_subspace_updates` and :func:`linear_regression` for the models.
 """
 
-from clair_jax._src.simulate import KIND_NAMES as KIND_NAMES
-from clair_jax._src.simulate import REGRESSION_KINDS as REGRESSION_KINDS
-from clair_jax._src.simulate import UPDATE_KINDS as UPDATE_KINDS
-from clair_jax._src.simulate import RegressionFederation as RegressionFederation
-from clair_jax._src.simulate import UpdateFederation as Federation
-from clair_jax._src.simulate import least_squares as least_squares
-from clair_jax._src.simulate import linear_regression as linear_regression
-from clair_jax._src.simulate import shared_subspace_updates as shared_subspace_updates
+from clair_jax._src.simulation.model import KIND_NAMES as KIND_NAMES
+from clair_jax._src.simulation.model import REGRESSION_KINDS as REGRESSION_KINDS
+from clair_jax._src.simulation.model import UPDATE_KINDS as UPDATE_KINDS
+from clair_jax._src.simulation.regression import RegressionFederation as RegressionFederation
+from clair_jax._src.simulation.regression import least_squares as least_squares
+from clair_jax._src.simulation.regression import linear_regression as linear_regression
+from clair_jax._src.simulation.updates import UpdateFederation as Federation
+from clair_jax._src.simulation.updates import shared_subspace_updates as shared_subspace_updates
 
 __all__ = [
     "KIND_NAMES",

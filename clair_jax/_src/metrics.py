@@ -34,6 +34,7 @@ class DetectionMetrics(NamedTuple):
 
 
 def _ratio(num: Array, den: Array) -> Array:
+    """``num / den`` as floats, 1 where ``den == 0`` (nothing to find, nothing flagged)."""
     num, den = num.astype(jnp.result_type(float)), den.astype(jnp.result_type(float))
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
 

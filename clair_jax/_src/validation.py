@@ -18,11 +18,24 @@ import numpy as np
 
 
 def is_traced(x) -> bool:
+    """Whether ``x`` is a tracer (inside ``jit``/``vmap``/``grad``)."""
     return isinstance(x, jax.core.Tracer)
 
 
 def as_float_array(x, name: str, dtype=None) -> jax.Array:
-    """Converts to a JAX floating array; integers and bools become the default float."""
+    """Converts to a JAX floating array; integers and bools become the default float.
+
+    Args:
+      x: an array-like of real numbers.
+      name: its argument name, for the messages.
+      dtype: cast to this dtype (default: keep a floating dtype).
+
+    Returns:
+      A JAX array.
+
+    Raises:
+      TypeError: strings, None, non-numeric or complex input.
+    """
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}.")
     try:
@@ -63,6 +76,10 @@ def as_factorisable(x, name: str, ndim: int, layout: str, hint: str) -> jax.Arra
     Returns:
       A floating JAX array in its :func:`working_dtype` (half precision becomes
       float32), with ``ndim`` axes, none of them empty.
+
+    Raises:
+      ValueError: another number of axes, or an empty axis.
+      TypeError: as :func:`as_float_array`.
     """
     arr = as_float_array(x, name)
     arr = arr.astype(working_dtype(arr.dtype))
@@ -86,6 +103,10 @@ def check_indices(x: jax.Array, size: int, name: str) -> jax.Array:
     """Rejects a non-integer array or entries outside ``[0, size)`` (token ids, labels).
 
     Out-of-range ids would otherwise give NaN embeddings or losses silently.
+
+    Raises:
+      TypeError: a non-integer dtype.
+      ValueError: an entry outside ``[0, size)`` (traced: a runtime error).
     """
     if not jnp.issubdtype(x.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}.")
@@ -99,7 +120,7 @@ def check_indices(x: jax.Array, size: int, name: str) -> jax.Array:
 
 
 def check_nonnegative(x: jax.Array, name: str) -> jax.Array:
-    """Rejects negative or non-finite entries."""
+    """Rejects negative or non-finite entries (ValueError now, or a runtime error when traced)."""
     msg = f"{name} must be finite and non-negative"
     if is_traced(x):
         return eqx.error_if(x, jnp.any(~(jnp.isfinite(x) & (x >= 0))), msg + ".")
@@ -112,6 +133,7 @@ def check_nonnegative(x: jax.Array, name: str) -> jax.Array:
 
 
 def check_scalar(x: jax.Array, name: str) -> jax.Array:
+    """Rejects a non-scalar array (ValueError, suggesting ``jax.vmap`` for a grid)."""
     if x.ndim != 0:
         raise ValueError(
             f"{name} must be a scalar, got shape {tuple(x.shape)} "
@@ -121,7 +143,12 @@ def check_scalar(x: jax.Array, name: str) -> jax.Array:
 
 
 def check_positive_float(x, name: str) -> float:
-    """A static positive Python float (configuration, not a traced array)."""
+    """A static positive Python float (configuration, not a traced array).
+
+    Raises:
+      TypeError: a traced or non-real value.
+      ValueError: a non-finite or non-positive value.
+    """
     if is_traced(x):
         raise TypeError(f"{name} must be a static Python number, not a traced array.")
     if isinstance(x, bool) or not isinstance(x, (numbers.Real, np.ndarray, jax.Array)):
@@ -133,6 +160,7 @@ def check_positive_float(x, name: str) -> float:
 
 
 def check_positive_int(x, name: str) -> int:
+    """A static Python int ``>= 1`` (TypeError for a non-int, ValueError below 1)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}.")
     if int(x) < 1:
@@ -141,13 +169,14 @@ def check_positive_int(x, name: str) -> int:
 
 
 def check_bool(x, name: str) -> bool:
-    """A static Python (or NumPy) bool; strings such as ``"no"`` are not truthy flags."""
+    """A static Python (or NumPy) bool (TypeError otherwise: ``"no"`` is not a flag)."""
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(x).__name__} {x!r}.")
     return bool(x)
 
 
 def check_choice(x, name: str, choices: tuple) -> str:
+    """``x`` if it is one of ``choices`` (ValueError listing them otherwise)."""
     if x not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {x!r}.")
     return x
@@ -156,11 +185,18 @@ def check_choice(x, name: str, choices: tuple) -> str:
 def contaminated_count(fraction, num_clients: int, fraction_name: str, clients_name: str) -> int:
     """``round(fraction * num_clients)`` (round half to even), the contaminated clients.
 
+    Args:
+      fraction: the contaminated fraction.
+      num_clients: the number of clients.
+      fraction_name: how messages name ``fraction`` (e.g. a command-line flag).
+      clients_name: how messages name ``num_clients``.
+
+    Returns:
+      The number of contaminated clients.
+
     Raises:
       ValueError: ``fraction`` outside ``[0, 1)`` (NaN included), or a count
-        that leaves no benign client. The message names
-        the arguments as ``fraction_name`` and ``clients_name`` (e.g.
-        ``"config.contaminated_fraction"`` or a command-line flag).
+        that leaves no benign client.
     """
     value = float(fraction)
     if not 0.0 <= value < 1.0:  # NaN fails too

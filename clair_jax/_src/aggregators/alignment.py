@@ -102,7 +102,7 @@ def alignment_rotations(
     mine, ref = unit_size(mine.astype(work), (1, 2)), unit_size(ref.astype(work))
     cross = jnp.einsum(spec, mine, ref, precision=_HIGHEST)
     eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
-    # One client at a time on CPU (see clair_jax._src.linalg.batching: jaxlib 0.10 hang).
+    # One client at a time on CPU (see clair_jax._src.linalg.batching).
     polar = partial(nearest_rotation, allow_reflection=allow_reflection)
     hard = batching.map_matrices(polar, cross)
     # A zero cross term (e.g. a zero reference) makes every rotation optimal: keep I.

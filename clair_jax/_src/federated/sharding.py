@@ -136,11 +136,13 @@ def replicate(tree: T, mesh: Mesh) -> T:
 
 
 def _leading(leaf) -> int | None:
+    """Length of ``leaf``'s leading axis (None for a scalar)."""
     shape = np.shape(leaf)
     return int(shape[0]) if len(shape) else None
 
 
 def _check_divisible(n: int, what: str, size: int, axis_name: str, shapes: Any) -> None:
+    """Raises a ``ValueError`` unless ``n`` splits evenly over the mesh axis of ``size``."""
     if n % size:
         raise ValueError(
             f"{what} ({n}) must be divisible by the size ({size}) of mesh axis "
@@ -149,6 +151,7 @@ def _check_divisible(n: int, what: str, size: int, axis_name: str, shapes: Any) 
 
 
 def _shapes(tree) -> list[tuple[int, ...]]:
+    """The shapes of ``tree``'s leaves (for error messages)."""
     return [tuple(np.shape(x)) for x in jax.tree.leaves(tree)]
 
 

@@ -122,8 +122,8 @@ def svt_argument(data: problem.Data, options: problem.Options, state: AdmmState)
 def initial_penalty(data: problem.Data) -> Array:
     """``1.25 / ||M||_2`` (Lin et al.), spectral norm by 30 power iterations.
 
-    With an offset, ``M`` holds the centred blocks (``decompose._solve``; the offset
-    absorbs the rest).
+    With an offset, ``M`` holds the centred blocks
+    (``decomposition.solve_decomposition``; the offset absorbs the rest).
     """
     m = prox.blocks_to_matrix(data.updates)
     v = jnp.ones((m.shape[1],), m.dtype) / jnp.sqrt(m.shape[1])

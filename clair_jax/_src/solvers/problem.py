@@ -81,8 +81,9 @@ def data_scale(data: Data) -> Array:
     """The scale residuals are measured against: ``||X||_F`` (1 for zero data).
 
     With an offset, the solvers get the centred blocks ``X_i - X̄``
-    (``decompose._solve``): a large common part (a base weight ``W_0``), which the
-    unpenalised offset absorbs, neither loosens the tolerance nor floors the residual.
+    (``decomposition.solve_decomposition``): a large common part (a base weight
+    ``W_0``), which the unpenalised offset absorbs, neither loosens the tolerance
+    nor floors the residual.
     """
     norm = jnp.sqrt(jnp.sum(data.updates**2))
     return jnp.where(norm > 0, norm, 1.0)

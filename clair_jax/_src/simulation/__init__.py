@@ -1,0 +1,1 @@
+"""Synthetic federations: a shared low-rank model, contaminated clients."""
