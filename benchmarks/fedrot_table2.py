@@ -194,7 +194,8 @@ def summarise(runs: list[dict], lambdas) -> dict:
                 d = run[m]["diagnostics"][t]
                 return float(
                     np.mean(
-                        [d[f"spread_{factor}/{mod}"] / max(d[f"ref_norm_{factor}/{mod}"], 1e-30)
+                        [d[f"spread_{factor}/{mod}"] / d[f"ref_norm_{factor}/{mod}"]
+                         if d[f"ref_norm_{factor}/{mod}"] > 0 else np.inf
                          for mod in modules]
                     )
                 )  # fmt: skip
