@@ -13,8 +13,15 @@ error
     \\Big\\|\\sum_i p_i B_i A_i - \\bar B \\bar A\\Big\\|_F,
     \\qquad \\bar B = \\sum_i p_i B_i,\\; \\bar A = \\sum_i p_i A_i.
 
-The rotation is the orthogonal Procrustes solution with the Kabsch reflection
-fix; a soft alignment interpolates between no rotation and the full one.
+The authors' code is public (GitHub ``haoran-zh/FedRot-LoRA``,
+``federatedscope/rotation_alignment_tools.py``) and this port follows it: the
+closed form is the orthogonal Procrustes solution (Schönemann 1966); the
+strength ``λ`` (the official ``rotate_lambda``, default 1.5) selects the hard
+solution over O(r) (``λ > 1``, reflections allowed) or the Kabsch-fixed
+solution over SO(r), softened through the polar factor when ``λ < 1``. The
+alternation and round-0 skip of :func:`clair_jax.fedrot` follow the official
+client (``core/workers/client.py``). ``tests/test_fedrot_official.py`` checks
+the port against a NumPy transcription of the official alignment.
 
 References:
   FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA,
@@ -71,7 +78,7 @@ def alignment_rotations(
     B_ref: Float[Array, "p r"] | None,
     strength: Float[Array, ""],
     factor: str,
-    allow_reflection: bool = False,
+    allow_reflection: bool | None = None,
 ) -> Float[Array, "n r r"]:
     """Per-client rotations ``R_i`` of :func:`fedrot_align` (no argument checks).
 
@@ -81,14 +88,18 @@ def alignment_rotations(
     underflows. Jitted, with ``factor`` and ``allow_reflection`` static, so
     eager calls compile once.
 
+    ``strength`` is traced: both the hard (``λ > 1``) and the soft (``λ <= 1``)
+    rotations are computed and one is selected.
+
     Args:
       A: ``(n, r, q)`` clients' ``A`` factors.
       B: ``(n, p, r)`` clients' ``B`` factors.
       A_ref: ``(r, q)`` reference (used when ``factor == "A"``).
       B_ref: ``(p, r)`` reference (used when ``factor == "B"``).
-      strength: scalar in ``[0, 1]``.
+      strength: scalar ``λ >= 0`` (the official ``rotate_lambda``).
       factor: ``"A"`` or ``"B"``.
-      allow_reflection: whether ``det R_i = -1`` is allowed.
+      allow_reflection: ``None`` (official: ``O(r)`` iff ``λ > 1``) or a bool forcing
+        ``O(r)`` / ``SO(r)``.
 
     Returns:
       ``(n, r, r)`` orthogonal matrices, in ``A``'s dtype.
@@ -103,13 +114,36 @@ def alignment_rotations(
     cross = jnp.einsum(spec, mine, ref, precision=_HIGHEST)
     eye = jnp.broadcast_to(jnp.eye(cross.shape[-1], dtype=cross.dtype), cross.shape)
     # One client at a time on CPU (see clair_jax._src.linalg.batching).
-    polar = partial(nearest_rotation, allow_reflection=allow_reflection)
-    hard = batching.map_matrices(polar, cross)
+    # One SVD gives both optima: over O(r) (U V^T) and over SO(r) (Kabsch fix).
+    free, proper = batching.map_matrices(procrustes_pair, cross)
     # A zero cross term (e.g. a zero reference) makes every rotation optimal: keep I.
-    scale = jnp.max(jnp.abs(cross), axis=(1, 2), keepdims=True)
-    hard = jnp.where(scale > 0, hard, eye)
-    soft = batching.map_matrices(polar, (1 - strength) * eye + strength * hard)
-    return soft.astype(dtype)
+    nonzero = jnp.max(jnp.abs(cross), axis=(1, 2), keepdims=True) > 0
+    free, proper = jnp.where(nonzero, free, eye), jnp.where(nonzero, proper, eye)
+    lam = jnp.asarray(strength, cross.dtype)
+    # λ <= 1 (official rotation_alignment_soft): the Kabsch-fixed R, or R over O(r)
+    # with allow_reflection=True; exactly R at λ = 1, else the polar factor of the
+    # interpolation, taken over O(r) as the official code does.
+    inner = free if allow_reflection is True else proper
+    polar = partial(nearest_rotation, allow_reflection=True)
+    soft = batching.map_matrices(polar, (1 - lam) * eye + lam * inner)
+    soft = jnp.where(lam == 1, inner, soft)
+    # λ > 1 (official rotation_alignment): U V^T over O(r), no determinant fix;
+    # over SO(r) only when allow_reflection=False.
+    hard = proper if allow_reflection is False else free
+    return jnp.where(lam > 1, hard, soft).astype(dtype)
+
+
+def procrustes_pair(m: Float[Array, "r r"]) -> tuple[Float[Array, "r r"], Float[Array, "r r"]]:
+    """``argmax tr(R^T M)`` over O(r) and over SO(r), from one SVD ``M = U Σ V^T``.
+
+    Over O(r) it is ``U V^T``; over SO(r), when ``det(U V^T) < 0`` the sign of the
+    last (smallest) singular pair is flipped first (Kabsch 1976).
+    """
+    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
+    free = jnp.matmul(u, vt, precision=_HIGHEST)
+    sign = jnp.where(jnp.linalg.det(u) * jnp.linalg.det(vt) < 0, -1.0, 1.0).astype(u.dtype)
+    proper = jnp.matmul(u.at[:, -1].multiply(sign), vt, precision=_HIGHEST)
+    return free, proper
 
 
 def fedrot_align(
@@ -118,9 +152,9 @@ def fedrot_align(
     A_ref: Float[ArrayLike, "r q"] | None,
     B_ref: Float[ArrayLike, "p r"] | None,
     *,
-    strength: float | Float[ArrayLike, ""] = 1.0,
+    strength: float | Float[ArrayLike, ""] = 1.5,
     factor: str = "A",
-    allow_reflection: bool = False,
+    allow_reflection: bool | None = None,
 ) -> tuple[Float[Array, "n r q"], Float[Array, "n p r"]]:
     """Rotates every client's LoRA factors toward a reference (FedRot-LoRA).
 
@@ -129,25 +163,40 @@ def fedrot_align(
 
     .. math::
 
-        R_i^\\star = \\arg\\min_{R^\\top R = I,\\ \\det R = 1}
+        R_i^\\star = \\arg\\min_{R \\in G}
           \\|R^\\top A_i - A_{\\mathrm{ref}}\\|_F = U V^\\top,
         \\qquad A_i A_{\\mathrm{ref}}^\\top = U \\Sigma V^\\top,
 
-    with the sign of the last singular pair flipped when ``det(U V^T) < 0``
-    (reflection fix). Aligning on ``B`` minimises ``||B_i R - B_ref||_F`` and uses
-    the SVD of ``B_i^T B_ref``. Soft alignment with strength ``λ ∈ [0, 1]`` uses
-    the orthogonal polar factor of the interpolation,
+    over ``G = O(r)`` or ``G = SO(r)`` (then the sign of the last singular pair
+    is flipped when ``det(U V^T) < 0``, the Kabsch fix). Aligning on ``B``
+    minimises ``||B_i R - B_ref||_F`` and uses the SVD of ``B_i^T B_ref``. The
+    strength ``λ`` has the semantics of the official ``rotate_lambda``:
+
+    * ``λ > 1`` (default 1.5, the authors' default): the hard solution over
+      ``O(r)``, reflections allowed (official ``rotation_alignment``); every
+      ``λ > 1`` gives the same rotation.
+    * ``λ = 1``: the hard solution over ``SO(r)`` (rotation only).
+    * ``λ < 1``: the polar factor of the interpolation with the ``SO(r)``
+      solution (official ``rotation_alignment_soft``); ``λ = 0`` is no rotation
+      (plain FedIT):
 
     .. math::
 
-        R_i = \\operatorname{polar}\\big((1 - λ) I + λ R_i^\\star\\big),
+        R_i = \\operatorname{polar}\\big((1 - λ) I + λ R_i^\\star\\big).
 
-    (``λ = 0``: no rotation, plain FedIT; ``λ = 1``: full Procrustes; the paper
-    reports ``λ ≈ 0.4`` as its best setting) and returns ``A_i' = R_i^T A_i``,
-    ``B_i' = B_i R_i``, so ``B_i' A_i' = B_i A_i`` up to rounding. When the cross
-    term ``A_i A_ref^T`` (or ``B_i^T B_ref``) is zero every rotation is optimal
-    and ``R_i = I``; when it is rank deficient the optimum is not unique and the
-    SVD picks one of them.
+    ``allow_reflection`` overrides the group: ``None`` (default) is the official
+    choice above; ``True`` takes ``R_i^*`` over ``O(r)`` at every ``λ``;
+    ``False`` over ``SO(r)`` at every ``λ`` (then ``λ > 1`` equals ``λ = 1``; this
+    was the default before the official code was ported). In the paper's
+    λ-sensitivity figure ``λ = 1`` is the worst point on all three tasks (RTE is
+    best near 0.4, SST-2 at 0.6, QNLI at 0–0.2); when clients differ by sign
+    flips of latent directions only ``O(r)`` can undo them.
+
+    Returns ``A_i' = R_i^T A_i``, ``B_i' = B_i R_i``, so ``B_i' A_i' = B_i A_i``
+    up to rounding. When the cross term ``A_i A_ref^T`` (or ``B_i^T B_ref``) is
+    zero every rotation is optimal and ``R_i = I`` (the official code takes
+    whatever its SVD returns); when it is rank deficient the optimum is not
+    unique and the SVD picks one of them.
 
     ``strength`` is traced (``vmap`` over a grid of strengths); ``factor`` and
     ``allow_reflection`` are static. Align a batch of modules with ``jax.vmap``.
@@ -159,22 +208,24 @@ def fedrot_align(
         when ``factor="A"``, otherwise unused and may be ``None``.
       B_ref: ``(p, r)`` reference ``B``; needed when ``factor="B"``, otherwise
         unused and may be ``None``.
-      strength: alignment strength ``λ ∈ [0, 1]``.
+      strength: alignment strength ``λ >= 0`` (the official ``rotate_lambda``):
+        ``> 1`` hard over ``O(r)``, ``1`` hard over ``SO(r)``, ``< 1`` soft.
       factor: ``"A"`` or ``"B"``, the factor aligned to its reference.
-      allow_reflection: maximise over all orthogonal matrices instead of
-        rotations (skips the reflection fix). With ``r = 1`` the only rotation is
-        ``1``, so alignment needs this to flip signs.
+      allow_reflection: ``None`` for the official group (``O(r)`` when
+        ``λ > 1``, else ``SO(r)``); ``True`` for ``O(r)`` and ``False`` for
+        ``SO(r)`` at every ``λ``. With ``r = 1`` the only rotation is ``1``, so
+        alignment needs ``O(r)`` to flip signs.
 
     Returns:
       ``(A', B')`` with the shapes and dtype of ``(A, B)``.
 
     Raises:
       ValueError: shapes that do not fit together (e.g. different ranks), a
-        missing reference, ``strength`` outside ``[0, 1]`` or not a scalar,
+        missing reference, ``strength`` negative, not finite or not a scalar,
         unknown ``factor``, NaN or inf in the factors. A traced ``strength``
-        outside ``[0, 1]`` (or traced factors with NaN/inf) raises at run time
-        with the same message.
-      TypeError: non-numeric arrays, or ``allow_reflection`` not a bool.
+        out of range (or traced factors with NaN/inf) raises at run time with
+        the same message.
+      TypeError: non-numeric arrays, or ``allow_reflection`` not a bool or None.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -201,7 +252,7 @@ def fedrot_align(
     validation.check_choice(factor, "factor", FACTORS)
     a, b, a_ref, b_ref = lora_types.check_factors(A, B, A_ref, B_ref, factor)
     lam = check_strength(strength, a.dtype)
-    allow_reflection = validation.check_bool(allow_reflection, "allow_reflection")
+    allow_reflection = check_reflection(allow_reflection)
     rot = alignment_rotations(a, b, a_ref, b_ref, lam, factor, allow_reflection)
     a2 = jnp.einsum("nsr,nsq->nrq", rot, a, precision=_HIGHEST)
     b2 = jnp.einsum("nps,nsr->npr", b, rot, precision=_HIGHEST)
@@ -275,7 +326,7 @@ def product_error(a, b, p, a_glob, b_glob) -> Array:
 
 
 def check_strength(strength, dtype) -> Array:
-    """A scalar strength in ``[0, 1]`` (checked now, or at run time when traced).
+    """A finite scalar strength ``>= 0`` (checked now, or at run time when traced).
 
     Args:
       strength: the alignment strength.
@@ -285,15 +336,22 @@ def check_strength(strength, dtype) -> Array:
       ``strength`` as a scalar array.
 
     Raises:
-      ValueError: not a scalar, or outside ``[0, 1]``.
+      ValueError: not a scalar, negative or not finite.
       TypeError: non-numeric.
     """
     lam = validation.as_float_array(strength, "strength", dtype)
     validation.check_scalar(lam, "strength")
-    bad = ~((lam >= 0) & (lam <= 1))
-    msg = "strength must be in [0, 1]"
+    bad = ~((lam >= 0) & jnp.isfinite(lam))
+    msg = "strength must be finite and >= 0 (> 1: hard over O(r), as the official default 1.5)"
     if validation.is_traced(lam):
         return eqx.error_if(lam, bad, msg + ".")
     if bool(bad):
         raise ValueError(f"{msg}, got {float(lam)!r}.")
     return lam
+
+
+def check_reflection(allow_reflection) -> bool | None:
+    """``None`` (the official choice by strength) or a static bool."""
+    if allow_reflection is None:
+        return None
+    return validation.check_bool(allow_reflection, "allow_reflection")
