@@ -166,9 +166,7 @@ def lift(left: Array, coords: Array, right: Array) -> Array:
     """
     if right.ndim == 2:
         right = jnp.broadcast_to(right, (coords.shape[0], *right.shape))
-    return jnp.einsum(
-        "pk,nkm,nqm->npq", left, coords, right, precision=_HIGHEST
-    )
+    return jnp.einsum("pk,nkm,nqm->npq", left, coords, right, precision=_HIGHEST)
 
 
 class FactoredDecomposition(NamedTuple):
