@@ -24,6 +24,17 @@ from clair_jax._src.clair import ClairResult as ClairResult
 from clair_jax._src.clair import clair as clair
 from clair_jax._src.decompose import Decomposition as Decomposition
 from clair_jax._src.decompose import decompose as decompose
+from clair_jax._src.factored_aggregators import (
+    clair_aggregator_factored as clair_aggregator_factored,
+)
+from clair_jax._src.factored_aggregators import flexlora_factored as flexlora_factored
+from clair_jax._src.factored_aggregators import product_error_factored as product_error_factored
+from clair_jax._src.factored_aggregators import with_factored_errors as with_factored_errors
+from clair_jax._src.factored_clair import FactoredClairResult as FactoredClairResult
+from clair_jax._src.factored_clair import FactoredUpdates as FactoredUpdates
+from clair_jax._src.factored_clair import clair_factored as clair_factored
+from clair_jax._src.factored_decompose import FactoredDecomposition as FactoredDecomposition
+from clair_jax._src.factored_decompose import decompose_factored as decompose_factored
 from clair_jax._src.federated import Evaluation as Evaluation
 from clair_jax._src.federated import RoundMetrics as RoundMetrics
 from clair_jax._src.federated import ServerState as ServerState
@@ -75,6 +86,10 @@ __all__ = [
     "fedrot_align",
     "ffa_lora",
     "flexlora",
+    "flexlora_factored",
+    "with_factored_errors",
+    "product_error_factored",
+    "clair_aggregator_factored",
     "geometric_median",
     "krum",
     "local_only",
@@ -84,6 +99,8 @@ __all__ = [
     "block_soft_threshold",
     "blocks_to_matrix",
     "decompose",
+    "decompose_factored",
+    "FactoredDecomposition",
     "RobustPCA",
     "matrix_to_blocks",
     "rpca",
@@ -91,6 +108,9 @@ __all__ = [
     "ClairResult",
     "DetectionMetrics",
     "clair",
+    "clair_factored",
+    "FactoredClairResult",
+    "FactoredUpdates",
     "detection_metrics",
     "simulate",
     "subspace_distance",
