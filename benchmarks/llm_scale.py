@@ -226,6 +226,7 @@ def detection_report(flagged, n):
 
 
 def model_run(args) -> dict:
+    """One pass over the modules: each is generated once and every rule runs on it."""
     n, r = args.clients, args.rank
     mods = list(modules(args.layers, args.divisor))
     w = jnp.ones((n,), jnp.float32)
@@ -253,55 +254,83 @@ def model_run(args) -> dict:
         "trimmed_mean": jitted(cj.trimmed_mean(0.25)),
         "clair": jitted(fag.clair_aggregator_factored(), error + ("scores/m",)),
     }
-    selected = [
-        x for x in args.rules if x in rules or x in ("krum", "multi_krum", "geometric_median")
-    ]
-    report = {"modules": len(mods), "shapes": sorted({(p, q) for _, _, p, q in mods}), "rules": {}}
-
-    # Generation alone (one pass), for reference.
-    start = time.perf_counter()
-    for index, _, p, q in mods:
-        jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
-    report["generate_pass_s"] = time.perf_counter() - start
-    print(f"generation pass {report['generate_pass_s']:.1f} s over {len(mods)} modules", flush=True)
-
-    for name in selected:
-        if name not in rules:
-            continue
-        fn = rules[name]
-        reset_peak()
-        compute, compile_s, flagged_any, scores, module_flags = 0.0, 0.0, np.zeros(n, bool), [], []
-        errors = []
-        seen = set()
-        for index, _, p, q in mods:
-            clients, glob = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
-            if (p, q) not in seen:  # compile outside the timing (once per shape)
-                seen.add((p, q))
+    rules = {k: v for k, v in rules.items() if k in args.rules}
+    flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
+    dist_fn = jax.jit(
+        lambda c: jax.lax.map(lambda x: jnp.sum((flat(c) - x[None]) ** 2, axis=1), flat(c))
+    )
+    err_fn = jax.jit(
+        lambda c, w: fag.product_error_factored(
+            c, w / jnp.sum(w), cj.LoRAFactors(jnp.mean(c.B, axis=0), jnp.mean(c.A, axis=0))
+        )
+    )
+    krum_wanted = any(x in args.rules for x in ("krum", "multi_krum", "geometric_median"))
+    names = list(rules) + (["krum_distances"] if krum_wanted else []) + ["factored_error"]
+    seconds = dict.fromkeys(names, 0.0)
+    first_calls = dict.fromkeys(names, 0.0)
+    t_gen, errors, seen = 0.0, {k: [] for k in rules}, set()
+    flags = {k: [] for k in rules}
+    scores, d = [], np.zeros((n, n))
+    first_layer = []
+    reset_peak()
+    for count, (index, _, p, q) in enumerate(mods):
+        start = time.perf_counter()
+        clients, glob = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
+        t_gen += time.perf_counter() - start
+        fresh = (p, q) not in seen
+        seen.add((p, q))
+        if count < len(LLAMA):
+            first_layer.append((index, p, q))
+        calls = [(k, partial(fn, clients, glob, w)) for k, fn in rules.items()]
+        if krum_wanted:
+            calls.append(("krum_distances", partial(dist_fn, clients)))
+        if count < len(LLAMA):  # the factored error on the first layer only (extrapolated)
+            calls.append(("factored_error", partial(err_fn, clients, w)))
+        for name, call in calls:
+            if fresh:  # compile outside the timing (once per shape)
                 start = time.perf_counter()
-                jax.block_until_ready(fn(clients, glob, w))
-                compile_s += time.perf_counter() - start
+                jax.block_until_ready(call())
+                first_calls[name] += time.perf_counter() - start
             start = time.perf_counter()
-            res = jax.block_until_ready(fn(clients, glob, w))
-            compute += time.perf_counter() - start
-            _, _, flagged, diag = res
-            if "aggregation_error/m" in diag:
-                errors.append(float(diag["aggregation_error/m"]))
-            flagged_any |= np.asarray(flagged)
-            module_flags.append(np.asarray(flagged))
-            if name == "clair":
-                scores.append(np.asarray(diag["scores/m"]))
-        entry = {
-            "seconds": compute,
-            "first_calls_s": compile_s,
-            "peak_rss_mib": _status("VmHWM"),
-            "mean_aggregation_error": float(np.mean(errors)) if errors else None,
-        }
+            out = jax.block_until_ready(call())
+            seconds[name] += time.perf_counter() - start
+            if name in rules:
+                _, _, flagged, diag = out
+                flags[name].append(np.asarray(flagged))
+                if "aggregation_error/m" in diag:
+                    errors[name].append(float(diag["aggregation_error/m"]))
+                if name == "clair":
+                    scores.append(np.asarray(diag["scores/m"]))
+            elif name == "krum_distances":
+                d += np.asarray(out, np.float64)
+        if count % 7 == 6:
+            print(
+                f"  {count + 1}/{len(mods)} modules, "
+                + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()),
+                flush=True,
+            )
+    report = {
+        "modules": len(mods),
+        "shapes": sorted(seen),
+        "generation_s": t_gen,
+        "peak_rss_mib_whole_pass": _status("VmHWM"),
+        "seconds": seconds,
+        "first_calls_s": first_calls,
+        "factored_error_whole_model_estimate_s": seconds["factored_error"]
+        * len(mods)
+        / max(len(first_layer), 1),
+        "rules": {},
+    }
+    kinds = np.array(list(KINDS) + ["benign"] * (n - len(KINDS)))
+    for name in rules:
+        entry = {"seconds": seconds[name], "first_calls_s": first_calls[name]}
+        if errors[name]:
+            entry["mean_aggregation_error"] = float(np.mean(errors[name]))
         if name == "clair":
-            entry["module_rule"] = detection_report(flagged_any, n)
-            flags = np.stack(module_flags)
-            kinds = np.array(list(KINDS) + ["benign"] * (n - len(KINDS)))
+            f = np.stack(flags[name])
+            entry["module_rule"] = detection_report(f.any(axis=0), n)
             entry["fraction_of_modules_flagging"] = {
-                kind: float(flags[:, kinds == kind].mean()) for kind in sorted(set(kinds))
+                str(kind): float(f[:, kinds == kind].mean()) for kind in sorted(set(kinds))
             }
             s = np.stack(scores)
             rel = s / np.maximum(np.median(s, axis=1, keepdims=True), 1e-30)
@@ -309,104 +338,57 @@ def model_run(args) -> dict:
             tau = float(_threshold(jnp.asarray(client_scores), jnp.zeros((), jnp.float32)))
             entry["client_rule"] = detection_report(client_scores > tau, n)
         report["rules"][name] = entry
-        print(
-            f"{name}: {compute:.2f} s (+{compile_s:.1f} s first calls), peak "
-            f"{entry['peak_rss_mib']:.0f} MiB",
-            {k: v for k, v in entry.items() if k.endswith("rule")},
-            flush=True,
-        )
 
-    # The factored aggregation error (product_error_factored, two thin QRs of the
-    # stacked factors) of FedIT's global adapter, on the first layer's modules.
-    err_fn = jax.jit(
-        lambda c, w: fag.product_error_factored(
-            c, w / jnp.sum(w), cj.LoRAFactors(jnp.mean(c.B, axis=0), jnp.mean(c.A, axis=0))
-        )
-    )
-    t_err, first = 0.0, mods[: len(LLAMA)]
-    for index, _, p, q in first:
-        clients, _ = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
-        jax.block_until_ready(err_fn(clients, w))
-        start = time.perf_counter()
-        jax.block_until_ready(err_fn(clients, w))
-        t_err += time.perf_counter() - start
-    report["factored_error_first_layer_s"] = t_err
-    report["factored_error_whole_model_estimate_s"] = t_err * len(mods) / len(first)
-    print(f"factored aggregation error: {t_err:.2f} s for {len(first)} modules", flush=True)
-
-    # Multi-Krum / Krum: squared distances of the flattened factors summed over modules.
-    krums = [x for x in ("multi_krum", "krum") if x in selected]
-    if krums:
-        reset_peak()
-        dist_fn = jax.jit(lambda f: jax.lax.map(lambda x: jnp.sum((f - x[None]) ** 2, axis=1), f))
-        flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
-        d, t_dist = np.zeros((n, n)), 0.0
-        for index, _, p, q in mods:
-            clients, _ = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
-            start = time.perf_counter()
-            d += np.asarray(dist_fn(flat(clients)), np.float64)
-            t_dist += time.perf_counter() - start
+    # Krum / Multi-Krum: selection from the summed distances; the average of the selected
+    # clients is timed on the first layer and extrapolated.
+    if krum_wanted:
         f_byz = len(KINDS)
+        layer = [make_module(i, p, q, n, r, args.noise)[0] for i, p, q in first_layer]
         for name, m in (("multi_krum", n - f_byz), ("krum", 1)):
-            if name not in krums:
+            if name not in args.rules:
                 continue
             dd = np.where(np.eye(n, dtype=bool), np.inf, d)
-            scores = np.sort(dd, axis=1)[:, : n - f_byz - 2].sum(axis=1)
-            chosen = np.argsort(scores, kind="stable")[:m]
+            krum_scores = np.sort(dd, axis=1)[:, : n - f_byz - 2].sum(axis=1)
             sel = np.zeros(n, bool)
-            sel[chosen] = True
-            mean_fn = jax.jit(
-                lambda c, s=sel: jax.tree.map(
-                    lambda x: jnp.mean(x[jnp.asarray(np.flatnonzero(s))], axis=0), c
-                )
-            )
+            sel[np.argsort(krum_scores, kind="stable")[:m]] = True
+            idx = jnp.asarray(np.flatnonzero(sel))
+            mean_fn = jax.jit(lambda c, i=idx: jax.tree.map(lambda x: jnp.mean(x[i], axis=0), c))
             t_avg = 0.0
-            for index, _, p, q in mods:
-                clients, _ = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
+            for c in layer:
+                jax.block_until_ready(mean_fn(c))
                 start = time.perf_counter()
-                jax.block_until_ready(mean_fn(clients))
+                jax.block_until_ready(mean_fn(c))
                 t_avg += time.perf_counter() - start
+            t_avg *= len(mods) / len(layer)
             report["rules"][name] = {
-                "seconds": t_dist + t_avg,
-                "peak_rss_mib": _status("VmHWM"),
-                "note": "distance pass shared by krum and multi_krum; first calls included",
+                "seconds": seconds["krum_distances"] + t_avg,
+                "distances_s": seconds["krum_distances"],
+                "average_s_estimate": t_avg,
                 "detection": detection_report(~sel, n),
             }
-            print(f"{name}: {t_dist + t_avg:.2f} s", report["rules"][name]["detection"], flush=True)
-
-    if "geometric_median" in selected:
-        reset_peak()
-        flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
-        sq = jax.jit(lambda rows, v: jnp.sum((rows - v[None]) ** 2, axis=1))
-        wmean = jax.jit(lambda rows, beta: jnp.einsum("n,nd->d", beta, rows))
-        t_gm = 0.0
-        centers = {}
-        for index, _, p, q in mods:  # start: the mean
-            rows = flat(make_module(index, p, q, n, r, args.noise)[0])
+        # Geometric median: Weiszfeld on the first layer (in memory), extrapolated.
+        if "geometric_median" in args.rules:
+            rows = [flat(c) for c in layer]
+            sq = jax.jit(lambda x, v: jnp.sum((x - v[None]) ** 2, axis=1))
+            wmean = jax.jit(lambda x, b: jnp.einsum("n,nd->d", b, x))
+            centers = [jnp.mean(x, axis=0) for x in rows]
+            for x, c in zip(rows, centers, strict=True):  # compile
+                jax.block_until_ready((sq(x, c), wmean(x, jnp.ones(n) / n)))
             start = time.perf_counter()
-            centers[index] = jax.block_until_ready(jnp.mean(rows, axis=0))
-            t_gm += time.perf_counter() - start
-        for _ in range(args.gm_iters):
-            dist2 = np.zeros(n)
-            for index, _, p, q in mods:
-                rows = jax.block_until_ready(flat(make_module(index, p, q, n, r, args.noise)[0]))
-                start = time.perf_counter()
-                dist2 += np.asarray(sq(rows, centers[index]))
-                t_gm += time.perf_counter() - start
-            beta = 1.0 / np.maximum(np.sqrt(dist2), 1e-6)
-            beta = jnp.asarray(beta / beta.sum(), jnp.float32)
-            for index, _, p, q in mods:
-                rows = jax.block_until_ready(flat(make_module(index, p, q, n, r, args.noise)[0]))
-                start = time.perf_counter()
-                centers[index] = jax.block_until_ready(wmean(rows, beta))
-                t_gm += time.perf_counter() - start
-        report["rules"]["geometric_median"] = {
-            "seconds": t_gm,
-            "iterations": args.gm_iters,
-            "peak_rss_mib": _status("VmHWM"),
-            "note": "streamed Weiszfeld passes over all modules; first calls included",
-        }
-        print(f"geometric_median: {t_gm:.2f} s ({args.gm_iters} passes)", flush=True)
+            for _ in range(args.gm_iters):
+                dist2 = sum(np.asarray(sq(x, c)) for x, c in zip(rows, centers, strict=True))
+                beta = 1.0 / np.maximum(np.sqrt(dist2), 1e-6)
+                beta = jnp.asarray(beta / beta.sum(), jnp.float32)
+                centers = jax.block_until_ready([wmean(x, beta) for x in rows])
+            t_gm = (time.perf_counter() - start) * len(mods) / len(layer)
+            report["rules"]["geometric_median"] = {
+                "seconds_estimate": t_gm,
+                "iterations": args.gm_iters,
+                "note": "Weiszfeld on the first layer in memory, times modules / 7",
+            }
+    for name, entry in report["rules"].items():
+        print(name, {k: v for k, v in entry.items()}, flush=True)
+    print("peak RSS of the pass (MiB):", report["peak_rss_mib_whole_pass"], flush=True)
     return report
 
 

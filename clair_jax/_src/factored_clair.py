@@ -185,14 +185,14 @@ def clair_factored(
       >>> import clair_jax as cj
       >>> from clair_jax._src.factored_clair import clair_factored
       >>> k = jax.random.split(jax.random.key(0), 4)
-      >>> n, p, q, r = 16, 256, 256, 8
+      >>> n, p, q, r = 10, 48, 48, 2  # n r = 20 < p
       >>> shared = jax.random.normal(k[0], (p, r))
       >>> B = shared[None] + 0.01 * jax.random.normal(k[1], (n, p, r))
-      >>> B = B.at[:4].set(jax.random.normal(k[2], (4, p, r)))  # 4 unrelated clients
+      >>> B = B.at[:2].set(jax.random.normal(k[2], (2, p, r)))  # 2 unrelated clients
       >>> A = jax.random.normal(k[3], (n, r, q))
       >>> res = clair_factored(cj.LoRAFactors(B, A), benign_majority=True)
       >>> (~res.collaborative).nonzero()[0].tolist(), int(res.rank)
-      ([0, 1, 2, 3], 8)
+      ([0, 1], 2)
     """
     if contaminated not in ("consensus", "refine", "local"):
         raise ValueError(
