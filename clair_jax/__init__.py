@@ -17,12 +17,21 @@ from clair_jax._src.aggregators.averaging import local_only as local_only
 from clair_jax._src.aggregators.base import AggregateResult as AggregateResult
 from clair_jax._src.aggregators.base import Aggregator as Aggregator
 from clair_jax._src.aggregators.clair_rule import clair_aggregator as clair_aggregator
+from clair_jax._src.aggregators.factored import (
+    clair_aggregator_factored as clair_aggregator_factored,
+)
+from clair_jax._src.aggregators.factored import flexlora_factored as flexlora_factored
+from clair_jax._src.aggregators.factored import product_error_factored as product_error_factored
+from clair_jax._src.aggregators.factored import with_factored_errors as with_factored_errors
 from clair_jax._src.aggregators.robust import coordinate_median as coordinate_median
 from clair_jax._src.aggregators.robust import geometric_median as geometric_median
 from clair_jax._src.aggregators.robust import krum as krum
 from clair_jax._src.aggregators.robust import multi_krum as multi_krum
 from clair_jax._src.aggregators.robust import trimmed_mean as trimmed_mean
 from clair_jax._src.clair.base import ClairResult as ClairResult
+from clair_jax._src.clair.factored import FactoredClairResult as FactoredClairResult
+from clair_jax._src.clair.factored import FactoredUpdates as FactoredUpdates
+from clair_jax._src.clair.factored import clair_factored as clair_factored
 from clair_jax._src.clair.pipeline import clair as clair
 from clair_jax._src.federated.checkpoint import load_checkpoint as load_checkpoint
 from clair_jax._src.federated.checkpoint import save_checkpoint as save_checkpoint
@@ -61,6 +70,8 @@ from clair_jax._src.metrics import detection_metrics as detection_metrics
 from clair_jax._src.metrics import subspace_distance as subspace_distance
 from clair_jax._src.solvers.decompose import decompose as decompose
 from clair_jax._src.solvers.decomposition import Decomposition as Decomposition
+from clair_jax._src.solvers.factored import FactoredDecomposition as FactoredDecomposition
+from clair_jax._src.solvers.factored import decompose_factored as decompose_factored
 from clair_jax._src.solvers.rpca import RobustPCA as RobustPCA
 from clair_jax._src.solvers.rpca import rpca as rpca
 from clair_jax._version import __version__ as __version__
@@ -68,6 +79,15 @@ from clair_jax._version import __version__ as __version__
 _lapack_threads.apply_default()  # one thread for jaxlib's CPU LAPACK (see that module)
 
 __all__ = [
+    "clair_aggregator_factored",
+    "flexlora_factored",
+    "product_error_factored",
+    "with_factored_errors",
+    "FactoredClairResult",
+    "FactoredUpdates",
+    "clair_factored",
+    "FactoredDecomposition",
+    "decompose_factored",
     "lapack_threadpool_info",
     "limit_lapack_threads",
     "AggregateResult",

@@ -1,0 +1,389 @@
+"""Aggregation rules whose server math never forms a ``p x q`` product.
+
+* :func:`product_error_factored`: ``||Σ_i p_i B_i A_i - B_g A_g||_F`` from thin QR
+  factorisations of the stacked factors.
+* :func:`flexlora_factored`: FlexLoRA (best rank-``r`` factors of
+  ``Σ_i p_i B_i A_i``) by QR of the stacked factors and an SVD of the small
+  ``R_B R_A^T``; its aggregation error is the discarded tail of that spectrum.
+* :func:`with_factored_errors`: any :class:`clair_jax.Aggregator` with its
+  ``aggregation_error*`` diagnostics computed in factored form, jitted (the
+  dense diagnostics it replaces are dead code that XLA removes).
+* :func:`clair_aggregator_factored`: :func:`clair_jax.clair_aggregator`'s
+  contract on :func:`clair_factored` (exact coordinates, statistics on the
+  coordinates' dimensions); the per-client rank-``r`` re-factorisation of the
+  refined updates is done in the coordinates (see :func:`_best_rank_factors`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from clair_jax._src import validation
+from clair_jax._src.aggregators.base import AggregateResult, Aggregator, factorwise_mean
+from clair_jax._src.clair import factored as fcl
+from clair_jax._src.clair.detection import detection_threshold
+from clair_jax._src.linalg import batching
+from clair_jax._src.lora.types import LoRAFactors, check_adapters
+from clair_jax._src.solvers import factored as fd
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors) -> Array:
+    """``||Σ_i p_i B_i A_i - B_g A_g||_F`` without forming a ``p x q`` matrix.
+
+    With ``L = [p_1 B_1 .. p_n B_n, -B_g]`` and ``R = [A_1; ..; A_n; A_g]`` the
+    difference is ``L R``; thin QR ``L = Q_L R_L``, ``R^T = Q_R R_R`` give
+    ``||L R||_F = ||R_L R_R^T||_F`` (orthonormal ``Q``'s): ``O((p + q) (n+1)^2 r^2)``.
+    """
+    b, a = factors.B, factors.A
+    work = validation.working_dtype(jnp.result_type(b.dtype, a.dtype))
+    n, rows, r = b.shape
+    left = jnp.concatenate(
+        [fd.stack_columns((b * p[:, None, None]).astype(work)), -global_.B.astype(work)], axis=1
+    )
+    right = jnp.concatenate(
+        [a.reshape(n * r, a.shape[2]).astype(work), global_.A.astype(work)], axis=0
+    )
+    _, r_l = fd._qr(left)
+    _, r_r = fd._qr(right.T)
+    return jnp.linalg.norm(_mm(r_l, r_r.T))
+
+
+def _top_product_factors(u, small, v, rank: int, dtype):
+    """Best rank-``rank`` factors of ``u @ small @ v.T`` (orthonormal ``u``, ``v``) and the
+    Frobenius norm of the discarded part."""
+    uu, s, vt = jnp.linalg.svd(small, full_matrices=False)
+    k = s.shape[0]
+    if k < rank:
+        uu = jnp.pad(uu, ((0, 0), (0, rank - k)))
+        vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
+        s = jnp.pad(s, (0, rank - k))
+    root = jnp.sqrt(s[:rank])
+    b = _mm(u, uu[:, :rank]) * root[None, :]
+    a = root[:, None] * _mm(vt[:rank], v.T)
+    tail = jnp.sqrt(jnp.sum(s[rank:] ** 2))
+    return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype)), tail
+
+
+def weighted_product_factored(factors: LoRAFactors, p: Array):
+    """``(best rank-r factors of Σ p_i B_i A_i, ||Σ p_i B_i A_i - B_g A_g||_F)``, factored."""
+    n, rows, r = factors.B.shape
+    work = validation.working_dtype(factors.B.dtype)
+    u, r_b = fd._qr(fd.stack_columns((factors.B * p[:, None, None]).astype(work)))
+    v, r_a = fd._qr(factors.A.reshape(n * r, factors.A.shape[2]).astype(work).T)
+    return _top_product_factors(u, _mm(r_b, r_a.T), v, r, factors.B.dtype)
+
+
+def flexlora_factored() -> Aggregator:
+    """:func:`clair_jax.flexlora` with its aggregation error from the same small SVD.
+
+    ``Σ_i p_i B_i A_i = Q_B (R_B R_A^T) Q_A^T`` (thin QRs of ``[p_i B_i]`` and of
+    ``[A_i]^T``); the global adapter is the best rank-``r`` factorisation from the
+    SVD of ``R_B R_A^T`` (``nr x nr``) and the error is the norm of the discarded
+    singular values. Same global adapter as :func:`clair_jax.flexlora` (up to the
+    sign of singular vectors); no ``p x q`` product anywhere.
+    """
+
+    def aggregate(clients, global_, weights, round_index, key):
+        del round_index, key
+        clients, global_, p = check_adapters(clients, global_, weights)
+        new_global, diagnostics = {}, {}
+        for name, f in clients.items():
+            new_global[name], diagnostics[f"aggregation_error/{name}"] = weighted_product_factored(
+                f, p
+            )
+        n = next(iter(clients.values())).A.shape[0]
+        clients_out = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), new_global)
+        return AggregateResult(clients_out, new_global, jnp.zeros((n,), bool), diagnostics)
+
+    return Aggregator("flexlora", aggregate)
+
+
+def with_factored_errors(aggregator: Aggregator) -> Aggregator:
+    """``aggregator`` jitted, its ``aggregation_error*/<module>`` diagnostics factored.
+
+    ``aggregation_error/<m>`` is recomputed by :func:`product_error_factored`
+    against the returned global adapter, ``aggregation_error_unaligned/<m>``
+    (FedRot-LoRA) against the factor-wise mean; the dense values the rule
+    computes are unused outputs, which XLA removes from the jitted program.
+    Other diagnostics and the adapters are the rule's own.
+    """
+
+    def inner(clients, global_, weights, round_index, key, **kw):
+        res = aggregator.aggregate(clients, global_, weights, round_index, key, **kw)
+        clients_c, _, p = check_adapters(clients, global_, weights)
+        diagnostics = dict(res.diagnostics)
+        for name, f in clients_c.items():
+            diagnostics[f"aggregation_error/{name}"] = product_error_factored(
+                f, p, res.global_[name]
+            )
+            if f"aggregation_error_unaligned/{name}" in diagnostics:
+                diagnostics[f"aggregation_error_unaligned/{name}"] = product_error_factored(
+                    f, p, factorwise_mean(f, p)
+                )
+        return res._replace(diagnostics=diagnostics)
+
+    return aggregator._replace(aggregate=jax.jit(inner))
+
+
+# --- CLAIR ---------------------------------------------------------------------------------
+
+
+def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
+    """Best rank-``rank`` right/left factors of ``H_i = F + Y_i Z_i^T`` for every client.
+
+    ``F`` (``k x m``) is shared, ``Y_i`` (``k x c``) and ``Z_i`` (``m x c``) per
+    client. With ``F^T F = W D W^T`` (one eigendecomposition per module),
+    ``H_i^T H_i = W (D + Δ_i) W^T`` where ``Δ_i`` has rank ``<= 2c`` and range in
+    ``span(P_i, Z̃_i)`` (``P_i = (F W)^T Y_i``, ``Z̃_i = W^T Z_i``). Its top
+    eigenpairs are found by Rayleigh–Ritz on
+    ``span(e_1..e_t, G, D G, .., D^{krylov-1} G)`` with ``G = [P_i, Z̃_i]`` and
+    ``t = 2 rank + c``: exact whenever that space is all of ``R^m`` (small
+    problems), else accurate to ``O((d_{t+1} / σ_r^2)^{krylov})`` (an
+    eigenvector for ``θ`` is ``(θ - D)^{-1}`` times a vector in ``span(G)``,
+    whose expansion in powers of ``D / θ`` the Krylov blocks hold). Returns
+    ``(s (n, rank), left (n, k, rank), right (n, m, rank))`` with
+    ``H_i ≈ left_i diag(s_i) right_i^T``.
+    """
+    k, m = shared.shape
+    n, _, c = ys.shape
+    d, w = jnp.linalg.eigh(_mm(shared.T, shared))
+    d, w = d[::-1], w[:, ::-1]
+    d = jnp.maximum(d, 0.0)
+    fw = _mm(shared, w)  # (k, m)
+    t = min(m, 2 * rank + c)
+    dim = min(m, t + krylov * 2 * c)
+    exact = dim >= m
+
+    def one(y, z):
+        zt = _mm(w.T, z)  # (m, c)
+        pp = _mm(fw.T, y)  # (m, c)
+        g = y.T @ y
+        if exact:
+            s_basis = jnp.eye(m, dtype=shared.dtype)
+        else:
+            blocks = [jnp.eye(m, t, dtype=shared.dtype)]
+            cur = jnp.concatenate([pp, zt], axis=1)
+            for _ in range(krylov):
+                blocks.append(cur)
+                cur = d[:, None] * cur
+            s_basis = fd._qr(jnp.concatenate(blocks, axis=1))[0]
+        sp, sz = _mm(s_basis.T, pp), _mm(s_basis.T, zt)
+        proj = _mm(s_basis.T * d[None, :], s_basis)
+        proj = proj + _mm(sp, sz.T) + _mm(sz, sp.T) + _mm(_mm(sz, g), sz.T)
+        proj = 0.5 * (proj + proj.T)
+        theta, vec = jnp.linalg.eigh(proj)
+        theta, vec = theta[::-1][:rank], vec[:, ::-1][:, :rank]
+        if theta.shape[0] < rank:  # fewer dimensions than the rank: zero factors
+            theta = jnp.pad(theta, (0, rank - theta.shape[0]))
+            vec = jnp.pad(vec, ((0, 0), (0, rank - vec.shape[1])))
+        x = _mm(s_basis, vec)  # (m, rank) in W coordinates
+        s = jnp.sqrt(jnp.maximum(theta, 0.0))
+        hx = _mm(fw, x) + _mm(y, _mm(zt.T, x))  # H_i W x: (k, rank)
+        left = hx / jnp.where(s > 0, s, 1.0)[None, :]
+        return s, left, _mm(w, x)
+
+    return batching.map_matrices(one, ys, zs)
+
+
+def clair_aggregator_factored(
+    *,
+    shared_space: str = "column",
+    measure: str = "adapter",
+    detection: str = "module",
+    flagged: str = "trained",
+    refine_rank: int | str | None = "lora",
+    benign_majority: bool = True,
+    **clair_kwargs,
+) -> Aggregator:
+    """:func:`clair_jax.clair_aggregator` on LoRA factors, with no ``p x q`` product.
+
+    Same arguments, diagnostics and returned adapters as
+    :func:`clair_jax.clair_aggregator` (read its docstring for the rules);
+    CLAIR runs as :func:`clair_factored` on the exact coordinates of
+    ``X_i = B_i A_i`` (``measure="update"``: of ``[B_i, -B_i^0] [A_i; A_i^0]``),
+    so the statistics follow the coordinates' dimensions (the ``n r < min(p, q)``
+    fix; with given ``lam_nuc``, ``lam_block`` and ``noise_scale`` the flags,
+    scores and refined updates are the dense rule's). The refined updates live in
+    the frame ``U`` (stacked ``B``'s) × ``V_A`` (stacked ``A``'s), where each
+    client's is ``F + Y_i Z_i^T`` with ``F`` shared; the rank-``r`` factors each
+    client receives come from :func:`_best_rank_factors` (exact for small frames,
+    Rayleigh–Ritz on a Krylov space otherwise) and the global adapter from one
+    SVD of the frame's ``nr x nr`` coefficient matrix.
+
+    Raises:
+      ValueError: as :func:`clair_jax.clair_aggregator`.
+    """
+    for value, name, choices in (
+        (shared_space, "shared_space", ("column", "row")),
+        (measure, "measure", ("adapter", "update")),
+        (detection, "detection", ("module", "client")),
+        (flagged, "flagged", ("global", "trained")),
+    ):
+        validation.check_choice(value, name, choices)
+    if not (refine_rank is None or refine_rank == "lora"):
+        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
+            raise ValueError(
+                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
+            )
+    if "contaminated" in clair_kwargs:
+        raise ValueError(
+            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
+            "next is set by flagged= ('trained' or 'global')."
+        )
+    if clair_kwargs.get("offset", False):
+        raise ValueError("clair_aggregator_factored supports offset=False only.")
+    keep_trained = flagged == "trained"
+    row = shared_space == "row"
+
+    def module_fit(f: LoRAFactors, f0: LoRAFactors | None):
+        b, a = f.B, f.A
+        if f0 is not None:
+            b = jnp.concatenate([b, -f0.B], axis=2)
+            a = jnp.concatenate([a, f0.A], axis=1)
+        if row:
+            b, a = jnp.swapaxes(a, 1, 2), jnp.swapaxes(b, 1, 2)
+        res = fcl.clair_factored(
+            LoRAFactors(b, a),
+            contaminated="refine",
+            benign_majority=benign_majority,
+            **clair_kwargs,
+        )
+        return (b, a), res
+
+    def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
+        del round_index, key
+
+        clients, global_, p = check_adapters(clients, global_, weights)
+        if measure == "update":
+            if start is None:
+                raise ValueError('measure="update" needs start= (the adapters of the round start).')
+            try:
+                start, _, _ = check_adapters(start, global_, weights)
+            except ValueError as err:
+                raise ValueError(f"start (the adapters of the round start): {err}") from None
+        n = next(iter(clients.values())).A.shape[0]
+        if n < 2:
+            raise ValueError(
+                f"clair_aggregator needs clients from at least 2 clients (CLAIR tells them "
+                f"apart by comparing them), got factors with a client axis of {n}."
+            )
+        diagnostics, fits = {}, {}
+        outliers = jnp.zeros((n,), bool)
+        for name, f in clients.items():
+            stacked, res = module_fit(f, start[name] if measure == "update" else None)
+            r = f.A.shape[1]
+            width = res.basis.shape[1]
+            if refine_rank is not None:
+                width = min(width, r if refine_rank == "lora" else refine_rank)
+            fits[name] = (stacked, res, width)
+            outliers = outliers | ~res.collaborative
+            diagnostics[f"flagged/{name}"] = ~res.collaborative
+            diagnostics[f"scores/{name}"] = res.scores
+            diagnostics[f"threshold/{name}"] = res.threshold
+            diagnostics[f"rank/{name}"] = res.rank
+            diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, width)
+            diagnostics[f"majority_refit/{name}"] = res.majority_refit
+            diagnostics[f"converged/{name}"] = res.coordinates.decomposition.converged
+            diagnostics[f"num_iters/{name}"] = res.coordinates.decomposition.num_iters
+            diagnostics[f"noise_scale/{name}"] = res.noise_scale
+        if detection == "client":
+            scores = jnp.stack([fit[1].scores for fit in fits.values()])
+            typical = jnp.median(scores, axis=1, keepdims=True)
+            relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
+            client_scores = jnp.median(relative, axis=0)
+            client_threshold = detection_threshold(client_scores, jnp.zeros((), scores.dtype))
+            outliers = client_scores > client_threshold
+            diagnostics["client_scores"] = client_scores
+            diagnostics["client_threshold"] = client_threshold
+        collaborative = ~outliers
+        new_clients, new_global = {}, {}
+        for name, ((b, a), res, width) in fits.items():
+            f = clients[name]
+            members = collaborative if detection == "client" else res.collaborative
+            new_clients[name], new_global[name], diagnostics[f"aggregation_error/{name}"] = (
+                _module_outputs(f, b, a, res, width, members, p, row, measure == "update")
+            )
+        keep = collaborative[:, None, None]
+        if keep_trained:
+            fallback = clients
+        else:
+            fallback = {name: LoRAFactors(g.B[None], g.A[None]) for name, g in new_global.items()}
+        new_clients = {
+            name: LoRAFactors(
+                B=jnp.where(keep, f.B, fallback[name].B),
+                A=jnp.where(keep, f.A, fallback[name].A),
+            )
+            for name, f in new_clients.items()
+        }
+        return AggregateResult(new_clients, new_global, outliers, diagnostics)
+
+    return Aggregator("clair", aggregate, uses_start=measure == "update")
+
+
+def _module_outputs(f, b, a, res, width, members, p, row, update):
+    """Client adapters, global adapter and aggregation error of one module, factored.
+
+    Frame: ``U`` (``res.left_basis``, ``p x k``) and ``V_A`` from the thin QR of the
+    stacked ``A``'s (``A_stack^T = V_A T``); client ``i``'s stacked update is
+    ``U G_i A_stack`` with ``G_i`` its ``U^T B_i`` in column block ``i``, i.e.
+    ``U (G_i T^T) V_A^T``.
+    """
+    n, _, s_r = b.shape  # s_r = r (adapter) or 2r (update)
+    r = f.A.shape[1]
+    dtype = f.B.dtype
+    u = res.left_basis
+    v_a, t = fd._qr(a.reshape(n * s_r, a.shape[2]).T)  # (q', m), (m, n s_r)
+    m = v_a.shape[1]
+    beta = jnp.einsum("pk,npr->nkr", u, b, precision=_HIGHEST)  # U^T B_i (n, k, s_r)
+    t_blocks = jnp.transpose(t.reshape(m, n, s_r), (1, 2, 0))  # A_i V_A: (n, s_r, m)
+    # Client i's update in the frame: beta_i @ t_blocks_i (k x m); with "update"
+    # the first r columns are the adapter B_i A_i, the rest minus the start.
+    x_c = jnp.einsum("nkr,nrm->nkm", beta, t_blocks, precision=_HIGHEST)
+    adapters_c = jnp.einsum("nkr,nrm->nkm", beta[:, :, :r], t_blocks[:, :r], precision=_HIGHEST)
+    basis = res.coordinates.basis[:, :width]  # Û_c, (k, width)
+    weight = members.astype(x_c.dtype)
+    count = jnp.sum(weight)
+    consensus = jnp.where(
+        count > 0,
+        jnp.einsum("n,nkm->km", weight, x_c, precision=_HIGHEST) / jnp.maximum(count, 1.0),
+        jnp.mean(x_c, axis=0),
+    )
+    # Refined + origin: (I - P) X̄ + P X_i + O_i = F + Y_i Z_i^T with F = (I - P) X̄ shared.
+    shared = consensus - _mm(basis, _mm(basis.T, consensus))
+    ys = jnp.broadcast_to(basis, (n, *basis.shape))
+    if update:
+        ys = jnp.concatenate([ys, beta[:, :, r:]], axis=2)
+    z_own = jnp.einsum("kw,nkm->nmw", basis, x_c, precision=_HIGHEST)  # (P X_i)'s right part
+    if update:
+        # O_i = -(beta_i[:, r:] @ t_blocks_i[r:]) (b holds -B^0): Y = beta_i[:, r:].
+        zs = jnp.concatenate([z_own, -jnp.swapaxes(t_blocks[:, r:], 1, 2)], axis=2)
+    else:
+        zs = z_own
+    svals, left, right = _best_rank_factors(shared, ys, zs, r)
+    root = jnp.sqrt(svals)  # (n, r)
+    new_b = jnp.einsum("pk,nkr->npr", u, left * root[:, None, :], precision=_HIGHEST)
+    new_a = jnp.einsum("qm,nmr->nrq", v_a, right * root[:, None, :], precision=_HIGHEST)
+    if row:
+        new_b, new_a = jnp.swapaxes(new_a, 1, 2), jnp.swapaxes(new_b, 1, 2)
+    clients_out = LoRAFactors(new_b.astype(dtype), new_a.astype(dtype))
+    # Global adapter: best rank-r of the members' weighted mean adapter; error vs Σ p_i.
+    w = jnp.where(members, p, 0.0)
+    equal = members.astype(p.dtype)
+    w = jnp.where(jnp.sum(w) > 0, w, jnp.where(jnp.sum(equal) > 0, equal, p))
+    w = w / jnp.sum(w)
+    mean_c = jnp.einsum("n,nkm->km", w, adapters_c, precision=_HIGHEST)
+    glob, _ = _top_product_factors(u, mean_c, v_a, r, dtype)
+    glob_c = _mm(_mm(u.T, glob.B.astype(u.dtype)), _mm(glob.A.astype(u.dtype), v_a))
+    exact_c = jnp.einsum("n,nkm->km", p.astype(x_c.dtype), adapters_c, precision=_HIGHEST)
+    error = jnp.linalg.norm(exact_c - glob_c)
+    if row:
+        glob = LoRAFactors(glob.A.T, glob.B.T)
+    return clients_out, glob, error

@@ -1,0 +1,226 @@
+"""Factored server math: factored == dense (float64), n·r < p detection, factored aggregators."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clair_jax as cj
+from clair_jax._src.aggregators import factored as fag
+from clair_jax._src.clair import factored as fcl
+from clair_jax._src.solvers import factored as fd
+
+
+def lora_federation(seed, n, p, q, r, bad=(), noise=0.01, coordinated=()):
+    """Clients share one ``B`` (plus noise) with their own ``A``; ``bad`` get unrelated
+    random ``B``'s, ``coordinated`` one common random update ``B' A'``."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=(p, r))
+    b = shared[None] + noise * rng.normal(size=(n, p, r))
+    a = rng.normal(size=(n, r, q)) / np.sqrt(q)
+    for i in bad:
+        b[i] = rng.normal(size=(p, r))
+    if coordinated:
+        b_c, a_c = rng.normal(size=(p, r)), rng.normal(size=(r, q)) / np.sqrt(q)
+        for i in coordinated:
+            b[i], a[i] = b_c, a_c
+    return b, a
+
+
+def rel(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    return np.max(np.abs(x - y)) / max(np.max(np.abs(y)), 1e-300)
+
+
+# --- exact equivalence of the decomposition -------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "offset"), [("admm", False), ("fista", True)])
+def test_decompose_factored_equals_dense(x64, method, offset):
+    b, a = lora_federation(0, n=8, p=20, q=18, r=2, bad=(0, 1), noise=0.05)
+    x = np.einsum("npr,nrq->npq", b, a)
+    lams = {"lam_nuc": 0.3, "lam_block": 0.4}
+    kw = {"method": method, "tol": 1e-11, "max_iter": 20000, "offset": offset}
+    dense = cj.decompose(x, **lams, **kw)
+    fac = fd.decompose_factored(cj.LoRAFactors(b, a), **lams, **kw)
+    assert bool(dense.converged) and bool(fac.decomposition.converged)
+    assert np.asarray(cj.decompose(x, **lams, **kw).sparse).any()  # S is active
+    assert rel(fac.low_rank_dense(), dense.low_rank) < 1e-6
+    assert rel(fac.sparse_dense(), dense.sparse) < 1e-6
+    np.testing.assert_allclose(fac.decomposition.objective, dense.objective, rtol=1e-9)
+    np.testing.assert_allclose(
+        fac.block_norms(), np.linalg.norm(dense.sparse, axis=(1, 2)), atol=1e-6 * np.abs(x).max()
+    )
+    if offset:
+        assert rel(fac.offset_dense(), dense.offset) < 1e-6
+
+
+def test_coordinates_are_exact_and_nan_free_with_rank_deficient_factors(x64):
+    rng = np.random.default_rng(1)
+    n, p, q, r = 8, 20, 18, 3
+    b = np.broadcast_to(rng.normal(size=(p, r)), (n, p, r)).copy()  # one shared B
+    b[:, :, 2] = b[:, :, 0]  # and rank deficient
+    b[5] = 0.0  # an idle client
+    a = rng.normal(size=(n, r, q))
+    x = np.einsum("npr,nrq->npq", b, a)
+    for common in (False, True):
+        fc = fd.factored_coordinates(cj.LoRAFactors(b, a), common_right=common)
+        assert np.isfinite(np.asarray(fc.coords)).all()
+        np.testing.assert_allclose(fd.lift(fc.left, fc.coords, fc.right), x, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(fc.left).T @ fc.left, np.eye(fc.left.shape[1]), atol=1e-12
+        )
+    kw = {"lam_nuc": 0.5, "lam_block": 1.0, "tol": 1e-11, "max_iter": 20000}
+    fac = fd.decompose_factored(cj.LoRAFactors(b, a), **kw)
+    dense = cj.decompose(x, **kw)
+    assert np.isfinite(np.asarray(fac.decomposition.low_rank)).all()
+    assert rel(fac.low_rank_dense(), dense.low_rank) < 1e-6
+
+
+def test_decompose_factored_rejects_column_sparsity():
+    b, a = lora_federation(0, n=3, p=5, q=4, r=1)
+    with pytest.raises(ValueError, match="sparsity='block'"):
+        fd.decompose_factored(cj.LoRAFactors(b, a), lam_nuc=1.0, lam_block=1.0, sparsity="column")
+
+
+# --- clair_factored --------------------------------------------------------------------------
+
+
+def test_clair_factored_equals_dense_with_the_same_statistics(x64):
+    """Given λ's and σ, every other step of CLAIR is invariant under the lift."""
+    offset = False
+    b, a = lora_federation(2, n=10, p=24, q=20, r=2, bad=(0, 1), noise=0.05)
+    x = np.einsum("npr,nrq->npq", b, a)
+    stats = {"lam_nuc": 0.5, "lam_block": 0.6, "noise_scale": 0.05, "tol": 1e-10}
+    dense = cj.clair(x, offset=offset, **stats)
+    fac = fcl.clair_factored(cj.LoRAFactors(b, a), offset=offset, **stats)
+    np.testing.assert_array_equal(fac.collaborative, dense.collaborative)
+    assert not bool(np.asarray(dense.collaborative)[:2].any())
+    assert int(fac.rank) == int(dense.rank)
+    np.testing.assert_allclose(fac.scores, dense.scores, rtol=1e-6)
+    np.testing.assert_allclose(fac.threshold, dense.threshold, rtol=1e-6)
+    assert rel(fac.refined.dense(), dense.refined) < 1e-6
+    rank = int(dense.rank)
+    proj_d = np.asarray(dense.basis)[:, :rank] @ np.asarray(dense.basis)[:, :rank].T
+    proj_f = np.asarray(fac.basis)[:, :rank] @ np.asarray(fac.basis)[:, :rank].T
+    np.testing.assert_allclose(proj_f, proj_d, atol=1e-6)
+
+
+def test_clair_factored_detects_when_nr_is_below_p():
+    """The measured failure's regime (n r < min(p, q), exact products), float32,
+    at three scales: every unrelated client flagged, no benign one."""
+    n, p, q, r = 12, 96, 96, 4
+    b, a = lora_federation(3, n=n, p=p, q=q, r=r, bad=(0, 1, 2))
+    truth = np.arange(n) < 3
+    for scale in (1.0, 1e-3, 1e3):
+        res = fcl.clair_factored(
+            cj.LoRAFactors(jnp.asarray(b * scale, jnp.float32), jnp.asarray(a, jnp.float32)),
+            benign_majority=True,
+        )
+        np.testing.assert_array_equal(~np.asarray(res.collaborative), truth)
+        assert int(res.rank) == r
+        assert np.isfinite(float(res.noise_scale)) and float(res.noise_scale) > 0
+
+
+def test_clair_factored_flags_a_coordinated_group():
+    n, p, q, r = 12, 96, 96, 4
+    b, a = lora_federation(4, n=n, p=p, q=q, r=r, coordinated=(0, 1, 2))
+    res = fcl.clair_factored(
+        cj.LoRAFactors(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32)),
+        benign_majority=True,
+    )
+    np.testing.assert_array_equal(~np.asarray(res.collaborative), np.arange(n) < 3)
+
+
+# --- aggregators -----------------------------------------------------------------------------
+
+
+def adapters(seed, n=8, shapes=(("q", 16, 12),), r=2, bad=(0,)):
+    clients, global_ = {}, {}
+    for j, (name, p, q) in enumerate(shapes):
+        b, a = lora_federation(seed + j, n=n, p=p, q=q, r=r, bad=bad, noise=0.05)
+        clients[name] = cj.LoRAFactors(jnp.asarray(b), jnp.asarray(a))
+        global_[name] = cj.LoRAFactors(jnp.zeros((p, r)), jnp.zeros((r, q)))
+    return clients, global_
+
+
+def call(agg, clients, global_, w, **kw):
+    return agg.aggregate(clients, global_, w, jnp.int32(1), jax.random.key(0), **kw)
+
+
+def products(f):
+    return np.einsum("...pr,...rq->...pq", np.asarray(f.B), np.asarray(f.A))
+
+
+def test_flexlora_factored_equals_flexlora(x64):
+    clients, global_ = adapters(5)
+    w = jnp.arange(1.0, 9.0)
+    dense = call(cj.flexlora(), clients, global_, w)
+    fac = call(fag.flexlora_factored(), clients, global_, w)
+    for name in clients:
+        np.testing.assert_allclose(
+            products(fac.global_[name]), products(dense.global_[name]), atol=1e-10
+        )
+        np.testing.assert_allclose(
+            fac.diagnostics[f"aggregation_error/{name}"],
+            dense.diagnostics[f"aggregation_error/{name}"],
+            rtol=1e-8,
+        )
+
+
+@pytest.mark.parametrize("make", [cj.fedit, lambda: cj.fedrot(0.5)])
+def test_factored_errors_equal_dense_errors(x64, make):
+    clients, global_ = adapters(6)
+    w = jnp.ones(8)
+    global_ = {k: cj.LoRAFactors(f.B[1], f.A[1]) for k, f in clients.items()}
+    dense = call(make(), clients, global_, w)
+    fac = call(fag.with_factored_errors(make()), clients, global_, w)
+    assert set(fac.diagnostics) == set(dense.diagnostics)
+    for key, value in dense.diagnostics.items():
+        np.testing.assert_allclose(fac.diagnostics[key], value, rtol=1e-8, atol=1e-12)
+
+
+def test_clair_aggregator_factored_equals_dense(x64):
+    """Round updates, shared row space, pooled client detection, flagged -> global: with
+    the same statistics (λ's, σ, and the rank, which the benign-majority refit would
+    otherwise set from the matrix dimensions) the factored rule is the dense one."""
+    kw = {"measure": "update", "shared_space": "row", "detection": "client", "flagged": "global"}
+    clients, global_ = adapters(7)
+    w = jnp.arange(1.0, 9.0)
+    extra = {}
+    if kw.get("measure") == "update":
+        start, _ = adapters(17, bad=())
+        extra["start"] = start
+    stats = {"lam_nuc": 0.4, "lam_block": 0.5, "noise_scale": 0.05, "tol": 1e-10, "rank": 2}
+    dense = call(cj.clair_aggregator(**kw, **stats), clients, global_, w, **extra)
+    fac = call(fag.clair_aggregator_factored(**kw, **stats), clients, global_, w, **extra)
+    np.testing.assert_array_equal(fac.flagged, dense.flagged)
+    for name in clients:
+        np.testing.assert_allclose(
+            products(fac.clients[name]), products(dense.clients[name]), atol=1e-7
+        )
+        np.testing.assert_allclose(
+            products(fac.global_[name]), products(dense.global_[name]), atol=1e-8
+        )
+        for key in ("aggregation_error", "scores", "rank"):
+            np.testing.assert_allclose(
+                fac.diagnostics[f"{key}/{name}"], dense.diagnostics[f"{key}/{name}"], rtol=1e-6
+            )
+
+
+def test_best_rank_factors_krylov_matches_svd(x64):
+    """The Rayleigh–Ritz path (frame larger than its subspace) against dense SVDs."""
+    rng = np.random.default_rng(8)
+    k, m, c, n, rank = 60, 70, 3, 4, 3
+    shared = (rng.normal(size=(k, 4)) * [8.0, 6.0, 5.0, 4.0]) @ rng.normal(size=(4, m)) / 8
+    shared = shared + 0.01 * rng.normal(size=(k, m))
+    ys, zs = rng.normal(size=(n, k, c)), rng.normal(size=(n, m, c)) / 3
+    s, left, right = fag._best_rank_factors(
+        jnp.asarray(shared), jnp.asarray(ys), jnp.asarray(zs), rank
+    )
+    for i in range(n):
+        h = shared + ys[i] @ zs[i].T
+        u, sv, vt = np.linalg.svd(h)
+        np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
+        approx = (np.asarray(left[i]) * np.asarray(s[i])) @ np.asarray(right[i]).T
+        np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
