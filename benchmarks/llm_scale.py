@@ -47,11 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _environment import environment
-from clair_jax._src.factored_clair import clair_factored
 
 import clair_jax as cj
-from clair_jax._src import factored_aggregators as fag
-from clair_jax._src.clair import _threshold
+from clair_jax._src.aggregators import factored as fag
+from clair_jax._src.clair.detection import detection_threshold
+from clair_jax._src.clair.factored import clair_factored
 
 KINDS = ("random",) * 2 + ("coordinated",) * 3 + ("partial",) * 2 + ("large",)
 LLAMA = (("q", 4096, 4096), ("k", 4096, 4096), ("v", 4096, 4096), ("o", 4096, 4096))
@@ -335,7 +335,7 @@ def model_run(args) -> dict:
             s = np.stack(scores)
             rel = s / np.maximum(np.median(s, axis=1, keepdims=True), 1e-30)
             client_scores = np.median(rel, axis=0)
-            tau = float(_threshold(jnp.asarray(client_scores), jnp.zeros((), jnp.float32)))
+            tau = float(detection_threshold(jnp.asarray(client_scores), jnp.zeros((), jnp.float32)))
             entry["client_rule"] = detection_report(client_scores > tau, n)
         report["rules"][name] = entry
 

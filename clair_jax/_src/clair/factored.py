@@ -8,7 +8,7 @@ and lifts the results back in factored form. No ``p x q`` product is formed.
 **What is exactly the dense CLAIR.** Every step of :func:`clair_jax.clair`
 other than its noise statistics is invariant under the lift
 ``Y_i ↦ U Y_i V_i^T`` (orthonormal ``U``, block-diagonal orthonormal
-``blockdiag(V_i)``): the decomposition (see ``factored_decompose``), the
+``blockdiag(V_i)``): the decomposition (see :mod:`clair_jax._src.solvers.factored`), the
 singular values that set the rank (``s_j > λ_*``), the shared basis
 (``Û = U Û_c``: left singular vectors of ``U Z blockdiag(V_i)^T`` are ``U``
 times those of ``Z``), the scores ``d_i = ||(I - Û Û^T) X_i||_F =
