@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from flax import nnx
 
 import clair_jax as ag
+from clair_jax._src.lora.model import LoRALinear
 
 KEY = jax.random.key(0)
 SHAPES = {"q_proj": (6, 3, 5), "v_proj": (4, 3, 7)}  # module -> (p, r, q)
@@ -146,8 +148,14 @@ def test_ffa_lora_averages_the_trainable_factor_exactly(x64, frozen):
 
 
 def test_ffa_lora_default_freezes_the_random_factor_of_the_package_model():
-    """The package's LoRALinear initialises A = lora_b at random and B = lora_a at zero."""
-    assert ag.ffa_lora().frozen_factor == "A"
+    """As the paper (and PEFT), the down-projection B = lora_a is random and frozen."""
+    assert ag.ffa_lora().frozen_factor == "B"
+    layer = LoRALinear(5, 4, lora_rank=2, lora_alpha=2.0, rngs=nnx.Rngs(0))
+    factors = {"B": layer.lora_a[...], "A": layer.lora_b[...]}
+    frozen = ag.ffa_lora().frozen_factor
+    assert np.all(np.abs(np.asarray(factors[frozen])).sum(0) > 0)  # the random one
+    trained = "A" if frozen == "B" else "B"
+    assert not np.any(np.asarray(factors[trained]))  # the zero one
     assert ag.fedit().frozen_factor is None
 
 

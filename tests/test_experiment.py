@@ -265,3 +265,29 @@ def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
     assert history["curve"] == expected["curve"] and len(history["seconds"]) == 2
     assert history["unconverged"] == [0, 0]  # FedIT solves nothing
     assert third["methods"]["fedit"]["seconds"] >= history["seconds"][-1] > 0
+
+
+def test_config_dataclass_is_the_command_line(capsys):
+    """One dataclass for the CLI and the Python API; --help shows every default."""
+    import dataclasses
+    import importlib
+    import pathlib
+    import tomllib
+
+    assert text_copy.parse_args(["--quick"]) == text_copy.Config(quick=True).resolved()
+    config = text_copy.Config(methods="fedit, clair", rounds=3).resolved()
+    assert config.methods == ["fedit", "clair"] and config.rounds == 3 and config.clients == 40
+    assert config.resolved() == config  # idempotent
+    assert text_copy.Config().out == str(pathlib.Path("benchmarks", "out", "text_copy"))
+    with pytest.raises(ValueError, match="--clients must be >= 2"):
+        text_copy.Config(clients=1).resolved()
+    with pytest.raises(SystemExit):
+        text_copy.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(text_copy.Config):
+        flag = "--" + field.name.replace("_", "-")
+        assert re.search(re.escape(flag) + r"\b(?:(?! --).)*?\(default: ", help_text), flag
+    pyproject = pathlib.Path(__file__).parents[1] / "pyproject.toml"
+    target = tomllib.loads(pyproject.read_text())["project"]["scripts"]["clair-text-copy"]
+    module, name = target.split(":")
+    assert getattr(importlib.import_module(module), name) is text_copy.main

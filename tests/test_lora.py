@@ -116,7 +116,10 @@ def test_adapter_names_follow_targets():
 def test_initial_adapters_are_a_no_op():
     graphdef, base, adapters = cj.split_lora(cj.LoRATransformer(TINY, rngs=nnx.Rngs(0)))
     for f in adapters.values():
-        assert not np.any(np.asarray(f.B)) and np.all(np.abs(np.asarray(f.A)).sum(1) > 0)
+        # PEFT's orientation: the up-projection A = lora_b is zero, the down-projection
+        # B = lora_a random, so the product is zero.
+        assert not np.any(np.asarray(f.A)) and np.all(np.abs(np.asarray(f.B)).sum(0) > 0)
+        assert not np.any(np.asarray(f.B) @ np.asarray(f.A))
     toks = tokens((2, 6), TINY.vocab_size)
     zero = conversion.zeros_like_adapters(adapters)
     np.testing.assert_array_equal(
@@ -176,6 +179,27 @@ def test_adapter_only_updates_leave_the_base_bit_identical():
     assert all(jax.tree.leaves(changed))
 
 
+def test_lora_linear_initialises_as_peft():
+    """Down-projection Kaiming-uniform (a = sqrt(5)): U(-1/sqrt(in), 1/sqrt(in)); up zero."""
+    p, q, r = 400, 3, 64
+    layer = lora_model.LoRALinear(p, q, lora_rank=r, lora_alpha=16.0, rngs=nnx.Rngs(0))
+    down, up = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
+    assert down.shape == (p, r) and up.shape == (r, q)
+    assert not np.any(up)
+    a = np.sqrt(5.0)
+    bound = np.sqrt(2.0 / (1 + a**2)) * np.sqrt(3.0 / p)  # torch's kaiming_uniform_, fan_in = p
+    assert np.max(np.abs(down)) <= bound
+    assert np.max(np.abs(down)) > 0.99 * bound  # uniform over the whole interval
+    np.testing.assert_allclose(down.std(), bound / np.sqrt(3.0), rtol=0.02)
+    assert layer.scale == 16.0 / r
+    rs = lora_model.LoRALinear(
+        p, q, lora_rank=r, lora_alpha=16.0, use_rslora=True, rngs=nnx.Rngs(0)
+    )
+    assert rs.scale == 16.0 / np.sqrt(r)
+    assert TINY._replace(use_rslora=True).lora_scale == TINY.lora_alpha / np.sqrt(TINY.lora_rank)
+    assert TINY.lora_scale == TINY.lora_alpha / TINY.lora_rank
+
+
 def test_adapter_state_conversion_round_trip():
     model = cj.LoRATransformer(TINY, rngs=nnx.Rngs(0))
     lora_state = nnx.state(model, nnx.LoRAParam)
@@ -183,6 +207,9 @@ def test_adapter_state_conversion_round_trip():
     assert all(isinstance(f, cj.LoRAFactors) for f in adapters.values())
     np.testing.assert_array_equal(
         adapters["blocks/1/mlp_out"].A, model.blocks[1].mlp_out.lora_b[...]
+    )
+    np.testing.assert_array_equal(
+        adapters["blocks/1/mlp_out"].B, model.blocks[1].mlp_out.lora_a[...]
     )
     back = cj.adapters_to_lora_state(adapters)
     jax.tree.map(np.testing.assert_array_equal, back, nnx.to_pure_dict(lora_state))
@@ -236,6 +263,8 @@ def test_config_targets_list_is_stored_as_a_tuple():
     )
     with pytest.raises(TypeError, match="lora_alpha must be a real number"):
         cj.LoRATransformer(TINY._replace(lora_alpha="x"), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="use_rslora must be a bool"):
+        cj.LoRATransformer(TINY._replace(use_rslora=1), rngs=nnx.Rngs(0))
 
 
 def test_adapters_must_fit_the_model():

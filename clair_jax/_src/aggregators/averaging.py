@@ -203,22 +203,23 @@ def flexlora() -> Aggregator:
     return Aggregator("flexlora", aggregate)
 
 
-def ffa_lora(frozen: str = "A") -> Aggregator:
+def ffa_lora(frozen: str = "B") -> Aggregator:
     """FFA-LoRA: one factor stays frozen at its initial value, the other is averaged.
 
     FFA-LoRA freezes the randomly initialised factor and trains only the
     zero-initialised one, so factor-wise averaging is exact. In this package's
-    model (``clair_jax._src.lora.model.LoRALinear``) ``A = lora_b`` (``r x out``) is
-    the random one and ``B = lora_a`` (``in x r``) starts at zero, so the
-    default freezes ``A``. Flax's own ``nnx.LoRA`` initialises the other way
-    round (``lora_a`` random, ``lora_b`` zeros): with it pass ``frozen="B"``.
+    model (``clair_jax._src.lora.model.LoRALinear``), as in PEFT and flax's
+    ``nnx.LoRA``, the down-projection ``B = lora_a`` (``in x r``, PEFT's
+    ``lora_A``) is the random one and the up-projection ``A = lora_b``
+    (``r x out``) starts at zero, so the default freezes ``B`` as the paper does.
     (Freezing the zero-initialised factor would keep every update at zero.) The
     frozen factor of the new global adapter is copied from ``global_``; the
     trainable one is ``Σ_i p_i (.)_i``. The returned :class:`Aggregator` carries
     ``frozen_factor`` so the training loop can keep that factor fixed.
 
     Args:
-      frozen: ``"A"`` (default) or ``"B"``, the factor clients do not train.
+      frozen: ``"B"`` (default, the down-projection) or ``"A"``, the factor
+        clients do not train.
 
     References:
       Y. Sun, Z. Li, Y. Li, B. Ding, "Improving LoRA in Privacy-preserving

@@ -86,7 +86,7 @@ class Aggregator(NamedTuple):
       aggregate: ``(clients, global_, weights, round_index, key) -> AggregateResult``,
         pure and jittable (``round_index`` is a traced int32 scalar, ``key`` a
         ``jax.random`` key).
-      frozen_factor: the factor clients must not train (``"A"`` for :func:`ffa_lora` by
+      frozen_factor: the factor clients must not train (``"B"`` for :func:`ffa_lora` by
         default), else None.
       uses_start: when True the round also passes ``start=`` (the adapters the
         clients started the round from, stacked like ``clients``), so that the

@@ -16,18 +16,22 @@ sends from the frozen base. The federated code works on pure pytrees:
 nested dict, and the adapters as an ``Adapters`` dict (module name ->
 ``LoRAFactors(B, A)``) following the aggregator convention ``B = lora_a``
 ``(p = in, r)``, ``A = lora_b`` ``(r, q = out)``: the weight update of a module
-is ``(α / r) B A``.
+is ``(α / r) B A`` (``α / √r`` with rsLoRA).
 
-Initialisation follows LoRA (Hu et al. 2021) in this orientation: ``B`` starts
-at zero and ``A`` is random, so the adapted model starts equal to the base, and
-freezing ``A`` (FFA-LoRA, Sun et al. 2024) leaves a trainable factor that can
-move away from zero. (``nnx.LoRA``'s own default is the other way round.)
+Initialisation follows LoRA (Hu et al. 2021) and PEFT: the down-projection
+``B = lora_a`` (PEFT's ``lora_A``) is random, Kaiming-uniform with
+``a = √5`` as ``torch.nn.Linear`` and PEFT draw it, i.e. ``U(-1/√in, 1/√in)``;
+the up-projection ``A = lora_b`` (PEFT's ``lora_B``) starts at zero, so the
+adapted model starts equal to the base. FFA-LoRA (Sun et al. 2024) freezes the
+random down-projection ``B`` and trains ``A`` only.
 
 References:
   Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
   https://arxiv.org/abs/2106.09685.
   Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
   https://arxiv.org/abs/2403.12313.
+  Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with
+  LoRA" (rsLoRA), https://arxiv.org/abs/2312.03732.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class TransformerConfig(NamedTuple):
       lora_alpha: adapter scale numerator: the update is ``(alpha / r) B A``.
       lora_targets: which projections carry adapters, a subset of
         ``("query", "key", "value", "out", "mlp_in", "mlp_out", "head")``.
+      use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
     """
 
     vocab_size: int = 32
@@ -73,11 +78,26 @@ class TransformerConfig(NamedTuple):
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
+    use_rslora: bool = False
 
     @property
     def lora_scale(self) -> float:
-        """``alpha / r``, the factor multiplying ``B A``."""
-        return self.lora_alpha / self.lora_rank
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), the factor multiplying ``B A``."""
+        return lora_scale(self.lora_alpha, self.lora_rank, use_rslora=self.use_rslora)
+
+
+def lora_scale(alpha: float, rank: int, *, use_rslora: bool = False) -> float:
+    """The adapter scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+
+    Args:
+      alpha: the scale numerator.
+      rank: the adapter rank ``r >= 1``.
+      use_rslora: use rsLoRA's ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+
+    Returns:
+      The scale as a Python float.
+    """
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
 def check_config(config: TransformerConfig) -> TransformerConfig:
@@ -95,7 +115,7 @@ def check_config(config: TransformerConfig) -> TransformerConfig:
         ``width``, a non-finite or non-positive ``lora_alpha``, unknown or no
         ``lora_targets``.
       TypeError: not a :class:`TransformerConfig`, a non-int ``lora_rank``, a
-        non-real ``lora_alpha``.
+        non-real ``lora_alpha``, a non-bool ``use_rslora``.
     """
     if not isinstance(config, TransformerConfig):
         raise TypeError(f"config must be a TransformerConfig, got {type(config).__name__}.")
@@ -117,6 +137,8 @@ def check_config(config: TransformerConfig) -> TransformerConfig:
         ) from None
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"config.lora_alpha must be finite and > 0, got {config.lora_alpha!r}.")
+    if not isinstance(config.use_rslora, bool):
+        raise TypeError(f"config.use_rslora must be a bool, got {config.use_rslora!r}.")
     if config.width % config.num_heads:
         raise ValueError(
             f"config.num_heads ({config.num_heads}) must divide config.width ({config.width})."
@@ -134,15 +156,18 @@ class LoRALinear(nnx.Module):
     """A dense layer ``x W + b`` with an optional LoRA adapter ``(α/r) x B A``.
 
     ``W`` and ``b`` are ``nnx.Param`` (frozen during federated fine-tuning);
-    ``lora_a`` (``B``, ``(in, r)``, zeros) and ``lora_b`` (``A``, ``(r, out)``,
-    ``N(0, 1/out)``) are ``nnx.LoRAParam``. With ``lora_rank=0`` the layer has
-    no adapter.
+    the down-projection ``lora_a`` (``B``, ``(in, r)``, Kaiming-uniform
+    ``U(-1/√in, 1/√in)`` as PEFT's ``lora_A``) and the up-projection ``lora_b``
+    (``A``, ``(r, out)``, zeros as PEFT's ``lora_B``) are ``nnx.LoRAParam``, so
+    the adapter starts with a zero update. With ``lora_rank=0`` the layer has no
+    adapter.
 
     Args:
       in_features: input width ``p``.
       out_features: output width ``q``.
       lora_rank: adapter rank ``r`` (0: no adapter).
       lora_alpha: the update is scaled by ``lora_alpha / lora_rank``.
+      use_rslora: scale by ``lora_alpha / sqrt(lora_rank)`` instead (rsLoRA).
       param_dtype: storage dtype of all parameters.
       rngs: ``nnx.Rngs`` used for the initial values.
 
@@ -163,6 +188,7 @@ class LoRALinear(nnx.Module):
         *,
         lora_rank: int,
         lora_alpha: float,
+        use_rslora: bool = False,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -174,11 +200,14 @@ class LoRALinear(nnx.Module):
         self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
         if lora_rank > 0:
-            self.scale = float(lora_alpha) / lora_rank
-            self.lora_a = nnx.LoRAParam(jnp.zeros((in_features, lora_rank), param_dtype))
-            a_init = nnx.initializers.normal(stddev=out_features**-0.5)
-            shape = (lora_rank, out_features)
-            self.lora_b = nnx.LoRAParam(a_init(rngs.params(), shape, param_dtype))
+            self.scale = lora_scale(lora_alpha, lora_rank, use_rslora=use_rslora)
+            # PEFT: kaiming_uniform_(lora_A.weight, a=sqrt(5)) on a (r, in) weight,
+            # i.e. gain sqrt(2 / (1 + a^2)) * sqrt(3 / in) = 1 / sqrt(in).
+            bound = in_features**-0.5
+            shape = (in_features, lora_rank)
+            down = jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)
+            self.lora_a = nnx.LoRAParam(down)
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), param_dtype))
 
     def __call__(self, x: Float[Array, "... p"]) -> Float[Array, "... q"]:
         y = x @ self.kernel[...]
@@ -197,9 +226,14 @@ class CausalSelfAttention(nnx.Module):
 
         def proj(name):
             rank = config.lora_rank if name in config.lora_targets else 0
-            alpha = config.lora_alpha
             return LoRALinear(
-                d, d, lora_rank=rank, lora_alpha=alpha, param_dtype=param_dtype, rngs=rngs
+                d,
+                d,
+                lora_rank=rank,
+                lora_alpha=config.lora_alpha,
+                use_rslora=config.use_rslora,
+                param_dtype=param_dtype,
+                rngs=rngs,
             )
 
         self.query, self.key, self.value, self.out = (
@@ -229,9 +263,14 @@ class Block(nnx.Module):
 
         def dense(name, p, q):
             rank = config.lora_rank if name in config.lora_targets else 0
-            alpha = config.lora_alpha
             return LoRALinear(
-                p, q, lora_rank=rank, lora_alpha=alpha, param_dtype=param_dtype, rngs=rngs
+                p,
+                q,
+                lora_rank=rank,
+                lora_alpha=config.lora_alpha,
+                use_rslora=config.use_rslora,
+                param_dtype=param_dtype,
+                rngs=rngs,
             )
 
         self.ln1 = nnx.LayerNorm(d, param_dtype=param_dtype, rngs=rngs)
@@ -293,6 +332,7 @@ class LoRATransformer(nnx.Module):
             config.vocab_size,
             lora_rank=config.lora_rank if "head" in config.lora_targets else 0,
             lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora,
             param_dtype=param_dtype,
             rngs=rngs,
         )
