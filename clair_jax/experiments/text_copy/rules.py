@@ -25,7 +25,8 @@ def make_aggregator(
     ``participants - f`` best). FedRot-LoRA uses strength ``0.4`` (soft;
     the best point for RTE in its paper's λ-sensitivity figure, while SST-2
     peaks at 0.6 and QNLI at 0–0.2; :func:`clair_jax.fedrot`'s default is the
-    authors' 1.5, hard Procrustes over O(r)). CLAIR runs on the products with an unknown common offset: the
+    authors' 1.5, hard Procrustes over O(r)). CLAIR runs on the products with
+    an unknown common offset: the
     mean benign update is common to all clients and the shared subspace is that
     of the variation around it (see :func:`clair_jax.clair`). ``clair_rank``:
     ``"lora"`` (the aggregator's default: detection on CLAIR's estimated
