@@ -6,7 +6,7 @@ part timed inside a ``lax.fori_loop`` (so dispatch is not counted) as the
 difference between ``K`` and 1 trips, divided by ``K - 1``:
 
 * the rank-capped singular value thresholding (the factorisation the floor counts);
-* a whole ADMM iteration (``admm.solve`` with ``tol=0``, ``K`` vs 1 iterations);
+* a whole ADMM iteration (``ADMM`` through ``loop.iterate`` with ``tol=0``, ``K`` vs 1 iterations);
 * one elementwise pass over a ``(n, p, q)`` iterate (1 MiB in float64);
 * one sum of squares over the same iterate (a reduction, as the block norms and
   the residuals of the stopping test need), in float64 and float32.
@@ -33,7 +33,7 @@ from solver_scaling import timed  # noqa: E402
 
 from clair_jax._src.linalg import prox, svt_capped  # noqa: E402
 from clair_jax._src.linalg import svt as svd_lib  # noqa: E402
-from clair_jax._src.solvers import admm, problem  # noqa: E402
+from clair_jax._src.solvers import admm, loop, problem  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N, P, Q, CAP = 32, 256, 16, 16
@@ -66,15 +66,22 @@ def main(argv=None) -> dict:
         return m + 1e-3 * out, b
 
     options = problem.Options(
-        method="admm", constrained=False, offset=False, tol=0.0, max_iter=1,
-        backend="rank_capped", rank_cap=CAP, power_iters=1, unrolled=False,
+        constrained=False, offset=False, tol=0.0, max_iter=1,
+        backend="rank_capped", rank_cap=CAP, power_iters=1,
     )  # fmt: skip
     data = problem.Data(x, jnp.asarray(tau), jnp.asarray(0.05 * tau), jnp.ones(N))
     zeros = jnp.zeros_like(x)
 
     def admm_time(iters):
         opts = options._replace(max_iter=iters)
-        solve = jax.jit(lambda u: admm.solve(data._replace(updates=u), opts, zeros, zeros, basis))
+        solver = admm.ADMM()
+
+        def run(u):
+            d = data._replace(updates=u)
+            return loop.iterate(solver, d, opts, solver.init(d, opts, zeros, zeros, basis),
+                                unrolled=False)  # fmt: skip
+
+        solve = jax.jit(run)
         return median_time(solve, x)
 
     rows = {

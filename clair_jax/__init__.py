@@ -68,10 +68,16 @@ from clair_jax._src.lora.types import LoRAFactors as LoRAFactors
 from clair_jax._src.metrics import DetectionMetrics as DetectionMetrics
 from clair_jax._src.metrics import detection_metrics as detection_metrics
 from clair_jax._src.metrics import subspace_distance as subspace_distance
+from clair_jax._src.solvers.adjoint import AbstractAdjoint as AbstractAdjoint
+from clair_jax._src.solvers.adjoint import ImplicitAdjoint as ImplicitAdjoint
+from clair_jax._src.solvers.adjoint import UnrolledAdjoint as UnrolledAdjoint
+from clair_jax._src.solvers.admm import ADMM as ADMM
+from clair_jax._src.solvers.base import AbstractDecompositionSolver as AbstractDecompositionSolver
 from clair_jax._src.solvers.decompose import decompose as decompose
 from clair_jax._src.solvers.decomposition import Decomposition as Decomposition
 from clair_jax._src.solvers.factored import FactoredDecomposition as FactoredDecomposition
 from clair_jax._src.solvers.factored import decompose_factored as decompose_factored
+from clair_jax._src.solvers.fista import FISTA as FISTA
 from clair_jax._src.solvers.rpca import RobustPCA as RobustPCA
 from clair_jax._src.solvers.rpca import rpca as rpca
 from clair_jax._version import __version__ as __version__
@@ -79,6 +85,12 @@ from clair_jax._version import __version__ as __version__
 _lapack_threads.apply_default()  # one thread for jaxlib's CPU LAPACK (see that module)
 
 __all__ = [
+    "ADMM",
+    "FISTA",
+    "AbstractDecompositionSolver",
+    "AbstractAdjoint",
+    "ImplicitAdjoint",
+    "UnrolledAdjoint",
     "clair_aggregator_factored",
     "flexlora_factored",
     "product_error_factored",

@@ -148,41 +148,53 @@ def test_admm_sweep_carrying_s_plus_n_equals_the_textbook_sweep(x64, offset, con
     lam_nuc, lam_block = 0.7, 0.9
     mus = [0.3, 0.3, 0.6, 1.2, 0.6]
     options = problem_module.Options(
-        method="admm", constrained=constrained, offset=offset, tol=1e-9, max_iter=10,
-        backend="full", rank_cap=None, power_iters=1, unrolled=False,
+        constrained=constrained, offset=offset, tol=1e-9, max_iter=10,
+        backend="full", rank_cap=None, power_iters=1,
     )  # fmt: skip
     data = problem_module.Data(
         jnp.asarray(x), jnp.asarray(lam_nuc), jnp.asarray(lam_block), jnp.asarray(w)
     )
     zeros = jnp.zeros_like(data.updates)
-    state = admm.AdmmState(
-        low_rank=zeros,
-        sparse_plus_noise=zeros if constrained else data.updates,
-        offset=zeros[0],
-        dual=zeros if constrained else data.updates,
-        mu=jnp.asarray(mus[0]),
-        num_iters=jnp.zeros((), jnp.int32),
-        primal_residual=jnp.asarray(1.0),
-        dual_residual=jnp.asarray(1.0),
-        rank=jnp.zeros((), jnp.int32),
-        basis=None,
-    )
+    misfit, c = zeros if constrained else data.updates, zeros[0]
+    dual = zeros if constrained else data.updates
     for mu in mus:
-        low, misfit, c, dual, _, _ = admm.sweep(data, options, state, jnp.asarray(mu))
-        state = state._replace(low_rank=low, sparse_plus_noise=misfit, offset=c, dual=dual)
+        low, misfit, c, dual, _, _ = admm.sweep(
+            data, options, misfit, c, dual, jnp.asarray(mu), None
+        )
     want_l, want_s, want_n, want_c, want_y = _textbook_admm_sweeps(
         x, lam_nuc, lam_block, w, mus, offset, constrained
     )
-    sparse = admm.sparse_part(data, options, state)
+    sparse = admm.sparse_part(data, options, misfit)
     assert float(np.linalg.norm(want_s)) > 0.1 and float(np.linalg.norm(want_l)) > 0.1
     for got, want in (
-        (state.low_rank, want_l),
+        (low, want_l),
         (sparse, want_s),
-        (state.sparse_plus_noise - sparse, want_n),
-        (state.offset, want_c),
-        (state.dual, want_y),
+        (misfit - sparse, want_n),
+        (c, want_c),
+        (dual, want_y),
     ):
         np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_solver_and_adjoint_objects_are_what_the_strings_name(x64):
+    # method= and diff= take the solver and adjoint objects as well as their names:
+    # same iterates, same results, one compilation for equal objects.
+    from clair_jax._src.solvers.adjoint import ImplicitAdjoint, UnrolledAdjoint
+    from clair_jax._src.solvers.admm import ADMM
+    from clair_jax._src.solvers.fista import FISTA
+
+    x = small_problem(seed=3)["updates"]
+    kw = {"lam_nuc": 0.7, "lam_block": 0.9, "offset": True, "max_iter": 400}
+    for name, solver in (("admm", ADMM()), ("fista", FISTA())):
+        for diff, adjoint in (("implicit", ImplicitAdjoint()), ("unrolled", UnrolledAdjoint())):
+            by_name = cj.decompose(x, method=name, diff=diff, **kw)
+            before = decompose_module.solve_decomposition._cache_size()
+            by_object = cj.decompose(x, method=solver, diff=adjoint, **kw)
+            assert decompose_module.solve_decomposition._cache_size() == before
+            for a, b in zip(by_name, by_object, strict=True):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="constrained=True"):
+        cj.decompose(x, method=FISTA(), constrained=True, **kw)
 
 
 # --- exact recovery (noiseless, constrained) ---------------------------------------------

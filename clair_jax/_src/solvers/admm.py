@@ -29,7 +29,7 @@ and so do the iterates.
 The iterates carry ``W = S + N``, not ``S`` and ``N``: the joint update splits
 any ``W`` optimally, ``S = argmin_S λ_S w ||S|| + 1/2 ||W - S||^2 =
 BST_{λ_S w}(W)`` (the penalty does not enter), so ``S`` and ``N = W - S`` are
-read off the final ``W`` (:func:`sparse_part`), and ``W`` is all the sweep needs:
+read off the final ``W`` (:meth:`ADMM.postprocess`), and ``W`` is all the sweep needs:
 one ``(n, p, q)`` array less to read and write per iteration. The update is
 ``W = (S + μ V) / (1 + μ)`` with ``S = BST_τ(V)``, ``τ = λ_S w (1 + μ)/μ``.
 The multiplier update needs no other pass over ``X``, ``Y`` and ``L`` either:
@@ -39,7 +39,7 @@ The multiplier update needs no other pass over ``X``, ``Y`` and ``L`` either:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +47,15 @@ from jaxtyping import Array
 
 from clair_jax._src.linalg import prox, sparsity
 from clair_jax._src.solvers import problem
-from clair_jax._src.solvers.loop import run_iterations
+from clair_jax._src.solvers.base import AbstractDecompositionSolver, Parts
 
 BALANCE_RATIO = 10.0
 PENALTY_FACTOR = 2.0
 
 
 class AdmmState(NamedTuple):
+    """ADMM's iterate: ``L``, ``W = S + N``, ``c``, the multiplier ``Y``, the penalty."""
+
     low_rank: Array
     sparse_plus_noise: Array  # W = S + N (constrained form: N = 0, W = S)
     offset: Array  # (p, q); stays zero without an offset
@@ -64,59 +66,56 @@ class AdmmState(NamedTuple):
     dual_residual: Array
     rank: Array
     basis: Array | None
+    scale: Array  # problem.data_scale(data), computed once
+    dual_unit: Array  # the dual residual's unit: λ_* (constrained form) or 1
 
 
-def sweep(data: problem.Data, options: problem.Options, state: AdmmState, mu):
-    """One ADMM sweep at fixed penalty ``mu``: ``(L, W, c, Y, rank, basis)``, ``W = S + N``."""
+def sweep(data: problem.Data, options: problem.Options, misfit, offset, dual, mu, basis):
+    """One ADMM sweep at fixed penalty ``mu`` from ``(W, c, Y)``, ``W = S + N``.
+
+    The sweep starts with the ``L``-update, so the previous ``L`` does not enter.
+
+    Args:
+      data: the problem data.
+      options: static configuration.
+      misfit: ``W = S + N``.
+      offset: ``(p, q)``, ``c`` (zeros without an offset).
+      dual: the multiplier ``Y``.
+      mu: the penalty.
+      basis: the rank-capped factorisation's basis, or ``None``.
+
+    Returns:
+      ``(L, W, c, Y, rank, basis)`` after the sweep.
+    """
     x, inv_mu = data.updates, 1.0 / mu
-    shifted = x + inv_mu * state.dual - state.offset[None]
-    low_rank, rank, basis = problem.svt_blocks(
-        shifted - state.sparse_plus_noise,
-        data.lam_nuc * inv_mu,
-        options,
-        state.basis,
-    )
-    v = shifted - low_rank
+    shifted = x + inv_mu * dual - offset[None]
+    new_l, rank, basis = problem.svt_blocks(shifted - misfit, data.lam_nuc * inv_mu, options, basis)
+    v = shifted - new_l
     if options.constrained:
         sparse = sparsity.prox(v, data.lam_block * data.weights * inv_mu, options.sparsity)
         gap = v - sparse  # V - W with W = S
-        misfit = sparse
+        new_w = sparse
     else:
         tau = data.lam_block * data.weights * (1.0 + mu) * inv_mu
         sparse = sparsity.prox(v, tau, options.sparsity)
         gap = (v - sparse) / (1.0 + mu)  # V - W
-        misfit = sparse + mu * gap  # W = S + N, N = mu / (1 + mu) (V - S)
+        new_w = sparse + mu * gap  # W = S + N, N = mu / (1 + mu) (V - S)
     # Y + mu (X - c' - L - W) = mu (V - W - (c' - c)): the multiplier from V, without
     # another pass over X, Y and L.
     if options.offset:
         moved = jnp.mean(gap, axis=0)  # c' - c: the offset's own update
-        offset = state.offset + moved
+        new_c = offset + moved
         gap = gap - moved[None]
     else:
-        offset = state.offset
-    return low_rank, misfit, offset, mu * gap, rank, basis
+        new_c = offset
+    return new_l, new_w, new_c, mu * gap, rank, basis
 
 
-def sparse_part(data: problem.Data, options: problem.Options, state: AdmmState) -> Array:
+def sparse_part(data: problem.Data, options: problem.Options, misfit: Array) -> Array:
     """``S`` from ``W = S + N``: ``BST_{λ_S w}(W)`` (the constrained form's ``W`` is ``S``)."""
     if options.constrained:
-        return state.sparse_plus_noise
-    return sparsity.prox(state.sparse_plus_noise, data.lam_block * data.weights, options.sparsity)
-
-
-def svt_argument(data: problem.Data, options: problem.Options, state: AdmmState):
-    """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser, from the state's ``L``.
-
-    Penalised form: :func:`problem.penalised_svt_argument`. Constrained form:
-    ``Y ∈ λ_* ∂||L||_*`` at a solution, i.e. ``L = SVT_{λ_*/μ}(L + Y/μ)`` for any
-    ``μ > 0`` (the state's penalty is used).
-    """
-    if not options.constrained:
-        return problem.penalised_svt_argument(
-            data, state.low_rank, sparse_part(data, options, state), options
-        )
-    inv_mu = 1.0 / state.mu
-    return state.low_rank + inv_mu * state.dual, data.lam_nuc * inv_mu
+        return misfit
+    return sparsity.prox(misfit, data.lam_block * data.weights, options.sparsity)
 
 
 def initial_penalty(data: problem.Data) -> Array:
@@ -134,27 +133,78 @@ def initial_penalty(data: problem.Data) -> Array:
     return jnp.where(sigma > 0, 1.25 / jnp.where(sigma > 0, sigma, 1.0), 1.0)
 
 
-def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None, mu=None):
-    """Runs ADMM from ``(init_l, init_s)``; returns the final :class:`AdmmState`.
+class ADMM(AbstractDecompositionSolver):
+    """Inexact ALM with residual-balanced penalty (module docstring).
 
-    ``skip`` (traced bool, optional): when True no iteration runs (the loop
-    starts in the stopped state), also for one element of a ``vmap`` batch.
-    ``mu`` (optional): the initial penalty (default :func:`initial_penalty`).
+    Solves the penalised and the constrained form. The penalised form is
+    differentiated through the proximal-gradient map (the default
+    :meth:`~base.AbstractDecompositionSolver.fixed_point`), the constrained form
+    through the sweep itself at the final penalty.
     """
-    start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
-    scale = problem.data_scale(data)
-    dtype = data.updates.dtype
-    # The constrained problem depends on λ_S / λ_* only, and its multiplier scales
-    # with λ_*: so do the penalty and the dual residual, and the iterates are the
-    # same for every common scale of the λ's (the penalised form has a fixed scale,
-    # that of its misfit term).
-    dual_unit = jnp.where(data.lam_nuc > 0, data.lam_nuc, 1.0) if options.constrained else 1.0
 
-    def step(state: AdmmState) -> AdmmState:
-        mu = state.mu
-        low_rank, misfit, offset, dual, rank, basis = sweep(data, options, state, mu)
+    solves_constrained: ClassVar[bool] = True
+
+    def init(self, data, options, low_rank, sparse, basis, previous=None):
+        """The feasible start; ``previous`` (an :class:`AdmmState`) lends its penalty.
+
+        Penalised form: ``N = X - c - L - S`` and the multiplier ``Y = N`` that
+        stationarity in ``N`` asks for; constrained form: ``N = 0``, ``Y = 0``.
+        Without ``previous`` the penalty is :func:`initial_penalty` (times ``λ_*``
+        in the constrained form).
+        """
+        x = data.updates
+        dtype = x.dtype
+        # The constrained problem depends on λ_S / λ_* only, and its multiplier scales
+        # with λ_*: so do the penalty and the dual residual, and the iterates are the
+        # same for every common scale of the λ's (the penalised form has a fixed
+        # scale, that of its misfit term).
+        if options.constrained:
+            dual_unit = jnp.where(data.lam_nuc > 0, data.lam_nuc, 1.0)
+        else:
+            dual_unit = jnp.ones((), dtype)
+        if options.offset:
+            init_c = problem.optimal_offset(data, low_rank, sparse)
+        else:
+            init_c = jnp.zeros_like(x[0])
+        if options.constrained:
+            init_w, init_n = sparse, jnp.zeros_like(x)
+        else:
+            init_w = x - init_c[None] - low_rank  # S + N with N = X - c - L - S
+            init_n = init_w - sparse
+        if previous is None:
+            # A starting value, not a function of the data to differentiate (its norm
+            # has no derivative at zero data).
+            mu = jax.lax.stop_gradient(initial_penalty(data) * dual_unit)
+        else:
+            mu = previous.mu
+        return AdmmState(
+            low_rank=low_rank,
+            sparse_plus_noise=init_w,
+            offset=init_c,
+            dual=init_n,
+            mu=mu.astype(dtype),
+            num_iters=jnp.zeros((), jnp.int32),
+            primal_residual=jnp.asarray(jnp.inf, dtype),
+            dual_residual=jnp.asarray(jnp.inf, dtype),
+            rank=jnp.zeros((), jnp.int32),
+            basis=basis,
+            scale=problem.data_scale(data),
+            dual_unit=dual_unit.astype(dtype),
+        )
+
+    def step(self, data, options, state: AdmmState) -> AdmmState:
+        mu, scale = state.mu, state.scale
+        low_rank, misfit, offset, dual, rank, basis = sweep(
+            data,
+            options,
+            state.sparse_plus_noise,
+            state.offset,
+            state.dual,
+            mu,
+            state.basis,
+        )
         # X - c' - L - W = (Y' - Y) / mu.
-        primal = x_norm(dual - state.dual) / (mu * scale)
+        primal = _norm(dual - state.dual) / (mu * scale)
         # Stationarity of L after the sweep is off by mu Δ(W + c); with an offset, that
         # of W (updated before c, with the old c) is off by mu Δc in every block too:
         # W and c can drift by opposite amounts while W + c stands still.
@@ -162,14 +212,14 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
         squares = jnp.sum(moved * moved)
         if options.offset:
             shift = offset - state.offset
-            squares = squares + x.shape[0] * jnp.sum(shift * shift)
-        dual_res = mu * jnp.sqrt(squares) / (scale * dual_unit)
+            squares = squares + data.updates.shape[0] * jnp.sum(shift * shift)
+        dual_res = mu * jnp.sqrt(squares) / (scale * state.dual_unit)
         mu_next = jnp.where(
             primal > BALANCE_RATIO * dual_res,
             mu * PENALTY_FACTOR,
             jnp.where(dual_res > BALANCE_RATIO * primal, mu / PENALTY_FACTOR, mu),
         )
-        return AdmmState(
+        return state._replace(
             low_rank=low_rank,
             sparse_plus_noise=misfit,
             offset=offset,
@@ -182,44 +232,48 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
             basis=basis,
         )
 
-    x = data.updates
-    if options.offset:
-        init_c = problem.optimal_offset(data, init_l, init_s)
-    else:
-        init_c = jnp.zeros_like(x[0])
-    # Penalised form: start feasible, with the multiplier that stationarity in N
-    # asks for (Y = N); constrained form: N = 0, Y = 0.
-    if options.constrained:
-        init_w, init_n = init_s, jnp.zeros_like(x)
-    else:
-        init_w = x - init_c[None] - init_l  # S + N with N = X - c - L - S
-        init_n = init_w - init_s
-    if mu is None:
-        # A starting value, not a function of the data to differentiate (its norm
-        # has no derivative at zero data).
-        mu = jax.lax.stop_gradient(initial_penalty(data) * dual_unit)
-    state = AdmmState(
-        low_rank=init_l,
-        sparse_plus_noise=init_w,
-        offset=init_c,
-        dual=init_n,
-        mu=mu.astype(dtype),
-        num_iters=jnp.zeros((), jnp.int32),
-        primal_residual=jnp.asarray(start_residual, dtype),
-        dual_residual=jnp.asarray(start_residual, dtype),
-        rank=jnp.zeros((), jnp.int32),
-        basis=basis,
-    )
-    return run_iterations(
-        step,
-        state,
-        done=lambda s: jnp.maximum(s.primal_residual, s.dual_residual) < options.tol,
-        num_iters=lambda s: s.num_iters,
-        max_iter=options.max_iter,
-        unrolled=options.unrolled,
-        **problem.saturation_stop(options),
-    )
+    def residual(self, state: AdmmState) -> Array:
+        """``max(primal, dual)``, both relative residuals of the module docstring."""
+        return jnp.maximum(state.primal_residual, state.dual_residual)
+
+    def postprocess(self, data, options, state: AdmmState) -> Parts:
+        """``L``, ``S = BST_{λ_S w}(W)`` and the offset ``c`` of the state."""
+        sparse = sparse_part(data, options, state.sparse_plus_noise)
+        return Parts(state.low_rank, sparse, state.offset)
+
+    def svt_argument(self, data, options, state: AdmmState):
+        """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser, from the state's ``L``.
+
+        Penalised form: the default. Constrained form: ``Y ∈ λ_* ∂||L||_*`` at a
+        solution, i.e. ``L = SVT_{λ_*/μ}(L + Y/μ)`` for any ``μ > 0`` (the state's
+        penalty is used).
+        """
+        if not options.constrained:
+            return super().svt_argument(data, options, state)
+        inv_mu = 1.0 / state.mu
+        return state.low_rank + inv_mu * state.dual, data.lam_nuc * inv_mu
+
+    def fixed_point_problem(self, data, options, state: AdmmState, parts: Parts):
+        """Constrained form: ``z = (L, S, c or None, Y)``, ``params = (data, μ)``."""
+        if not options.constrained:
+            return super().fixed_point_problem(data, options, state, parts)
+        offset = parts.offset if options.offset else None
+        z = (parts.low_rank, parts.sparse, offset, state.dual)
+        return z, (data, jax.lax.stop_gradient(state.mu))
+
+    def fixed_point(self, options, z, params):
+        """Constrained form: one :func:`sweep` at the final penalty (``W = S``)."""
+        if not options.constrained:
+            return super().fixed_point(options, z, params)
+        data, mu = params
+        low_rank, sparse, offset, dual = z
+        if offset is None:  # no offset: it stays out of the fixed-point variable
+            offset = jnp.zeros_like(sparse[0])
+        low_rank, sparse, new_offset, dual, _, _ = sweep(
+            data, options, sparse, offset, dual, mu, None
+        )
+        return low_rank, sparse, new_offset if options.offset else None, dual
 
 
-def x_norm(a: Array) -> Array:
+def _norm(a: Array) -> Array:
     return jnp.sqrt(jnp.sum(a * a))

@@ -9,12 +9,16 @@ from clair_jax._src import validation
 from clair_jax._src.linalg import sparsity as sparsity_lib
 from clair_jax._src.linalg import svt as svt_lib
 from clair_jax._src.solvers import problem
+from clair_jax._src.solvers.adjoint import ADJOINTS, AbstractAdjoint
+from clair_jax._src.solvers.admm import ADMM
+from clair_jax._src.solvers.base import AbstractDecompositionSolver
 from clair_jax._src.solvers.decomposition import Decomposition, solve_decomposition
+from clair_jax._src.solvers.fista import FISTA
 
-METHODS = ("fista", "admm")
-
-
-DIFF_MODES = ("implicit", "unrolled")
+#: ``method=`` strings and the solvers they name.
+SOLVERS = {"fista": FISTA, "admm": ADMM}
+METHODS = tuple(SOLVERS)
+DIFF_MODES = tuple(ADJOINTS)
 
 
 def decompose(
@@ -22,7 +26,7 @@ def decompose(
     *,
     lam_nuc: float | Float[ArrayLike, ""],
     lam_block: float | Float[ArrayLike, ""],
-    method: str = "admm",
+    method: str | AbstractDecompositionSolver = "admm",
     constrained: bool = False,
     weights: Float[ArrayLike, " n"] | None = None,
     offset: bool = False,
@@ -33,7 +37,7 @@ def decompose(
     rank_cap: int | None = None,
     power_iters: int = 1,
     init: tuple[ArrayLike, ArrayLike] | Decomposition | None = None,
-    diff: str = "implicit",
+    diff: str | AbstractAdjoint = "implicit",
 ) -> Decomposition:
     """Splits stacked client updates into a low-rank and a block-sparse part.
 
@@ -67,8 +71,7 @@ def decompose(
     Args:
       updates: ``(n, p, q)`` client updates; batch more problems with ``jax.vmap``
         (on CPU the solve then runs in sequential chunks whose solver arrays fit
-        a CPU cache, 2 MiB each, faster than one lockstep vmap: the README's
-        batch benchmark).
+        a CPU cache).
         Integers become the default float; half precision (float16, bfloat16)
         is solved, and returned, in float32. Any scale the dtype holds: the
         iterations run on ``X`` divided by the power of two that brings its
@@ -78,12 +81,12 @@ def decompose(
       lam_nuc: weight ``λ_* >= 0`` of the nuclear norm.
       lam_block: weight ``λ_S >= 0`` of the block norm.
       method: ``"admm"`` (the default: inexact ALM with residual-balanced
-        penalty, Lin et al. 2010) or ``"fista"`` (Beck & Teboulle 2009, with
-        adaptive restart). ADMM is the faster of the two at every size the
-        README's benchmark measures (``benchmarks/solver_scaling.py``), reaches ``tol=1e-6``
-        in float32 where FISTA can stall (see ``tol``), and also solves the
-        constrained form; :func:`clair_jax.clair` and :func:`clair_jax.rpca`
-        use it too.
+        penalty, Lin et al. 2010), ``"fista"`` (Beck & Teboulle 2009, with
+        adaptive restart), or a solver object (an
+        ``AbstractDecompositionSolver``, e.g. ``ADMM()`` or ``FISTA()``). ADMM
+        also solves the constrained form and, in float32, reaches a ``tol``
+        near rounding where FISTA can stall; :func:`clair_jax.clair` and
+        :func:`clair_jax.rpca` use it.
       constrained: solve the equality-constrained (noiseless) form; needs ``"admm"``.
       weights: ``(n,)`` non-negative per-client weights ``w_i`` (default ones).
       offset: estimate an unpenalised common offset ``c`` (``(p, q)``).
@@ -92,17 +95,10 @@ def decompose(
         ``sum_i w_i sum_j ||S_i[:, j]||_2``, Outlier Pursuit) or ``"entry"``
         (``sum_i w_i ||S_i||_1``, Principal Component Pursuit; see
         :func:`clair_jax.rpca`). ``lam_block`` weighs whichever norm is chosen.
-      tol: relative residual at which to stop (see :class:`Decomposition`).
-        In float32, ``1e-6`` is close to what rounding allows: on exactly
-        low-rank updates (products ``B_i A_i`` of rank-4 LoRA factors, 8
-        clients, ``64 x 64``, at :func:`clair_jax.clair`'s default λ's, with
-        and without ``offset``) FISTA's residual stalled near ``1.5e-6`` in 17
-        of 20 problems (``converged=False`` at ``max_iter``) where ADMM
-        converged in all 20 and float64 FISTA in about 500 iterations. One
-        float32 FISTA step from the float64 optimum (rounded to float32)
-        already moves it by ``9.6e-7`` relative there: the floor is in the
-        float32 evaluation of the step, not in the method's convergence. Use
-        ``method="admm"``, a looser ``tol`` or float64 there.
+      tol: relative residual at which to stop (see :class:`Decomposition`). In
+        float32, ``1e-6`` is close to what rounding allows: FISTA's residual can
+        stall just above it (``converged=False``); use ``method="admm"``, a looser
+        ``tol`` or float64 there.
       max_iter: iteration cap (and the number of unrolled steps with
         ``diff="unrolled"``). Reaching it is reported as ``converged=False``.
       svd: factorisation backend for singular value thresholding: ``"auto"``,
@@ -124,13 +120,14 @@ def decompose(
         (``svt_capped.capped_svt_certified``: with ``Z`` the point whose SVT is ``L``
         at a minimiser, no further singular value of ``Z`` above ``τ + tol
         ||X||_F`` and ``||L - SVT_τ(Z)||_F <= 10 tol ||X||_F``, bounded by one
-        Cholesky and products with the kept vectors, about 0.7 ms in float32 at
-        ``256 x 512``) and continues exactly when the certificate fails. With
+        Cholesky and products with the kept vectors) and continues exactly when
+        the certificate fails. With
         ``diff="unrolled"`` there is no continuation: a binding cap or a failed
         certificate is reported as ``converged=False``.
       power_iters: subspace iterations per solver iteration for ``"rank_capped"``.
       init: warm start, ``(low_rank, sparse)`` or a previous :class:`Decomposition`.
-      diff: ``"implicit"`` (reverse mode: ``jax.grad``/``jax.vjp`` by the
+      diff: a differentiation mode, ``ImplicitAdjoint()`` or ``UnrolledAdjoint()``,
+        or its name: ``"implicit"`` (reverse mode: ``jax.grad``/``jax.vjp`` by the
         fixed-point VJP; forward mode, ``jax.jvp``/``jax.jacfwd``, is not
         defined for a ``custom_vjp`` and raises a TypeError) or ``"unrolled"``
         (differentiates the ``max_iter`` iterations themselves, both modes).
@@ -143,7 +140,9 @@ def decompose(
 
     Raises:
       ValueError: bad shapes, negative or non-finite λ's or weights, NaN/inf in
-        ``updates``, ``tol <= 0``, unknown ``method``/``svd``/``diff``. Value
+        ``updates``, ``tol <= 0``, unknown ``method``/``svd``/``diff`` (neither a
+        name nor a solver/adjoint object), ``constrained=True`` with a solver of
+        the penalised form only. Value
         checks on traced arrays raise a runtime error with the same message.
       TypeError: non-numeric arguments, or traced static configuration.
 
@@ -171,12 +170,12 @@ def decompose(
       Z. Lin, M. Chen, Y. Ma, "The augmented Lagrange multiplier method for exact
       recovery of corrupted low-rank matrices", 2010, arXiv:1009.5055.
     """
-    validation.check_choice(method, "method", METHODS)
-    validation.check_choice(diff, "diff", DIFF_MODES)
+    solver = _solver(method)
+    adjoint = _adjoint(diff)
     validation.check_choice(sparsity, "sparsity", sparsity_lib.SPARSITIES)
     constrained = validation.check_bool(constrained, "constrained")
     offset = validation.check_bool(offset, "offset")
-    if constrained and method != "admm":
+    if constrained and not solver.solves_constrained:
         raise ValueError('constrained=True is solved by method="admm" only.')
     tol = validation.check_positive_float(tol, "tol")
     max_iter = validation.check_positive_int(max_iter, "max_iter")
@@ -191,7 +190,7 @@ def decompose(
     )
     n, p, q = x.shape
     backend, rank_cap = svt_lib.resolve_backend(
-        (p, n * q), svd, rank_cap, x.dtype, unrolled=diff == "unrolled"
+        (p, n * q), svd, rank_cap, x.dtype, unrolled=adjoint.unrolled
     )
 
     x = validation.check_finite(x, "updates")
@@ -210,7 +209,6 @@ def decompose(
 
     init_l, init_s = _initial_point(init, x)
     options = problem.Options(
-        method=method,
         constrained=bool(constrained),
         offset=bool(offset),
         tol=tol,
@@ -218,10 +216,24 @@ def decompose(
         backend=backend,
         rank_cap=rank_cap,
         power_iters=power_iters,
-        unrolled=diff == "unrolled",
         sparsity=sparsity,
     )
-    return solve_decomposition(options, problem.Data(x, lam_nuc, lam_block, w), init_l, init_s)
+    data = problem.Data(x, lam_nuc, lam_block, w)
+    return solve_decomposition(solver, adjoint, options, data, init_l, init_s)
+
+
+def _solver(method) -> AbstractDecompositionSolver:
+    """The solver ``method`` names (or is)."""
+    if isinstance(method, AbstractDecompositionSolver):
+        return method
+    return SOLVERS[validation.check_choice(method, "method", METHODS)]()
+
+
+def _adjoint(diff) -> AbstractAdjoint:
+    """The differentiation mode ``diff`` names (or is)."""
+    if isinstance(diff, AbstractAdjoint):
+        return diff
+    return ADJOINTS[validation.check_choice(diff, "diff", DIFF_MODES)]()
 
 
 def _lambda(value, name: str, dtype) -> Array:

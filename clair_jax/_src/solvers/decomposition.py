@@ -1,4 +1,10 @@
-"""The jitted decomposition solve: scaling, solver loop, continuation, implicit derivatives."""
+"""The jitted decomposition solve, for any solver and adjoint.
+
+What every method shares is written once here: the power-of-two scaling and
+centring of the data, the generic loop (:func:`loop.iterate`), the exact
+continuation and the certificate of a rank-capped solve, the derivatives (the
+adjoint object) and the :class:`Decomposition` returned.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ from jaxtyping import Array, Bool, Float, Int
 from clair_jax._src.linalg import prox, svt_capped
 from clair_jax._src.linalg import svt as svt_lib
 from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
-from clair_jax._src.solvers import admm, fista, problem
-from clair_jax._src.solvers.implicit import attach_fixed_point
+from clair_jax._src.solvers import problem
+from clair_jax._src.solvers.adjoint import AbstractAdjoint
+from clair_jax._src.solvers.base import AbstractDecompositionSolver, continue_state
+from clair_jax._src.solvers.loop import iterate
 
 
 class Decomposition(NamedTuple):
@@ -24,7 +32,7 @@ class Decomposition(NamedTuple):
       sparse: ``(n, p, q)``, the blocks ``S_i`` (non-zero = flagged clients).
       offset: ``(p, q)`` common offset ``c``, or ``None`` when ``offset=False``.
       num_iters: int32, iterations run.
-      converged: bool, whether the residual fell below ``tol`` within ``max_iter``
+      converged: bool, whether the solver's stopping rule held within ``max_iter``
         (for ``svd="rank_capped"`` with ``diff="unrolled"``, also that the rank
         stayed below ``rank_cap`` and the rank certificate held).
       residual: final relative residual (FISTA: fixed-point residual; ADMM:
@@ -44,33 +52,6 @@ class Decomposition(NamedTuple):
     rank: Int[Array, ""]
 
 
-def _prox_grad_fixed_point(options, z, data):
-    low_rank, sparse = z
-    new_l, new_s, _, _ = problem.prox_grad_map(data, low_rank, sparse, options)
-    return new_l, new_s
-
-
-def _admm_fixed_point(options, z, params):
-    data, mu = params
-    low_rank, sparse, offset, dual = z
-    if offset is None:  # no offset: keep it out of the fixed-point variable
-        offset = jnp.zeros_like(sparse[0])
-    state = admm.AdmmState(
-        low_rank=low_rank,
-        sparse_plus_noise=sparse,  # the constrained form: N = 0
-        offset=offset,
-        dual=dual,
-        mu=mu,
-        num_iters=jnp.zeros((), jnp.int32),
-        primal_residual=mu,
-        dual_residual=mu,
-        rank=jnp.zeros((), jnp.int32),
-        basis=None,
-    )
-    low_rank, sparse, new_offset, dual, _, _ = admm.sweep(data, options, state, mu)
-    return low_rank, sparse, new_offset if options.offset else None, dual
-
-
 #: Bytes of one ``(n, p, q)`` array per problem a ``vmap`` chunk may hold on CPU.
 CPU_CHUNK_BYTES = 2 * 1024 * 1024
 
@@ -79,17 +60,13 @@ def cache_sized_batches(fn):
     """``fn`` whose ``jax.vmap`` on CPU runs in sequential, cache-sized chunks.
 
     On CPU one ``vmap`` over many large problems keeps every solver array for
-    the whole batch (64 problems of 256 x 512 in float64: 64 MB per array) and
-    each iteration streams them from main memory. Batched this way, the problems
-    run ``k`` at a time (``jax.lax.map(..., batch_size=k)``, each chunk still
-    vmapped), with ``k`` such that one ``(k, n, p, q)`` array fits in
-    :data:`CPU_CHUNK_BYTES` (2 MiB, a CPU cache): measured on 2 cores, 64
-    problems of 256 x 512 by ADMM in 4.2 s (2 at a time) against 7.3-7.6 s as
-    one lockstep vmap (README).
-    Small problems (``k`` >= the batch) and other backends, where one vmap is
-    the fast path, are batched as usual. The result is the same either way;
-    only the order of the work changes. Not differentiable (``custom_vmap``):
-    used for the forward solve only.
+    the whole batch and each iteration streams them from main memory. Batched
+    this way, the problems run ``k`` at a time (``jax.lax.map(..., batch_size=k)``,
+    each chunk still vmapped), with ``k`` such that one ``(k, n, p, q)`` array
+    fits in :data:`CPU_CHUNK_BYTES` (a CPU cache). Small problems (``k`` >= the
+    batch) and other backends, where one vmap is the fast path, are batched as
+    usual. The result is the same either way; only the order of the work
+    changes. Not differentiable (``custom_vmap``): used for the forward solve only.
     """
     if jax.default_backend() != "cpu":
         return fn
@@ -114,12 +91,31 @@ def cache_sized_batches(fn):
     return batched_fn
 
 
-@partial(jax.jit, static_argnums=(0,))
+@partial(jax.jit, static_argnums=(0, 1, 2))
 def solve_decomposition(
-    options: problem.Options, data: problem.Data, init_l, init_s
+    solver: AbstractDecompositionSolver,
+    adjoint: AbstractAdjoint,
+    options: problem.Options,
+    data: problem.Data,
+    init_l: Array,
+    init_s: Array,
 ) -> Decomposition:
+    """Solves the problem of ``data`` from ``(init_l, init_s)``.
+
+    Args:
+      solver: the method (static, hashable).
+      adjoint: the differentiation mode (static, hashable).
+      options: static configuration, already checked (:func:`clair_jax.decompose`).
+      data: the traced data and λ's.
+      init_l: ``(n, p, q)`` starting low-rank part.
+      init_s: ``(n, p, q)`` starting sparse part.
+
+    Returns:
+      The :class:`Decomposition` of ``data``, in its scale.
+    """
     n, p, q = data.updates.shape
     dtype = data.updates.dtype
+    unrolled = adjoint.unrolled
     # The iterations run on X 2^-e, λ 2^-e (see working_exponent); the results are
     # scaled back at the end.
     first = working_exponent(data.updates)
@@ -127,12 +123,10 @@ def solve_decomposition(
     mean = None
     if options.offset:
         # The unpenalised offset absorbs any common shift of the blocks: solve for the
-        # centred blocks X_i - X̄ (same L and S, offset c - X̄) and add X̄ back. A large
-        # common part (a base weight W_0) would otherwise set a rounding floor on every
-        # iteration's residual relative to the centred scale (float32: eps ||X|| /
-        # ||X - X̄||, above tol=1e-6 once W_0 is some 10x the clients' differences).
-        # Centred after scaling (the sum of the blocks cannot overflow), then scaled
-        # again to the centred blocks' size.
+        # centred blocks X_i - X̄ (same L and S, offset c - X̄) and add X̄ back, so that
+        # a large common part (a base weight W_0) sets no rounding floor on the
+        # residual relative to the centred scale. Centred after scaling (the sum of
+        # the blocks cannot overflow), then scaled again to the centred blocks' size.
         mean = jnp.mean(x, axis=0)
         x = x - mean[None]
     second = working_exponent(x)  # 0 without an offset
@@ -144,92 +138,69 @@ def solve_decomposition(
     )
     init_l = times_power_of_two(init_l, -exponent)
     init_s = times_power_of_two(init_s, -exponent)
+    capped = options.backend == "rank_capped"
     basis = None
-    if options.backend == "rank_capped":
+    if capped:
         basis = svt_capped.initial_basis((p, n * q), options.rank_cap, dtype)
-    inner = data if options.unrolled else jax.lax.stop_gradient(data)
+    inner = data if unrolled else jax.lax.stop_gradient(data)
     # The continuation after a binding cap factorises exactly (no warm-started basis).
     exact = options._replace(
-        backend=svt_lib.select_backend((p, n * q), dtype=dtype)
-        if options.backend == "rank_capped"
-        else options.backend
+        backend=svt_lib.select_backend((p, n * q), dtype=dtype) if capped else options.backend
     )
-
     # Implicit differentiation linearises the fixed-point map with the full SVD,
     # whose JVP (svt_exact.svt_full) stays finite at repeated or zero singular values
     # (exactly low-rank or zero data), where the Gram route's eigh JVP does not.
     differentiable = options._replace(backend="full")
-    solver = fista if options.method == "fista" else admm
 
     def run(inner, init_l, init_s, basis):
-        state = solver.solve(inner, options, init_l, init_s, basis)
+        state = solver.init(inner, options, init_l, init_s, basis)
+        state = iterate(solver, inner, options, state, unrolled=unrolled)
         saturated = jnp.zeros((), bool)
-        if options.backend == "rank_capped" and not options.unrolled:
+        if capped and not unrolled:
             # A full cap means singular values beyond it may exceed the threshold: the
             # fixed point reached need not be the minimiser; nor need it be when the
-            # subspace missed a singular value just above the threshold (a near-tie
-            # with the first one outside it) or its kept vectors have not settled,
-            # which the certificate catches. Carry on
-            # from it with the exact factorisation (no iteration at all otherwise).
-            converged = _residual(options, state) < options.tol
+            # subspace missed a singular value just above the threshold or its kept
+            # vectors have not settled, which the certificate catches. Carry on from
+            # it with the exact factorisation (no iteration at all otherwise).
+            converged = solver.terminate(inner, options, state)[1]
             saturated = jnp.logical_or(
                 state.rank >= options.rank_cap,
-                jnp.logical_and(converged, ~_capped_solve_certified(inner, options, state, solver)),
+                jnp.logical_and(converged, ~_capped_solve_certified(solver, inner, options, state)),
             )
-            # ADMM goes on with the penalty it reached (no new spectral-norm estimate).
-            carry_on = {"mu": state.mu} if options.method == "admm" else {}
-            more = solver.solve(
-                inner,
-                exact,
-                state.low_rank,
-                solver.sparse_part(inner, options, state),
-                None,
-                skip=~saturated,
-                **carry_on,
-            )
-            more = more._replace(basis=state.basis, num_iters=state.num_iters + more.num_iters)
-            state = jax.tree.map(lambda a, b: jnp.where(saturated, a, b), more, state)
+            parts = solver.postprocess(inner, options, state)
+            more = solver.init(inner, exact, state.low_rank, parts.sparse, None, previous=state)
+            more = iterate(solver, inner, exact, more, unrolled=False, skip=~saturated)
+            state = continue_state(state, more, saturated)
         return state, saturated
 
-    if options.unrolled:
+    if unrolled:
         state, saturated = run(inner, init_l, init_s, basis)
     else:
-        # The solver is never differentiated here (implicit differentiation below),
-        # so it may batch its own way: see cache_sized_batches.
+        # The solver is never differentiated here (the adjoint attaches the
+        # derivatives), so it may batch its own way: see cache_sized_batches.
         start = jax.lax.stop_gradient((init_l, init_s))
         state, saturated = cache_sized_batches(run)(inner, *start, basis)
-    low_rank, sparse = state.low_rank, solver.sparse_part(inner, options, state)
-    residual = _residual(options, state)
-    if options.method == "fista":
-        dual = mu = offset = None
+    parts = solver.postprocess(inner, options, state)
+    residual = solver.residual(state)
+    converged = solver.terminate(inner, options, state)[1]
+    z, params = solver.fixed_point_problem(data, differentiable, state, parts)
+    z = adjoint.apply(solver, differentiable, z, params)
+    low_rank, sparse = z[0], z[1]
+    if not options.offset:
+        offset = None
+    elif len(z) > 2:
+        offset = z[2]
     else:
-        offset, dual, mu = state.offset, state.dual, state.mu
-
-    if not options.unrolled:
-        if options.constrained:
-            low_rank, sparse, offset, dual = attach_fixed_point(
-                partial(_admm_fixed_point, differentiable),
-                (low_rank, sparse, offset if options.offset else None, dual),
-                (data, jax.lax.stop_gradient(mu)),
-            )
-        else:
-            low_rank, sparse = attach_fixed_point(
-                partial(_prox_grad_fixed_point, differentiable), (low_rank, sparse), data
-            )
-    converged = residual < options.tol
-    if options.backend == "rank_capped" and options.unrolled:
+        offset = problem.optimal_offset(data, low_rank, sparse)
+    if capped and unrolled:
         # Unrolled solves have no exact continuation: a full cap, or one whose rank
         # the certificate does not prove, is not converged.
         converged = jnp.logical_and(converged, state.rank < options.rank_cap)
         converged = jnp.logical_and(
-            converged, _capped_solve_certified(inner, options, state, solver)
+            converged, _capped_solve_certified(solver, inner, options, state)
         )
-    if not options.offset:
-        offset = None
-    elif not options.constrained:
-        offset = problem.optimal_offset(data, low_rank, sparse)
     nuclear = None
-    if options.backend == "rank_capped":
+    if capped:
         # The last capped factorisation left L's rows in the span of its basis: the
         # nuclear norm needs a p x rank_cap SVD, not a full one (unless the exact
         # continuation ran, which kept the old basis).
@@ -254,19 +225,14 @@ def solve_decomposition(
     return sol._replace(offset=sol.offset + times_power_of_two(mean, first))
 
 
-def _residual(options: problem.Options, state) -> Array:
-    """The stopping residual of a solver state (ADMM: the larger of its two)."""
-    if options.method == "fista":
-        return state.residual
-    return jnp.maximum(state.primal_residual, state.dual_residual)
-
-
 #: A converged rank-capped solve is accepted when its capped SVT at the solution is
 #: certified exact to within this many ``tol ||X||_F`` (:func:`svt_capped.capped_svt_certified`).
 CAPPED_ERROR_FACTOR = 10.0
 
 
-def _capped_solve_certified(data: problem.Data, options: problem.Options, state, solver) -> Array:
+def _capped_solve_certified(
+    solver: AbstractDecompositionSolver, data: problem.Data, options: problem.Options, state
+) -> Array:
     """Whether a rank-capped solve's last SVT is proved close to the exact one.
 
     At a minimiser ``L = SVT_tau(Z)`` (``solver.svt_argument``). The certificate

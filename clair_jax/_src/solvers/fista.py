@@ -31,10 +31,12 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from clair_jax._src.solvers import problem
-from clair_jax._src.solvers.loop import run_iterations
+from clair_jax._src.solvers.base import AbstractDecompositionSolver, Parts
 
 
 class FistaState(NamedTuple):
+    """FISTA's iterate: ``X^k = (L, S)``, the extrapolated ``Y^k``, ``t_k``."""
+
     low_rank: Array  # x^k
     sparse: Array
     y_low_rank: Array  # extrapolated point y^k
@@ -44,39 +46,41 @@ class FistaState(NamedTuple):
     residual: Array
     rank: Array
     basis: Array | None
+    scale: Array  # problem.data_scale(data), computed once
 
 
-def sparse_part(data: problem.Data, options: problem.Options, state: FistaState) -> Array:
-    """``S`` of the iterate (the signature of :func:`admm.sparse_part`, which derives it)."""
-    del data, options
-    return state.sparse
+class FISTA(AbstractDecompositionSolver):
+    """FISTA with adaptive restart, for the penalised problem (module docstring).
 
-
-def svt_argument(data: problem.Data, options: problem.Options, state: FistaState):
-    """``(Z, tau)`` with ``L = SVT_tau(Z)`` at a minimiser (see :func:`admm.svt_argument`)."""
-    return problem.penalised_svt_argument(data, state.low_rank, state.sparse, options)
-
-
-def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, skip=None):
-    """Runs FISTA from ``(init_l, init_s)``; returns the final :class:`FistaState`.
-
-    ``skip`` (traced bool, optional): when True no iteration runs (the loop
-    starts in the stopped state), also for one element of a ``vmap`` batch.
+    Its fixed points are those of the proximal-gradient map, the default
+    :meth:`~base.AbstractDecompositionSolver.fixed_point`. Not for the
+    constrained form.
     """
-    start_residual = jnp.inf if skip is None else jnp.where(skip, 0.0, jnp.inf)
-    scale = problem.data_scale(data)
-    dtype = data.updates.dtype
 
-    def step(state: FistaState) -> FistaState:
+    def init(self, data, options, low_rank, sparse, basis, previous=None):
+        del options, previous
+        dtype = data.updates.dtype
+        return FistaState(
+            low_rank=low_rank,
+            sparse=sparse,
+            y_low_rank=low_rank,
+            y_sparse=sparse,
+            t=jnp.ones((), dtype),
+            num_iters=jnp.zeros((), jnp.int32),
+            residual=jnp.asarray(jnp.inf, dtype),
+            rank=jnp.zeros((), jnp.int32),
+            basis=basis,
+            scale=problem.data_scale(data),
+        )
+
+    def step(self, data, options, state: FistaState) -> FistaState:
         new_l, new_s, rank, new_basis = problem.prox_grad_map(
             data, state.y_low_rank, state.y_sparse, options, state.basis
         )
         dl, ds = new_l - state.y_low_rank, new_s - state.y_sparse
         ml, ms = new_l - state.low_rank, new_s - state.sparse
-        # One sum per quantity over both parts (L and S have the same shape): float64
-        # reductions are the costly passes of an iteration on XLA:CPU
-        # (benchmarks/iteration_profile.py).
-        residual = jnp.sqrt(jnp.sum(dl * dl + ds * ds)) / scale
+        # One sum per quantity over both parts (L and S have the same shape).
+        residual = jnp.sqrt(jnp.sum(dl * dl + ds * ds)) / state.scale
         restart = jnp.sum(dl * ml + ds * ms) < 0
         t_next = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * state.t**2))
         beta = jnp.where(restart, 0.0, (state.t - 1.0) / t_next)
@@ -88,28 +92,17 @@ def solve(data: problem.Data, options: problem.Options, init_l, init_s, basis, s
             y_sparse=new_s + beta * ms,
             t=t_next,
             num_iters=state.num_iters + 1,
-            residual=residual.astype(dtype),
+            residual=residual.astype(data.updates.dtype),
             rank=rank,
             basis=new_basis,
+            scale=state.scale,
         )
 
-    state = FistaState(
-        low_rank=init_l,
-        sparse=init_s,
-        y_low_rank=init_l,
-        y_sparse=init_s,
-        t=jnp.ones((), dtype),
-        num_iters=jnp.zeros((), jnp.int32),
-        residual=jnp.asarray(start_residual, dtype),
-        rank=jnp.zeros((), jnp.int32),
-        basis=basis,
-    )
-    return run_iterations(
-        step,
-        state,
-        done=lambda s: s.residual < options.tol,
-        num_iters=lambda s: s.num_iters,
-        max_iter=options.max_iter,
-        unrolled=options.unrolled,
-        **problem.saturation_stop(options),
-    )
+    def residual(self, state: FistaState) -> Array:
+        """The relative fixed-point residual ``||X^{k+1} - Y^k||_F / ||X||_F``."""
+        return state.residual
+
+    def postprocess(self, data, options, state: FistaState) -> Parts:
+        """``(L, S)`` of the iterate ``X^k``; no offset (the optimal one is used)."""
+        del data, options
+        return Parts(state.low_rank, state.sparse, None)

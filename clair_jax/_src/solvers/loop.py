@@ -1,21 +1,68 @@
-"""Loop driver shared by the solvers: a fast ``while_loop`` or a differentiable ``scan``.
+"""The generic loop: any :class:`base.AbstractDecompositionSolver` to its stopping rule.
 
 ``lax.while_loop`` stops as soon as the solver has converged but cannot be
 reverse-differentiated; a ``lax.scan`` over ``max_iter`` steps that freezes the
 state once converged can (the unrolled mode, in the spirit of jaxopt's loop
-helper).
+helper). The adjoint object (:mod:`adjoint`) picks one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from clair_jax._src.solvers import problem
+
 State = TypeVar("State")
+
+
+def iterate(
+    solver,
+    data: problem.Data,
+    options: problem.Options,
+    state: Any,
+    *,
+    unrolled: bool,
+    skip: jax.Array | None = None,
+) -> Any:
+    """Runs ``solver.step`` from ``state`` until ``solver.terminate`` or ``max_iter``.
+
+    A ``"rank_capped"`` solve (``while_loop`` only) also stops once the
+    thresholded rank has stayed at the cap for :data:`problem.SATURATION_PATIENCE`
+    iterations (:func:`problem.saturation_stop`).
+
+    Args:
+      solver: an :class:`base.AbstractDecompositionSolver`.
+      data: the problem data.
+      options: static configuration (``tol``, ``max_iter``, the backend).
+      state: the solver's initial state.
+      unrolled: ``False`` for ``lax.while_loop``; ``True`` for a differentiable
+        ``lax.scan`` of ``options.max_iter`` steps.
+      skip: optional traced bool (``while_loop`` only): when True no iteration
+        runs, also for one element of a ``vmap`` batch.
+
+    Returns:
+      The final state.
+    """
+
+    def done(s):
+        return solver.terminate(data, options, s)[0]
+
+    stop = {} if unrolled else problem.saturation_stop(options)
+    return run_iterations(
+        lambda s: solver.step(data, options, s),
+        state,
+        done=done,
+        num_iters=lambda s: s.num_iters,
+        max_iter=options.max_iter,
+        unrolled=unrolled,
+        skip=skip,
+        **stop,
+    )
 
 
 def run_iterations(
@@ -28,6 +75,7 @@ def run_iterations(
     unrolled: bool,
     give_up: Callable[[State], jax.Array] | None = None,
     patience: int = 1,
+    skip: jax.Array | None = None,
 ) -> State:
     """Applies ``step`` until ``done(state)`` or ``max_iter`` steps.
 
@@ -44,32 +92,33 @@ def run_iterations(
         also stops once it has been True after ``patience`` consecutive steps
         (e.g. a rank cap that binds: going on cannot reach the minimiser).
       patience: consecutive ``give_up`` steps that stop the loop.
+      skip: optional traced bool (``while_loop`` only): no step runs when True.
 
     Returns:
       The final state.
     """
-    if not unrolled and give_up is None:
+    if unrolled:
 
-        def cond(s):
-            return jnp.logical_and(jnp.logical_not(done(s)), num_iters(s) < max_iter)
+        def body(s, _):
+            active = jnp.logical_not(done(s))
+            new = step(s)
+            return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, s), None
 
-        return lax.while_loop(cond, step, state)
-    if not unrolled:
+        return lax.scan(body, state, None, length=max_iter)[0]
 
-        def cond_streak(carry):
-            s, streak = carry
-            going = jnp.logical_and(jnp.logical_not(done(s)), num_iters(s) < max_iter)
-            return jnp.logical_and(going, streak < patience)
+    def going(s):
+        go = jnp.logical_and(jnp.logical_not(done(s)), num_iters(s) < max_iter)
+        return go if skip is None else jnp.logical_and(go, jnp.logical_not(skip))
 
-        def step_streak(carry):
-            s = step(carry[0])
-            return s, jnp.where(give_up(s), carry[1] + 1, 0)
+    if give_up is None:
+        return lax.while_loop(going, step, state)
 
-        return lax.while_loop(cond_streak, step_streak, (state, jnp.zeros((), jnp.int32)))[0]
+    def cond_streak(carry):
+        s, streak = carry
+        return jnp.logical_and(going(s), streak < patience)
 
-    def body(s, _):
-        active = jnp.logical_not(done(s))
-        new = step(s)
-        return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, s), None
+    def step_streak(carry):
+        s = step(carry[0])
+        return s, jnp.where(give_up(s), carry[1] + 1, 0)
 
-    return lax.scan(body, state, None, length=max_iter)[0]
+    return lax.while_loop(cond_streak, step_streak, (state, jnp.zeros((), jnp.int32)))[0]

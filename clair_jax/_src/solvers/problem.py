@@ -1,7 +1,7 @@
 """The low-rank + block-sparse problem: data, static options, objective, fixed-point map.
 
-Penalised form (section 2 of DESIGN.md; a block version of Outlier Pursuit,
-Xu, Caramanis & Sanghavi 2012, arXiv:1010.4237):
+Penalised form (a block version of Outlier Pursuit, Xu, Caramanis & Sanghavi
+2012, arXiv:1010.4237):
 
 .. math::
 
@@ -32,9 +32,12 @@ STEP = 0.5
 
 
 class Options(NamedTuple):
-    """Static (hashable) solver configuration."""
+    """Static (hashable) configuration of the problem and its stopping rule.
 
-    method: str
+    The method is the solver object (:class:`base.AbstractDecompositionSolver`) and
+    the differentiation mode the adjoint object (:mod:`adjoint`), not fields here.
+    """
+
     constrained: bool
     offset: bool
     tol: float
@@ -42,7 +45,6 @@ class Options(NamedTuple):
     backend: str
     rank_cap: int | None
     power_iters: int
-    unrolled: bool
     sparsity: str = "block"
 
 
@@ -67,9 +69,10 @@ def saturation_stop(options: Options) -> dict:
     iterations, the capped fixed point need not be the minimiser, and
     :func:`clair_jax.decompose` continues exactly from where the capped phase
     stopped: iterating on under the cap would only approach the wrong point.
-    Only for ``"rank_capped"`` solves with an exact continuation (not unrolled).
+    Only for ``"rank_capped"`` solves; the unrolled loop ignores these keywords
+    (it has no exact continuation).
     """
-    if options.backend != "rank_capped" or options.unrolled:
+    if options.backend != "rank_capped":
         return {}
     return {
         "give_up": lambda state: state.rank >= options.rank_cap,
