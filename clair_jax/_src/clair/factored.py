@@ -119,6 +119,8 @@ class FactoredClairResult(NamedTuple):
       coordinates: the :class:`clair_jax.ClairResult` of the coordinates (its
         ``refined`` is meaningful only with ``offset=True``).
       left_basis: ``(p, k)`` orthonormal ``U``.
+      left_coef: ``(n, k, r)`` ``U^T B_i`` (the column blocks of the stacked ``B``'s
+        ``R`` factor).
     """
 
     basis: Float[Array, "p w"]
@@ -135,6 +137,7 @@ class FactoredClairResult(NamedTuple):
     majority_refit: Bool[Array, ""]
     coordinates: ClairResult
     left_basis: Float[Array, "p k"]
+    left_coef: Float[Array, "n k r"]
 
 
 def clair_factored(
@@ -251,6 +254,7 @@ def clair_factored(
         majority_refit=small.majority_refit,
         coordinates=small,
         left_basis=fc.left,
+        left_coef=fc.left_coef,
     )
 
 
