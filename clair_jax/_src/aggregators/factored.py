@@ -342,7 +342,7 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
     u = res.left_basis
     v_a, t = fd._qr(a.reshape(n * s_r, a.shape[2]).T)  # (q', m), (m, n s_r)
     m = v_a.shape[1]
-    beta = jnp.einsum("pk,npr->nkr", u, b, precision=_HIGHEST)  # U^T B_i (n, k, s_r)
+    beta = res.left_coef  # U^T B_i (n, k, s_r), from the QR that gave U
     t_blocks = jnp.transpose(t.reshape(m, n, s_r), (1, 2, 0))  # A_i V_A: (n, s_r, m)
     # Client i's update in the frame: beta_i @ t_blocks_i (k x m); with "update"
     # the first r columns are the adapter B_i A_i, the rest minus the start.

@@ -36,7 +36,7 @@ def coordinate_median() -> Aggregator:
         del round_index, key
         clients, global_, p = check_adapters(clients, global_, weights)
         rows, unflatten = flatten_clients(clients)
-        return broadcast_result(clients, unflatten(jnp.median(rows, axis=0)), p)
+        return broadcast_result(clients, unflatten(_median_rows(rows)), p)
 
     return Aggregator("coordinate_median", aggregate)
 
@@ -63,10 +63,60 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
         rows, unflatten = flatten_clients(clients)
         n = rows.shape[0]
         k = int(np.floor(beta * n))
-        kept = jnp.sort(rows, axis=0)[k : n - k]
-        return broadcast_result(clients, unflatten(jnp.mean(kept, axis=0)), p)
+        kept = _sorted_rows(rows)[k : n - k]
+        mean = jnp.mean(kept, axis=0) if isinstance(kept, jax.Array) else sum(kept) / len(kept)
+        return broadcast_result(clients, unflatten(mean), p)
 
     return Aggregator("trimmed_mean", aggregate)
+
+
+#: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
+NETWORK_MAX_CLIENTS = 64
+
+
+def _network_pairs(size: int) -> list[tuple[int, int]]:
+    """Compare-exchange pairs of Batcher's odd-even merge sort of ``size`` (a power of two)."""
+    pairs, p = [], 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
+
+
+def _sorted_rows(rows: Array) -> list[Array] | Array:
+    """The ``(n, d)`` rows sorted along the client axis, as a list of ``n`` rows (or an array).
+
+    For ``n <= NETWORK_MAX_CLIENTS`` a Batcher odd-even merge sorting network of
+    element-wise ``minimum``/``maximum`` (``O(n log^2 n)`` comparators), which XLA
+    fuses into one pass over the ``d`` coordinates: at ``n = 32`` and a
+    7B-shaped module (``d = 131072``) it is hundreds of times faster on CPU than
+    ``jnp.sort(rows, axis=0)``, which sorts ``d`` separate length-``n`` segments.
+    Rows are padded with ``+inf`` to a power of two; NaNs propagate.
+    """
+    n = rows.shape[0]
+    if n > NETWORK_MAX_CLIENTS:
+        return jnp.sort(rows, axis=0)
+    size = 1 << max(n - 1, 0).bit_length()
+    out = [rows[i] for i in range(n)]
+    out += [jnp.full_like(rows[0], jnp.inf)] * (size - n)
+    for a, b in _network_pairs(size):
+        out[a], out[b] = jnp.minimum(out[a], out[b]), jnp.maximum(out[a], out[b])
+    return out[:n]
+
+
+def _median_rows(rows: Array) -> Array:
+    """Median over the client axis of ``(n, d)`` rows (mean of the two middle values)."""
+    n = rows.shape[0]
+    if n > NETWORK_MAX_CLIENTS:
+        return jnp.median(rows, axis=0)
+    s = _sorted_rows(rows)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 def _squared_distances(rows: Array) -> Array:

@@ -119,6 +119,8 @@ class FactoredClairResult(NamedTuple):
       coordinates: the :class:`clair_jax.ClairResult` of the coordinates (its
         ``refined`` is meaningful only with ``offset=True``).
       left_basis: ``(p, k)`` orthonormal ``U``.
+      left_coef: ``(n, k, r)`` ``U^T B_i`` (the column blocks of the stacked ``B``'s
+        ``R`` factor).
     """
 
     basis: Float[Array, "p w"]
@@ -135,6 +137,7 @@ class FactoredClairResult(NamedTuple):
     majority_refit: Bool[Array, ""]
     coordinates: ClairResult
     left_basis: Float[Array, "p k"]
+    left_coef: Float[Array, "n k r"]
 
 
 def clair_factored(
@@ -148,55 +151,53 @@ def clair_factored(
 ) -> FactoredClairResult:
     """:func:`clair_jax.clair` of the updates ``X_i = B_i A_i`` from their factors.
 
-        Runs CLAIR on the exact coordinates ``C_i = (U^T B_i)(A_i V_i)`` and lifts
-        the basis and the refined updates back in factored form; see the module
-        docstring for why every step but the statistics is exactly the dense one,
-        and for the statistics (the Marchenko–Pastur rule on the coordinates'
-        dimensions ``k x nm``, which keeps working when ``n r < min(p, q)``).
-        Memory and time scale with ``(p + q) n r`` and the ``k x nm`` coordinate
-        problem, never with ``p q``.
+    Runs CLAIR on the exact coordinates ``C_i = (U^T B_i)(A_i V_i)`` and lifts
+    the basis and the refined updates back in factored form; see the module
+    docstring for why every step but the statistics is exactly the dense one,
+    and for the statistics (the Marchenko–Pastur rule on the coordinates'
+    dimensions ``k x nm``, which keeps working when ``n r < min(p, q)``).
+    Memory and time scale with ``(p + q) n r`` and the ``k x nm`` coordinate
+    problem, never with ``p q``.
 
-        The refined updates are returned as :class:`FactoredUpdates` in the frame of
-        ``U`` and the stacked ``A``'s (``s = n r``; with ``offset=True`` of the common
-        right basis ``V^T``): ``X̃_i = U [X̄_c + P_c (G_i - X̄_c)] A_stack`` with
-        ``G_i`` client ``i``'s block ``U^T B_i`` in column block ``i``.
+    The refined updates are returned as :class:`FactoredUpdates` in the frame of
+    ``U`` and the stacked ``A``'s (``s = n r``; with ``offset=True`` of the common
+    right basis ``V^T``): ``X̃_i = U [X̄_c + P_c (G_i - X̄_c)] A_stack`` with
+    ``G_i`` client ``i``'s block ``U^T B_i`` in column block ``i``.
 
-        Args:
-          factors: ``LoRAFactors(B (n, p, r), A (n, r, q))``; shared column space
-            (pass ``LoRAFactors(A^T, B^T)`` for a shared row space).
-          offset: a common unknown offset (see :func:`clair_jax.clair`); uses a
-            common right basis of all the ``A``'s.
-          contaminated: ``"consensus"``, ``"refine"`` or ``"local"`` (as
-            :func:`clair_jax.clair`).
-          svd: SVD backend of the coordinate decomposition.
-          rank_cap: rank cap of the ``"rank_capped"`` backend; by default ``2 r + 16``
-            when the coordinate matrix's smaller side is at least 128 and ``svd="auto"``.
-          **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
-            ``lam_nuc``, ``lam_block``, ``threshold``, ``noise_scale`` (per
-            coordinate entry), ``refit``, ``benign_majority``, ``method``, ``tol``,
-            ``max_iter``, ...).
+    Args:
+      factors: ``LoRAFactors(B (n, p, r), A (n, r, q))``; shared column space
+        (pass ``LoRAFactors(A^T, B^T)`` for a shared row space).
+      offset: a common unknown offset (see :func:`clair_jax.clair`); uses a
+        common right basis of all the ``A``'s.
+      contaminated: ``"consensus"``, ``"refine"`` or ``"local"`` (as
+        :func:`clair_jax.clair`).
+      svd: SVD backend of the coordinate decomposition.
+      rank_cap: rank cap of the ``"rank_capped"`` backend; by default ``2 r + 16``
+        when the coordinate matrix's smaller side is at least 128 and ``svd="auto"``.
+      **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
+        ``lam_nuc``, ``lam_block``, ``threshold``, ``noise_scale`` (per
+        coordinate entry), ``refit``, ``benign_majority``, ``method``, ``tol``,
+        ``max_iter``, ...).
 
-        Returns:
-          A :class:`FactoredClairResult`.
+    Returns:
+      A :class:`FactoredClairResult`.
 
-        Raises:
-          ValueError/TypeError: bad factors, and whatever :func:`clair_jax.clair` raises.
+    Raises:
+      ValueError/TypeError: bad factors, and whatever :func:`clair_jax.clair` raises.
 
-        Examples:
-          >>> import jax, jax.numpy as jnp
-          >>> from clair_jax._src.lora.types import LoRAFactors
-    from clair_jax._src.clair.base import ClairResult
-    from clair_jax._src.clair.pipeline import clair
-          >>> from clair_jax._src.clair.factored import clair_factored
-          >>> k = jax.random.split(jax.random.key(0), 4)
-          >>> n, p, q, r = 10, 48, 48, 2  # n r = 20 < p
-          >>> shared = jax.random.normal(k[0], (p, r))
-          >>> B = shared[None] + 0.01 * jax.random.normal(k[1], (n, p, r))
-          >>> B = B.at[:2].set(jax.random.normal(k[2], (2, p, r)))  # 2 unrelated clients
-          >>> A = jax.random.normal(k[3], (n, r, q))
-          >>> res = clair_factored(LoRAFactors(B, A), benign_majority=True)
-          >>> (~res.collaborative).nonzero()[0].tolist(), int(res.rank)
-          ([0, 1], 2)
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from clair_jax._src.lora.types import LoRAFactors
+      >>> from clair_jax._src.clair.factored import clair_factored
+      >>> k = jax.random.split(jax.random.key(0), 4)
+      >>> n, p, q, r = 10, 48, 48, 2  # n r = 20 < p
+      >>> shared = jax.random.normal(k[0], (p, r))
+      >>> B = shared[None] + 0.01 * jax.random.normal(k[1], (n, p, r))
+      >>> B = B.at[:2].set(jax.random.normal(k[2], (2, p, r)))  # 2 unrelated clients
+      >>> A = jax.random.normal(k[3], (n, r, q))
+      >>> res = clair_factored(LoRAFactors(B, A), benign_majority=True)
+      >>> (~res.collaborative).nonzero()[0].tolist(), int(res.rank)
+      ([0, 1], 2)
     """
     if contaminated not in ("consensus", "refine", "local"):
         raise ValueError(
@@ -251,6 +252,7 @@ def clair_factored(
         majority_refit=small.majority_refit,
         coordinates=small,
         left_basis=fc.left,
+        left_coef=fc.left_coef,
     )
 
 
