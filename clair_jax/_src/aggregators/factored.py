@@ -51,8 +51,8 @@ def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors)
     right = jnp.concatenate(
         [a.reshape(n * r, a.shape[2]).astype(work), global_.A.astype(work)], axis=0
     )
-    _, r_l = fd._qr(left)
-    _, r_r = fd._qr(right.T)
+    _, r_l = fd.thin_qr(left)
+    _, r_r = fd.thin_qr(right.T)
     return jnp.linalg.norm(_mm(r_l, r_r.T))
 
 
@@ -76,8 +76,8 @@ def weighted_product_factored(factors: LoRAFactors, p: Array):
     """``(best rank-r factors of Σ p_i B_i A_i, ||Σ p_i B_i A_i - B_g A_g||_F)``, factored."""
     n, rows, r = factors.B.shape
     work = validation.working_dtype(factors.B.dtype)
-    u, r_b = fd._qr(fd.stack_columns((factors.B * p[:, None, None]).astype(work)))
-    v, r_a = fd._qr(factors.A.reshape(n * r, factors.A.shape[2]).astype(work).T)
+    u, r_b = fd.thin_qr(fd.stack_columns((factors.B * p[:, None, None]).astype(work)))
+    v, r_a = fd.thin_qr(factors.A.reshape(n * r, factors.A.shape[2]).astype(work).T)
     return _top_product_factors(u, _mm(r_b, r_a.T), v, r, factors.B.dtype)
 
 
@@ -174,7 +174,7 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
             for _ in range(krylov):
                 blocks.append(cur)
                 cur = d[:, None] * cur
-            s_basis = fd._qr(jnp.concatenate(blocks, axis=1))[0]
+            s_basis = fd.thin_qr(jnp.concatenate(blocks, axis=1))[0]
         sp, sz = _mm(s_basis.T, pp), _mm(s_basis.T, zt)
         proj = _mm(s_basis.T * d[None, :], s_basis)
         proj = proj + _mm(sp, sz.T) + _mm(sz, sp.T) + _mm(_mm(sz, g), sz.T)
@@ -340,7 +340,7 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
     r = f.A.shape[1]
     dtype = f.B.dtype
     u = res.left_basis
-    v_a, t = fd._qr(a.reshape(n * s_r, a.shape[2]).T)  # (q', m), (m, n s_r)
+    v_a, t = fd.thin_qr(a.reshape(n * s_r, a.shape[2]).T)  # (q', m), (m, n s_r)
     m = v_a.shape[1]
     beta = res.left_coef  # U^T B_i (n, k, s_r), from the QR that gave U
     t_blocks = jnp.transpose(t.reshape(m, n, s_r), (1, 2, 0))  # A_i V_A: (n, s_r, m)

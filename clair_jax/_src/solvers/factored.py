@@ -91,7 +91,7 @@ class FactoredCoordinates(NamedTuple):
 
 
 @batching.sequential_on_cpu
-def _qr(z: Array) -> tuple[Array, Array]:
+def thin_qr(z: Array) -> tuple[Array, Array]:
     """Thin QR ``z = Q R`` (one matrix at a time under vmap on CPU: batched LAPACK
     calls deadlocked jaxlib 0.10's CPU thread pool, see ``clair_jax._src.svd``)."""
     q, r = jnp.linalg.qr(z)
@@ -113,7 +113,7 @@ def left_basis(b: Float[Array, "n p r"]) -> tuple[Array, Array]:
     surplus columns then carry zero coordinates.
     """
     n, p, r = b.shape
-    u, rr = _qr(stack_columns(b))
+    u, rr = thin_qr(stack_columns(b))
     k = u.shape[1]
     return u, jnp.transpose(rr.reshape(k, n, r), (1, 0, 2))
 
@@ -137,11 +137,11 @@ def factored_coordinates(
     n, r, q = a.shape
     u, beta = left_basis(b)
     if common_right:
-        v, t = _qr(a.reshape(n * r, q).T)  # (q, m), (m, nr)
+        v, t = thin_qr(a.reshape(n * r, q).T)  # (q, m), (m, nr)
         m = v.shape[1]
         alpha = jnp.transpose(t.reshape(m, n, r), (1, 2, 0))  # A_i V = T_i^T: (n, r, m)
     else:
-        v, t = batching.map_matrices(_qr, jnp.swapaxes(a, 1, 2))  # (n, q, m), (n, m, r)
+        v, t = batching.map_matrices(thin_qr, jnp.swapaxes(a, 1, 2))  # (n, q, m), (n, m, r)
         alpha = jnp.swapaxes(t, 1, 2)
     coords = jnp.einsum("nkr,nrm->nkm", beta, alpha, precision=_HIGHEST)
     return FactoredCoordinates(u, v, coords, beta, alpha)
