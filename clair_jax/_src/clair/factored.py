@@ -16,7 +16,7 @@ times those of ``Z``), the scores ``d_i = ||(I - Û Û^T) X_i||_F =
 collaborative clients, and the refinement ``X̃_i = X̄_Ĉ + P_Û (X_i - X̄_Ĉ)``.
 With the same ``λ_*``, ``λ_S`` and ``σ̂`` (give ``lam_nuc``, ``lam_block`` and
 ``noise_scale``), flags, scores, rank and refined updates equal the dense
-path's (tested to ``1e-6`` relative in float64).
+path's (``tests/test_factored.py`` compares them in float64).
 
 **The statistics: Marchenko–Pastur on the coordinates' dimensions.** Dense
 CLAIR estimates the noise level from the median singular value of the
@@ -25,9 +25,8 @@ a ``p x nq`` noise matrix (Gavish & Donoho 2014), and sets
 ``λ_* = 2 σ̂ (sqrt(p) + sqrt(nq))``, ``λ_S = 2 σ̂ sqrt(pq)``. For exact products
 of LoRA factors with ``n r < min(p, q)`` the stacked matrix has rank at most
 ``n r``: more than half of its ``min(p, nq)`` singular values are exactly zero,
-the median is zero, ``σ̂`` collapses to the noise floor and with it both λ's
-(measured: ``p = q = 256``, ``n = 16``, ``r = 8``, 4 clients with unrelated
-``B``: rank 128, ``σ̂ = 6e-5``, none of the 4 flagged). The estimation error
+the median is zero, ``σ̂`` collapses to the noise floor and with it both λ's:
+every client's whole update is absorbed in the low-rank part and none is flagged. The estimation error
 of a LoRA update does not live in ``R^{p x q}``; it lives where the update
 does, in the span of the factors. So the rule is applied to the data in the
 smallest spaces that hold them: the coordinates ``C`` (``k x n m``). If the

@@ -92,8 +92,7 @@ class FactoredCoordinates(NamedTuple):
 
 @batching.sequential_on_cpu
 def thin_qr(z: Array) -> tuple[Array, Array]:
-    """Thin QR ``z = Q R`` (one matrix at a time under vmap on CPU: batched LAPACK
-    calls deadlocked jaxlib 0.10's CPU thread pool, see ``clair_jax._src.svd``)."""
+    """Thin QR ``z = Q R``; batched as :func:`clair_jax._src.linalg.batching.sequential_on_cpu` says."""
     q, r = jnp.linalg.qr(z)
     return q, r
 
