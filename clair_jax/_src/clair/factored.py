@@ -26,10 +26,11 @@ a ``p x nq`` noise matrix (Gavish & Donoho 2014), and sets
 of LoRA factors with ``n r < min(p, q)`` the stacked matrix has rank at most
 ``n r``: more than half of its ``min(p, nq)`` singular values are exactly zero,
 the median is zero, ``σ̂`` collapses to the noise floor and with it both λ's:
-every client's whole update is absorbed in the low-rank part and none is flagged. The estimation error
-of a LoRA update does not live in ``R^{p x q}``; it lives where the update
-does, in the span of the factors. So the rule is applied to the data in the
-smallest spaces that hold them: the coordinates ``C`` (``k x n m``). If the
+every client's whole update is absorbed in the low-rank part and none is
+flagged. The estimation error of a LoRA update does not live in ``R^{p x q}``;
+it lives where the update does, in the span of the factors. So the rule is
+applied to the data in the smallest spaces that hold them: the coordinates ``C``
+(``k x n m``). If the
 clients' errors are white within those spaces, their coordinates are i.i.d.
 with the same ``σ`` (an orthonormal change of basis keeps a white Gaussian
 matrix white), so the Gavish–Donoho median rule, the λ's

@@ -92,7 +92,7 @@ class FactoredCoordinates(NamedTuple):
 
 @batching.sequential_on_cpu
 def thin_qr(z: Array) -> tuple[Array, Array]:
-    """Thin QR ``z = Q R``; batched as :func:`clair_jax._src.linalg.batching.sequential_on_cpu` says."""
+    """Thin QR ``z = Q R`` (batched under vmap as ``batching.sequential_on_cpu`` says)."""
     q, r = jnp.linalg.qr(z)
     return q, r
 
