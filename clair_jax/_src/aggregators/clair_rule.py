@@ -110,20 +110,7 @@ def clair_aggregator(
     References:
       CLAIR, arXiv:2605.21217.
     """
-    validation.check_choice(shared_space, "shared_space", ("column", "row"))
-    validation.check_choice(measure, "measure", ("adapter", "update"))
-    validation.check_choice(detection, "detection", ("module", "client"))
-    validation.check_choice(flagged, "flagged", ("global", "trained"))
-    if not (refine_rank is None or refine_rank == "lora"):
-        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
-            raise ValueError(
-                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
-            )
-    if "contaminated" in clair_kwargs:
-        raise ValueError(
-            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
-            "next is set by flagged= ('trained' or 'global')."
-        )
+    check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 
@@ -182,6 +169,31 @@ def clair_aggregator(
         return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
     return Aggregator("clair", aggregate, uses_start=measure == "update")
+
+
+def check_rule_options(
+    shared_space: str, measure: str, detection: str, flagged: str, refine_rank, clair_kwargs
+) -> None:
+    """Checks the options of :func:`clair_aggregator` (and of its factored twin).
+
+    Raises:
+      ValueError: an option outside its choices, ``refine_rank`` not ``"lora"``,
+        ``None`` or an int ``>= 1``, or ``contaminated=`` among ``clair_kwargs``.
+    """
+    validation.check_choice(shared_space, "shared_space", ("column", "row"))
+    validation.check_choice(measure, "measure", ("adapter", "update"))
+    validation.check_choice(detection, "detection", ("module", "client"))
+    validation.check_choice(flagged, "flagged", ("global", "trained"))
+    if not (refine_rank is None or refine_rank == "lora"):
+        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
+            raise ValueError(
+                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
+            )
+    if "contaminated" in clair_kwargs:
+        raise ValueError(
+            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
+            "next is set by flagged= ('trained' or 'global')."
+        )
 
 
 def _per_module(fn: Callable, xs: Mapping[str, Array]) -> dict:

@@ -22,6 +22,7 @@ from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import AggregateResult, Aggregator, factorwise_mean
+from clair_jax._src.aggregators.clair_rule import check_rule_options
 from clair_jax._src.clair import factored as fcl
 from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.linalg import batching
@@ -221,23 +222,7 @@ def clair_aggregator_factored(
     Raises:
       ValueError: as :func:`clair_jax.clair_aggregator`.
     """
-    for value, name, choices in (
-        (shared_space, "shared_space", ("column", "row")),
-        (measure, "measure", ("adapter", "update")),
-        (detection, "detection", ("module", "client")),
-        (flagged, "flagged", ("global", "trained")),
-    ):
-        validation.check_choice(value, name, choices)
-    if not (refine_rank is None or refine_rank == "lora"):
-        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
-            raise ValueError(
-                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
-            )
-    if "contaminated" in clair_kwargs:
-        raise ValueError(
-            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
-            "next is set by flagged= ('trained' or 'global')."
-        )
+    check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
     if clair_kwargs.get("offset", False):
         raise ValueError("clair_aggregator_factored supports offset=False only.")
     keep_trained = flagged == "trained"
