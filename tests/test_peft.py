@@ -297,6 +297,7 @@ def test_bad_tensors_in_the_file(tmp_path):
         ({"lora_bias": True}, "lora_bias=True is not supported"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
+        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes"),
         ({"r": 0}, "r must be an int >= 1"),
         ({"lora_alpha": "8"}, "lora_alpha must be a number"),
         ({"use_rslora": 1}, "use_rslora must be true or false"),

@@ -37,17 +37,19 @@ DELTA_FIELDS = (
     "alpha_pattern",
 )
 
-# Options with which ``scale · lora_B @ lora_A`` is not (all of) the module's update,
-# and the value that is harmless.
-_UNSUPPORTED = {
-    "use_dora": False,
-    "lora_bias": False,
-    "modules_to_save": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_qalora": False,
-    "use_bdlora": None,
-}
+# Options with which ``scale · lora_B @ lora_A`` is not (all of) the module's update
+# (harmless when false, null or empty).
+_UNSUPPORTED = (
+    "use_dora",
+    "lora_bias",
+    "modules_to_save",
+    "target_parameters",
+    "trainable_token_indices",
+    "use_qalora",
+    "use_bdlora",
+)
+# Initialisations that also change the base weights (the factors then adapt a residual).
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +104,19 @@ class PeftAdapterConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ValueError(f"{where}: peft_type must be 'LORA', got {peft_type!r}.")
-        for key, harmless in _UNSUPPORTED.items():
-            value = data.get(key, harmless)
-            if value != harmless and not (harmless is None and value in ([], {})):
+        for key in _UNSUPPORTED:
+            if data.get(key):
                 raise ValueError(
-                    f"{where}: {key}={value!r} is not supported (the LoRA factors alone would "
-                    f"not give the weight delta); expected {harmless!r}."
+                    f"{where}: {key}={data[key]!r} is not supported (the LoRA factors alone "
+                    "would not give the weight delta); expected false or null."
                 )
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+            raise ValueError(
+                f"{where}: init_lora_weights={init!r} changes the base weights, so the factors "
+                "adapt a residual model; convert the adapter with PEFT first "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+            )
         targets = data.get("target_modules")
         if isinstance(targets, Sequence) and not isinstance(targets, str):
             targets = tuple(str(t) for t in targets)
