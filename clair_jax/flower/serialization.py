@@ -76,7 +76,9 @@ def adapters_to_arrays(adapters: Mapping[str, LoRAFactors]) -> ArrayRecord:
       (['mlp/B', 'mlp/A'], (3, 2))
     """
     if not isinstance(adapters, Mapping):
-        raise TypeError(f"adapters must be a mapping of module names, got {type(adapters).__name__}.")
+        raise TypeError(
+            f"adapters must be a mapping of module names, got {type(adapters).__name__}."
+        )
     record = ArrayRecord()
     for name, factors in adapters.items():
         if not isinstance(name, str) or len(factors) != 2:

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,7 +61,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import Aggregator
@@ -101,6 +103,8 @@ class AdapterStrategy(Strategy):
       fraction_train: fraction of the connected nodes sampled for training.
       fraction_evaluate: fraction sampled for evaluation (0: no evaluation).
       min_available_nodes: nodes to wait for before sampling (default ``num_clients``).
+      wait_timeout: seconds to wait for them; ``None`` waits as long as it takes (as
+        Flower's strategies do); past it, ``configure_train`` raises ``RuntimeError``.
       client_key: the reply metric naming the node's slot.
       weighted_by_key: the reply metric with the node's aggregation weight.
       arrayrecord_key: the content key of the adapter in messages.
@@ -121,6 +125,7 @@ class AdapterStrategy(Strategy):
         fraction_train: float = 1.0,
         fraction_evaluate: float = 0.0,
         min_available_nodes: int | None = None,
+        wait_timeout: float | None = None,
         client_key: str = "partition-id",
         weighted_by_key: str = "num-examples",
         arrayrecord_key: str = "arrays",
@@ -129,7 +134,8 @@ class AdapterStrategy(Strategy):
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be an Aggregator, got {type(aggregator).__name__}.")
         self.num_clients = validation.check_positive_int(num_clients, "num_clients")
-        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+        fractions = {"fraction_train": fraction_train, "fraction_evaluate": fraction_evaluate}
+        for name, value in fractions.items():
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
         self.aggregator = aggregator
@@ -140,6 +146,7 @@ class AdapterStrategy(Strategy):
         self.min_available_nodes = (
             self.num_clients if min_available_nodes is None else int(min_available_nodes)
         )
+        self.wait_timeout = wait_timeout
         self.client_key = client_key
         self.weighted_by_key = weighted_by_key
         self.arrayrecord_key = arrayrecord_key
@@ -183,20 +190,33 @@ class AdapterStrategy(Strategy):
             return jax.tree.map(np.asarray, self.state.global_)
         return _take(self.state.clients, slot)
 
+    def _sample(self, grid: Grid, fraction: float) -> list[int]:
+        """``ceil(fraction * connected)`` nodes, once ``min_available_nodes`` are connected."""
+        start = time.monotonic()
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            waited = time.monotonic() - start
+            if self.wait_timeout is not None and waited > self.wait_timeout:
+                raise RuntimeError(
+                    f"{len(nodes)} nodes connected after {waited:.0f} s, "
+                    f"min_available_nodes={self.min_available_nodes} (wait_timeout)."
+                )
+            logger.info("Waiting for nodes: %d of %d", len(nodes), self.min_available_nodes)
+            time.sleep(1.0)
+        size = max(1, min(len(nodes), math.ceil(fraction * len(nodes))))
+        return nodes if size == len(nodes) else random.sample(nodes, size)
+
     def _messages(self, grid, fraction, message_type, config, extra) -> list[Message]:
-        num_nodes = len(list(grid.get_node_ids()))
-        size = max(1, min(num_nodes, math.ceil(fraction * num_nodes)))
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, size)
+        node_ids = self._sample(grid, fraction)
         messages, self._sent = [], {}
         for node_id in sorted(node_ids):
             adapter = self._adapter_of(node_id)
             if message_type == MessageType.TRAIN:
                 self._sent[node_id] = adapter
             node_config = ConfigRecord(dict(config))
-            node_config.update(extra)
-            content = RecordDict(
-                {self.arrayrecord_key: adapters_to_arrays(adapter), self.configrecord_key: node_config}
-            )
+            for k, v in extra.items():
+                node_config[k] = v
+            arrays = adapters_to_arrays(adapter)
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: node_config})
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         return messages
 
@@ -258,18 +278,19 @@ class AdapterStrategy(Strategy):
         taken: dict[int, int] = {}
         answered = set()
         for msg in replies:
-            answered.add(msg.metadata.src_node_id)
+            node_id = msg.metadata.src_node_id
+            answered.add(node_id)
             if msg.has_error():
                 failed += 1
-                logger.info("aggregate_train: node %d failed: %s", msg.metadata.src_node_id, msg.error.reason)
+                logger.info("aggregate_train: node %d failed: %s", node_id, msg.error.reason)
                 continue
             try:
                 slot, adapter, weight = self._read_reply(msg, taken)
             except (KeyError, TypeError, ValueError) as err:
                 invalid += 1
-                logger.warning("aggregate_train: reply of node %d left out: %s", msg.metadata.src_node_id, err)
+                logger.warning("aggregate_train: reply of node %d left out: %s", node_id, err)
                 continue
-            rows[slot] = (adapter, weight, msg.metadata.src_node_id)
+            rows[slot] = (adapter, weight, node_id)
         missing = len(set(self._sent) - answered)
         record = {"failed": failed, "invalid": invalid, "missing": missing}
         flagged = np.zeros((n,), bool)
@@ -282,8 +303,10 @@ class AdapterStrategy(Strategy):
             "num-missing": missing,
         }
         if not rows or sum(w for _, w, _ in rows.values()) <= 0:
-            logger.warning("aggregate_train: no valid reply with a positive weight; global adapter kept")
-            self.history.append({**record, "flagged": flagged, "replied": replied, "diagnostics": {}})
+            logger.warning("aggregate_train: no valid reply with a positive weight; global kept")
+            self.history.append(
+                {**record, "flagged": flagged, "replied": replied, "diagnostics": {}}
+            )
             return None, MetricRecord({**metrics, "num-flagged": 0})
 
         state = self.state
@@ -363,13 +386,14 @@ class AdapterStrategy(Strategy):
         if self.fraction_evaluate == 0.0 or self.state is None:
             return []
         sent = self._sent
-        messages = self._messages(
-            grid, self.fraction_evaluate, MessageType.EVALUATE, config, {"server-round": server_round}
-        )
+        extra = {"server-round": server_round}
+        messages = self._messages(grid, self.fraction_evaluate, MessageType.EVALUATE, config, extra)
         self._sent = sent
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         """The ``weighted_by_key``-weighted mean of the replies' metrics (errors left out)."""
         contents = [
             m.content

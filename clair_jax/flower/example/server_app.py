@@ -46,6 +46,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
             key=jax.random.key(cfg["seed"]),
             pad=cfg["pad"],
             fraction_evaluate=cfg["fraction-evaluate"],
+            wait_timeout=cfg["wait-timeout"],
         )
         result = strategy.start(
             grid=grid,
@@ -56,8 +57,12 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
         flagged = strategy.history[-1]["flagged"]
         truth = np.asarray(run.federation.contaminated)
         detection = {k: float(v) for k, v in cj.detection_metrics(flagged, truth)._asdict().items()}
-        logger.info("clair_jax example: flagged %s, contaminated %s, %s",
-                    np.flatnonzero(flagged).tolist(), np.flatnonzero(truth).tolist(), detection)
+        logger.info(
+            "clair_jax example: flagged %s, contaminated %s, %s",
+            np.flatnonzero(flagged).tolist(),
+            np.flatnonzero(truth).tolist(),
+            detection,
+        )
         LAST_RUN.clear()
         LAST_RUN.update(strategy=strategy, result=result, settings=cfg, detection=detection)
 

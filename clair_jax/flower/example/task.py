@@ -1,4 +1,4 @@
-"""The example's task: a LoRA Transformer fine-tuned on text copying by (partly contaminated) clients.
+"""The example's task: a LoRA Transformer fine-tuned on text copying by clients, some contaminated.
 
 Everything here is a deterministic function of the run's settings, so the
 ServerApp, every ClientApp (in whatever process Flower runs it) and the
@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "data-seed": 1,
     "pad": True,
     "fraction-evaluate": 1.0,
+    "wait-timeout": 600.0,
 }
 
 AGGREGATORS = (
@@ -86,7 +87,9 @@ def settings(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     if out["aggregator"] not in AGGREGATORS:
         raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {out['aggregator']!r}.")
     if out["contamination"] == "coordinated":
-        raise ValueError("contamination='coordinated' needs colluding clients; not in this example.")
+        raise ValueError(
+            "contamination='coordinated' needs colluding clients; not in this example."
+        )
     return out
 
 
