@@ -56,9 +56,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         cfg = task.settings({**context.run_config, **overrides})
         client = int(context.node_config["partition-id"])
         accuracy = task.evaluate_client(cfg, client, _received(msg, cfg))
-        metrics = MetricRecord(
-            {"num-examples": cfg["test-examples"], "partition-id": client, "accuracy": accuracy}
-        )
+        metrics = MetricRecord({"num-examples": cfg["test-examples"], "accuracy": accuracy})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     return app

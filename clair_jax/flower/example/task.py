@@ -111,7 +111,7 @@ class Task(NamedTuple):
 
     graphdef: nnx.GraphDef
     base: dict
-    adapters: cj.data.ClientData | dict
+    adapters: dict
     federation: cj.data.Federation
     optimizer: optax.GradientTransformation
 
