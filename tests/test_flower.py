@@ -302,3 +302,18 @@ def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, mon
     jax.tree.map(close, strategy.state.global_, state.global_)
     jax.tree.map(close, strategy.state.clients, state.clients)
     np.testing.assert_array_equal(strategy.state.flag_counts, state.flag_counts)
+
+
+@pytest.mark.parametrize("rule", [cj.fedit, cj.flexlora, lambda: cj.fedrot(0.4)])
+def test_padding_is_exact_for_the_weighted_rules(identity, rule):
+    # A failed node: padded (its zero-weight row holds its start) or not, the same round.
+    globals_ = []
+    for pad in (True, False):
+        strategy = cjf.AdapterStrategy(rule(), num_clients=N, key=jax.random.key(0), pad=pad)
+        sent = start_round(strategy, 1, [1, 2, 3, 4], adapter(0))
+        replies = [reply(sent[i + 1], adapter(30 + i), slot=i, weight=i + 1.0) for i in range(3)]
+        arrays, _ = strategy.aggregate_train(1, [*replies, error_reply(sent[4])])
+        globals_.append(cjf.arrays_to_adapters(arrays))
+    for name in MODULES:  # the update B A (FlexLoRA's factors are defined up to signs)
+        padded, exact = (g[name].B @ g[name].A for g in globals_)
+        np.testing.assert_allclose(padded, exact, rtol=1e-5, atol=1e-5)
