@@ -138,6 +138,7 @@ def test_fedit_round_with_failed_invalid_and_missing_replies(identity):
         assert config["server-round"] == 1
         k_train = jax.random.split(jax.random.fold_in(jax.random.key(3), 0), 3)[1]
         assert config["train-key"] == np.asarray(jax.random.key_data(k_train)).tolist()
+        assert config["train-key-impl"] == "threefry2x32"
     trained = {i: adapter(10 + i) for i in range(N)}
     replies = [
         reply(sent[11], trained[0], slot=0, weight=1.0),

@@ -16,8 +16,9 @@ adapter.
 Each round the strategy:
 
 1. sends every sampled node its slot's adapter and, in the train config, the
-   ``"train-key"`` (the ``uint32`` data of a ``jax.random`` key) from which the
-   node derives its training key with ``jax.random.fold_in(train_key, slot)``;
+   ``"train-key"`` (the ``uint32`` data of a ``jax.random`` key, of the
+   implementation named by ``"train-key-impl"``) from which the node derives its
+   training key with ``jax.random.fold_in(train_key, slot)``;
 2. checks the replies: error replies (``failed``), replies that do not fit
    (``invalid``: no ``ArrayRecord``, other modules, shapes or dtypes, a
    non-finite factor, a bad weight or slot, a slot already taken this round)
@@ -234,6 +235,7 @@ class AdapterStrategy(Strategy):
         extra = {
             "server-round": server_round,
             "train-key": [int(v) for v in np.asarray(jax.random.key_data(k_train)).ravel()],
+            "train-key-impl": str(jax.random.key_impl(k_train)),
         }
         return self._messages(grid, self.fraction_train, MessageType.TRAIN, config, extra)
 

@@ -38,8 +38,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cfg = task.settings({**context.run_config, **overrides})
         client = int(context.node_config["partition-id"])
-        key_data = np.asarray(msg.content.config_records["config"]["train-key"], np.uint32)
-        train_key = jax.random.wrap_key_data(jnp.asarray(key_data))
+        config = msg.content.config_records["config"]
+        key_data = jnp.asarray(np.asarray(config["train-key"], np.uint32))
+        train_key = jax.random.wrap_key_data(key_data, impl=config["train-key-impl"])
         sent, losses = task.train_client(cfg, client, _received(msg, cfg), train_key)
         metrics = MetricRecord(
             {
