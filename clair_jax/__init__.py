@@ -34,13 +34,14 @@ from clair_jax._src.clair.factored import FactoredClairResult as FactoredClairRe
 from clair_jax._src.clair.factored import FactoredUpdates as FactoredUpdates
 from clair_jax._src.clair.factored import clair_factored as clair_factored
 from clair_jax._src.clair.pipeline import clair as clair
-from clair_jax._src.federated.checkpoint import load_checkpoint as load_checkpoint
+from clair_jax._src.federated.checkpoint import CheckpointError as CheckpointError
 from clair_jax._src.federated.checkpoint import save_checkpoint as save_checkpoint
 from clair_jax._src.federated.round import RoundMetrics as RoundMetrics
 from clair_jax._src.federated.round import ServerState as ServerState
 from clair_jax._src.federated.round import init_server_state as init_server_state
 from clair_jax._src.federated.round import make_round as make_round
 from clair_jax._src.federated.run import run_rounds as run_rounds
+from clair_jax._src.federated.run_checkpoint import load_checkpoint as load_checkpoint
 from clair_jax._src.federated.sharding import client_mesh as client_mesh
 from clair_jax._src.federated.sharding import client_sharding as client_sharding
 from clair_jax._src.federated.sharding import make_sharded_round as make_sharded_round
@@ -145,6 +146,7 @@ __all__ = [
     "peft",
     "evaluate_clients",
     "init_server_state",
+    "CheckpointError",
     "load_checkpoint",
     "local_train",
     "lora_state_to_adapters",

@@ -1,16 +1,26 @@
-"""Atomic checkpoints of pytrees of arrays (``numpy.savez``), loaded back bit for bit.
+"""Single-file checkpoints of pytrees of arrays (``.npz``), written atomically and read strictly.
 
-A checkpoint is written to a temporary file and renamed over its path, so a
-crash leaves the old file or the new one. Leaves of the ``ml_dtypes`` types
-NumPy cannot store (``bfloat16``, the ``float8`` types, ...) are saved as their
-raw bits (unsigned integers of the same width) together with their dtype name.
+A checkpoint is written to a temporary file, synced, renamed over its path, and
+the directory is synced, so a crash leaves the old file or the new one (a
+temporary file a killed writer left behind is removed by the next write of the
+same path). Leaves of the ``ml_dtypes`` types NumPy cannot store (``bfloat16``,
+the ``float8`` types, ...) are saved as their raw bits (unsigned integers of the
+same width) together with their dtype name.
+
+Reading never trusts the file: every entry's ``.npy`` header (shape, dtype) and
+its uncompressed size are checked against the expected tree before any array
+data is read, nothing is unpickled, and the values must be finite. Every
+failure is a :class:`CheckpointError`, one line that names the file and says
+what to do.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +31,26 @@ from jaxtyping import PRNGKeyArray
 
 #: Entry of a checkpoint holding ``{entry: dtype name}`` (JSON) for leaves stored as raw bits.
 _DTYPES_ENTRY = "__dtypes__"
-#: Entry of a checkpoint written by :func:`run_rounds`: the run's identity (run_identity),
-#: checked by load_tagged when it resumes.
+#: Entry of a checkpoint written by run_rounds before it used Orbax: the run's identity.
 _RUN_ENTRY = "__run__"
 #: Entries that are not leaves of the saved pytree.
 _RESERVED = frozenset({_DTYPES_ENTRY, _RUN_ENTRY})
+#: Longest JSON text accepted in a reserved entry (characters).
+_MAX_TEXT = 1 << 20
+_TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, of another run, or not writable.
+
+    The message is one line that names the file or directory and says what to do.
+    """
+
+
+def _first_line(err: BaseException) -> str:
+    """``err`` as one short line: its type and the first line of its message."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def _stored_as_bits(dtype: np.dtype) -> bool:
@@ -50,10 +75,13 @@ def _flat_arrays(tree: Any) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
-    """Saves a pytree of arrays (e.g. a :class:`ServerState`) with ``numpy.savez``.
+    """Saves a pytree of arrays (e.g. a :class:`ServerState`) to one ``.npz`` file.
 
-    The file is written to a temporary name in the same directory and renamed
-    over ``path``, so a crash never leaves a half-written checkpoint.
+    The file is written to a temporary name in the same directory, synced to
+    disk and renamed over ``path``, and the directory is synced, so a crash
+    never leaves a half-written checkpoint. The tree is gathered to this
+    process (``numpy.asarray``): for the state of a sharded or multi-host run
+    use the Orbax checkpoints of :func:`clair_jax.run_rounds`.
 
     Leaves of a dtype NumPy cannot store (``bfloat16``, ``float8_*``, ...:
     ``ml_dtypes`` types) are written as their raw bits, unsigned integers of the
@@ -63,15 +91,11 @@ def save_checkpoint(path: str | os.PathLike, tree: Any) -> None:
     Args:
       path: destination file (conventionally ``*.npz``).
       tree: a pytree whose leaves are arrays (no PRNG key arrays).
+
+    Raises:
+      CheckpointError: the directory cannot be created or written.
     """
-    save_tagged(path, tree, run=None)
-
-
-def save_tagged(path: str | os.PathLike, tree: Any, run: str | None) -> None:
-    """:func:`save_checkpoint`, recording the run identity ``run`` when not None."""
     arrays = _flat_arrays(tree)
-    if run is not None:
-        arrays[_RUN_ENTRY] = np.asarray(run)
     atomic_write(path, lambda f: np.savez(f, **arrays), binary=True)
 
 
@@ -91,21 +115,49 @@ def _file_mode(path: str) -> int:
         return 0o666 & ~umask
 
 
+def sync_directory(directory: str) -> None:
+    """``fsync`` a directory, so that a rename inside it survives a power loss (POSIX)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool) -> None:
     """Writes a file atomically: ``write(file)`` on a temporary file, renamed over ``path``.
 
     A crash leaves the old file or the new one, never half of one; the new file
-    keeps the old one's permissions (the umask's for a new file).
+    keeps the old one's permissions (the umask's for a new file). The temporary
+    file is synced before the rename and the directory after it; temporary
+    files of this path left by a killed writer are removed.
 
     Args:
       path: the destination (its directory is created if needed).
       write: called with the open temporary file.
       binary: open in binary mode.
+
+    Raises:
+      CheckpointError: the directory cannot be created or written (the
+        exception raised by ``write`` itself passes through).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    prefix = f"{_TMP_PREFIX}{os.path.basename(path)}-"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for orphan in glob.glob(os.path.join(glob.escape(directory), glob.escape(prefix) + "*")):
+            os.remove(orphan)  # left by a writer killed before its rename
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint {path!r} ({_first_line(err)}): choose a writable path."
+        ) from None
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp, _file_mode(path))
@@ -118,64 +170,137 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    sync_directory(directory)
 
 
-def load_checkpoint(path: str | os.PathLike, like: Any) -> Any:
-    """Loads a checkpoint written by :func:`save_checkpoint` into the structure of ``like``.
+def _header(member, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The ``.npy`` header (shape, Fortran order, dtype) of an open archive member."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    raise ValueError(f"{where}: unsupported .npy format version {version}")
 
-    Args:
-      path: the checkpoint file.
-      like: a pytree with the expected structure, shapes and dtypes (e.g. the
-        initial state); its values are not used.
 
-    Returns:
-      A pytree of ``like``'s structure holding the stored arrays.
+def _read_entry(archive: zipfile.ZipFile, name: str, where: str, check) -> np.ndarray:
+    """Reads entry ``name`` after ``check(shape, dtype)`` accepted its header.
 
-    Raises:
-      ValueError: the file's entries, shapes or dtypes differ from ``like``'s.
+    The declared uncompressed size must be exactly the header plus the array's
+    bytes, so no more data than the expected array is ever decompressed.
     """
-    return load_tagged(path, like, run=None)
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as member:
+        shape, fortran, dtype = _header(member, where)
+        if dtype.hasobject or dtype.fields:
+            raise ValueError(f"entry {name} has dtype {dtype} (objects are never unpickled)")
+        check(shape, dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if info.file_size != member.tell() + nbytes:
+            raise ValueError(
+                f"entry {name} declares {info.file_size} bytes, its header {shape} {dtype} "
+                f"needs {member.tell() + nbytes}"
+            )
+        data = member.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"entry {name} is truncated")
+    order = "F" if fortran else "C"
+    return np.frombuffer(data, dtype).reshape(shape, order=order).copy(order="C")
 
 
-def load_tagged(path: str | os.PathLike, like: Any, run: str | None) -> Any:
-    """:func:`load_checkpoint`; with ``run``, also an error if the file records another run."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    with np.load(os.fspath(path)) as stored:
-        stored_run = str(stored[_RUN_ENTRY]) if _RUN_ENTRY in stored.files else None
-        if run is not None and stored_run is not None and stored_run != run:
-            raise ValueError(
-                f"checkpoint {os.fspath(path)!r} was written by another run ({stored_run}), "
-                f"not this one ({run}); delete it, use another path, or pass the key and "
-                "run_id it was written with."
+def _read_text(archive: zipfile.ZipFile, name: str, where: str) -> str:
+    """A reserved entry: a 0-d unicode array of bounded length."""
+
+    def check(shape, dtype):
+        if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * _MAX_TEXT:
+            raise ValueError(f"entry {name} is {shape} {dtype}, expected a string")
+
+    return str(_read_entry(archive, name, where, check)[()])
+
+
+def check_finite(leaves: list[tuple[str, Any]], where: str) -> None:
+    """Raises a :class:`CheckpointError` naming the first leaf with a NaN or infinity."""
+    for name, value in leaves:
+        if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(value))):
+            raise CheckpointError(
+                f"checkpoint {where!r}: entry {name} holds NaN or infinite values (a diverged "
+                "run or a corrupt file); delete it to start again, or restore a backup."
             )
-        names = set(stored.files) - _RESERVED
-        dtypes = json.loads(str(stored[_DTYPES_ENTRY])) if _DTYPES_ENTRY in stored.files else {}
-        expected = [jax.tree_util.keystr(p) for p, _ in leaves]
-        if names != set(expected):
-            missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
-            raise ValueError(
-                f"checkpoint {os.fspath(path)!r} does not match the expected structure: "
-                f"missing {missing[:5]}, unexpected {extra[:5]}."
-            )
-        out = []
-        for name, (_, leaf) in zip(expected, leaves, strict=True):
-            value = stored[name]
-            leaf = np.asarray(leaf)
-            if name in dtypes:  # raw bits of an ml_dtypes type, with its name
-                if dtypes[name] != leaf.dtype.name:
-                    raise ValueError(
-                        f"checkpoint entry {name}: stored {value.shape} {dtypes[name]}, "
-                        f"expected {leaf.shape} {leaf.dtype}."
-                    )
-                value = value.view(leaf.dtype)
-            elif value.dtype.kind == "V" and _stored_as_bits(leaf.dtype):
-                # Written before the dtype names were stored: raw void of the same width.
-                if value.dtype.itemsize == leaf.dtype.itemsize:
-                    value = value.view(leaf.dtype)
-            if value.shape != leaf.shape or value.dtype != leaf.dtype:
-                raise ValueError(
-                    f"checkpoint entry {name}: stored {value.shape} {value.dtype}, expected "
-                    f"{leaf.shape} {leaf.dtype}."
+
+
+def load_npz(path: str, like: Any) -> Any:
+    """Reads a :func:`save_checkpoint` file into the structure of ``like``.
+
+    See :func:`clair_jax.load_checkpoint` (which also reads Orbax directories).
+    The ``__run__`` entry of the files ``run_rounds`` wrote before it kept Orbax
+    directories is ignored.
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(like)
+    expected = [jax.tree_util.keystr(p) for p, _ in leaves]
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {path!r} is not a readable .npz file ({_first_line(err)}); it may be "
+            "truncated or corrupt: delete it to start again, or restore a backup."
+        ) from None
+    out = []
+    try:
+        with archive:
+            names = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+            if len(names) != len(archive.namelist()):
+                raise ValueError("the archive holds files other than .npy entries")
+            dtypes = {}
+            if _DTYPES_ENTRY in names:
+                dtypes = json.loads(_read_text(archive, _DTYPES_ENTRY, path))
+                if not isinstance(dtypes, dict):
+                    raise ValueError(f"entry {_DTYPES_ENTRY} is not a JSON object")
+            if names - _RESERVED != set(expected):
+                missing = sorted(set(expected) - names)
+                extra = sorted(names - _RESERVED - set(expected))
+                raise CheckpointError(
+                    f"checkpoint {path!r} does not match the expected structure: missing "
+                    f"{missing[:5]}, unexpected {extra[:5]}; pass the tree it was saved from "
+                    "as like=, or delete it."
                 )
-            out.append(jnp.asarray(value))
+            for name, (_, leaf) in zip(expected, leaves, strict=True):
+                out.append(_read_leaf(archive, name, np.asarray(leaf), dtypes.get(name), path))
+    except CheckpointError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be read ({_first_line(err)}); delete it to start "
+            "again, or restore a backup."
+        ) from None
+    check_finite(list(zip(expected, out, strict=True)), path)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
+
+
+def _read_leaf(archive, name: str, leaf: np.ndarray, bits_of: str | None, path: str):
+    """One leaf, its header checked against ``leaf`` (shape, dtype) before its data is read."""
+    target = leaf.dtype
+    if bits_of is not None:  # raw bits of an ml_dtypes type, with its name
+        if bits_of != leaf.dtype.name:
+            raise CheckpointError(
+                f"checkpoint {path!r}: entry {name}: stored {bits_of}, expected {leaf.shape} "
+                f"{leaf.dtype}; pass the tree it was saved from as like=."
+            )
+        target = np.dtype(f"u{leaf.dtype.itemsize}")
+
+    def check(shape, dtype):
+        # Written before the dtype names were stored: raw void of the same width.
+        legacy_bits = dtype.kind == "V" and _stored_as_bits(leaf.dtype)
+        if shape != leaf.shape or (dtype != target and not legacy_bits):
+            raise CheckpointError(
+                f"checkpoint {path!r}: entry {name}: stored {shape} {bits_of or dtype}, "
+                f"expected {leaf.shape} {leaf.dtype}; pass the tree it was saved from as like=."
+            )
+        if legacy_bits and dtype.itemsize != leaf.dtype.itemsize:
+            raise CheckpointError(
+                f"checkpoint {path!r}: entry {name}: stored {dtype}, expected {leaf.dtype}."
+            )
+
+    value = _read_entry(archive, name, path, check)
+    if value.dtype != leaf.dtype:
+        value = value.view(leaf.dtype)
+    return jnp.asarray(value)

@@ -46,6 +46,7 @@ from clair_jax._src import validation
 from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
 from clair_jax._src.federated.attacks import attack
+from clair_jax._src.federated.padding import client_parts, pad_index, padded_size
 from clair_jax._src.federated.training import (
     check_train_args,
     local_train,
@@ -275,14 +276,22 @@ def make_round(
     def vmapped_round(base, state, data, key):
         idx, train_keys, k_agg = select(state, data, key)
         start = _take(state.clients, idx)
+        # Sharded: k participants padded to a multiple of the devices (repeating the last);
+        # the padding lanes are dropped before the aggregation.
+        k, parts = idx.shape[0], 1 if client_sharding is None else client_parts(client_sharding)
+        lanes, lane_keys, lane_start = idx, train_keys, start
+        if padded_size(k, parts) != k:
+            lanes, lane_keys = _take((idx, train_keys), pad_index(k, parts))
+            lane_start = _take(state.clients, lanes)
         per_client = constrain(
-            (start, data.inputs[idx], data.targets[idx], data.mask[idx], train_keys)
+            (lane_start, data.inputs[lanes], data.targets[lanes], data.mask[lanes], lane_keys)
         )
         trained, losses = constrain(
             jax.vmap(train_one, in_axes=(None, 0, 0, 0, 0, 0))(base, *per_client)
         )
+        trained, losses = _take((trained, losses), slice(0, k))
         new_state, metrics = finish(state, data, idx, start, trained, losses, k_agg)
-        if client_sharding is not None:
+        if client_sharding is not None and state.flag_counts.shape[0] % parts == 0:
             new_state = new_state._replace(
                 clients=constrain(new_state.clients),
                 flag_counts=constrain(new_state.flag_counts),

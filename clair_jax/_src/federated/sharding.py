@@ -19,6 +19,13 @@ every host, :func:`jax.devices` lists the devices of all hosts).
 :func:`make_sharded_round` builds a round whose inputs are placed with
 :func:`shard_clients` and whose local training is constrained to stay sharded
 (through ``client_sharding`` of :func:`clair_jax.make_round`).
+
+Any client count works on any mesh. A ``jax.Array`` is split only into equal
+pieces, so a client axis whose length ``n`` the mesh axis size does not divide
+is replicated by :func:`shard_clients`, and the round pads its participants to
+a multiple of the device count for the local training (the padding lanes repeat
+a participant and are dropped before the aggregation: they never reach the
+aggregator, the flags, the counters or the metrics).
 """
 
 from __future__ import annotations
@@ -164,7 +171,10 @@ def shard_clients(
     ``num_clients``) is placed with ``NamedSharding(mesh, P(axis_name))``, each
     device holding ``num_clients / mesh.shape[axis_name]`` consecutive clients;
     the other leaves (scalars, unstacked arrays such as the base model) are
-    replicated. Leaves already placed that way are not copied.
+    replicated. Leaves already placed that way are not copied. A client count
+    the mesh axis size does not divide cannot be split into equal pieces: the
+    client-axis leaves are then replicated too (:func:`make_sharded_round` still
+    splits the local training, padding the participants inside the round).
 
     * :class:`~clair_jax.ServerState`: ``clients``, ``flag_counts`` and
       ``participation_counts`` are split; ``round`` and ``global_`` are
@@ -184,10 +194,9 @@ def shard_clients(
       ``tree`` with its leaves placed on the mesh.
 
     Raises:
-      ValueError: ``n`` is not divisible by the mesh axis size, the leading axes
-        disagree (with ``num_clients=None``), ``num_clients`` differs from a
-        :class:`~clair_jax.ServerState`'s client count, or no leaf has a client
-        axis.
+      ValueError: the leading axes disagree (with ``num_clients=None``),
+        ``num_clients`` differs from a :class:`~clair_jax.ServerState`'s client
+        count, or no leaf has a client axis.
       TypeError: ``mesh`` is not a :class:`jax.sharding.Mesh`.
 
     Examples:
@@ -216,7 +225,7 @@ def shard_clients(
                 f"num_clients ({num_clients}) differs from the server state's client count "
                 f"({n}, flag_counts {tuple(np.shape(tree.flag_counts))})."
             )
-        _check_divisible(n, "the number of clients", size, axis_name, _shapes(tree.clients)[:2])
+        split = split if n % size == 0 else full
         return tree._replace(
             round=jax.device_put(tree.round, full),
             global_=jax.device_put(tree.global_, full),
@@ -241,13 +250,7 @@ def shard_clients(
             f"no leaf has a leading axis of length num_clients={num_clients}; leaf shapes "
             f"{sorted(set(_shapes(tree)))}."
         )
-    _check_divisible(
-        num_clients,
-        "the number of clients",
-        size,
-        axis_name,
-        sorted({s for s in _shapes(tree) if s}),
-    )
+    split = split if num_clients % size == 0 else full
     placed = [
         jax.device_put(x, split if d == num_clients else full)
         for x, d in zip(leaves, leading, strict=True)
@@ -328,13 +331,15 @@ def make_sharded_round(
         ``client_map`` must be ``"vmap"``.
 
     Returns:
-      ``round(state, client_data, key) -> (state, metrics)``; ``state`` and
-      ``client_data`` must have a client count divisible by the mesh axis size
-      (as must ``participation``, when given).
+      ``round(state, client_data, key) -> (state, metrics)``, for any client
+      count and ``participation``: participants that do not split evenly over
+      the mesh axis are padded for the local training (the padding lanes repeat
+      the last participant, run on the devices that would otherwise idle, and
+      are dropped before the aggregation).
 
     Raises:
-      ValueError: ``participation`` not divisible by the mesh axis size,
-        ``client_map`` other than ``"vmap"``, or ``client_sharding`` given.
+      ValueError: ``client_map`` other than ``"vmap"``, or ``client_sharding``
+        given.
 
     Examples:
       >>> import jax
@@ -356,20 +361,13 @@ def make_sharded_round(
       (1, (4, 2))
     """
     mesh = client_mesh() if mesh is None else mesh
-    axis_name, size = _mesh_axis(mesh, axis_name)
+    axis_name, _ = _mesh_axis(mesh, axis_name)
     if "client_sharding" in round_kwargs:
         raise ValueError("client_sharding is set by make_sharded_round from mesh and axis_name.")
     if round_kwargs.get("client_map", "vmap") != "vmap":
         raise ValueError(
             f"make_sharded_round needs client_map='vmap', got {round_kwargs['client_map']!r}."
         )
-    participation = round_kwargs.get("participation")
-    if participation is not None and not isinstance(participation, bool):
-        if isinstance(participation, (int, np.integer)) and participation % size:
-            raise ValueError(
-                f"participation ({participation}) must be divisible by the size ({size}) of "
-                f"mesh axis {axis_name!r}, so that the participants split evenly."
-            )
     round_fn = make_round(
         graphdef,
         replicate(base, mesh),
