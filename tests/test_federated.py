@@ -1,7 +1,9 @@
-"""Federated rounds: jit == no-jit == Python loop, keys, participation, attacks, checkpoints."""
+"""Federated rounds: jit == no-jit == Python loop, keys, participation, attacks.
+
+Checkpoints and run_rounds' resume are tested in test_checkpoint.py.
+"""
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -246,112 +248,6 @@ def test_evaluate_clients_against_numpy(parts):
     ev_light = cj.evaluate_clients(graphdef, base, state.clients, light)
     np.testing.assert_allclose(ev_light.accuracy, ev.accuracy, rtol=1e-6)
     np.testing.assert_allclose(ev_light.loss, ev.loss, rtol=1e-6)
-
-
-# --- checkpoints ---------------------------------------------------------------------------
-
-
-def test_checkpoint_resume_equals_an_uninterrupted_run(parts, tmp_path):
-    _, _, adapters, fed = parts
-    round_fn = _round("fedit")
-    key = jax.random.key(11)
-    init = cj.init_server_state(adapters, N)
-    full, history = cj.run_rounds(round_fn, init, fed.train, key, 3, progress=False)
-    assert len(history) == 3 and int(full.round) == 3
-
-    path = tmp_path / "ckpt" / "state.npz"
-    part, _ = cj.run_rounds(round_fn, init, fed.train, key, 1, checkpoint=path, progress=False)
-    assert int(part.round) == 1 and path.exists()
-    # A fresh process would start again from the initial state: the checkpoint wins.
-    resumed, history = cj.run_rounds(
-        round_fn, init, fed.train, key, 3, checkpoint=path, progress=False
-    )
-    assert len(history) == 2
-    assert trees_equal(resumed, full)
-    assert trees_equal(cj.load_checkpoint(path, like=init), full)
-    assert os.listdir(path.parent) == ["state.npz"]  # no temporary files left behind
-    # Nothing left to do: the state comes back unchanged.
-    again, history = cj.run_rounds(round_fn, init, fed.train, key, 3, checkpoint=path)
-    assert history == [] and trees_equal(again, full)
-    with pytest.raises(ValueError, match="num_rounds must be >= 0, got -1"):
-        cj.run_rounds(round_fn, init, fed.train, key, -1)
-    with pytest.raises(TypeError, match="num_rounds must be an int, got float"):
-        cj.run_rounds(round_fn, init, fed.train, key, 2.5)
-
-
-def test_checkpoint_of_another_run_is_refused(parts, tmp_path):
-    _, _, adapters, fed = parts
-    round_fn = _round("fedit")
-    init = cj.init_server_state(adapters, N)
-    path = tmp_path / "run.npz"
-    key = jax.random.key(11)
-    cj.run_rounds(round_fn, init, fed.train, key, 1, checkpoint=path, run_id="fedit")
-    # Another seed, or the same seed under another run_id, must not continue this run.
-    with pytest.raises(ValueError, match="written by another run"):
-        cj.run_rounds(round_fn, init, fed.train, jax.random.key(12), 2, checkpoint=path)
-    with pytest.raises(ValueError, match="written by another run"):
-        cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=path, run_id="krum")
-    with pytest.raises(TypeError, match="run_id must be a str"):
-        cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=path, run_id=3)
-    # The same key and run_id resume; the checkpoint still loads like any other.
-    state, history = cj.run_rounds(
-        round_fn, init, fed.train, key, 2, checkpoint=path, run_id="fedit"
-    )
-    assert len(history) == 1 and int(state.round) == 2
-    assert trees_equal(cj.load_checkpoint(path, like=init), state)
-    # A file written by save_checkpoint carries no run record: resumed unchecked.
-    plain = tmp_path / "plain.npz"
-    cj.save_checkpoint(plain, state)
-    again, history = cj.run_rounds(round_fn, init, fed.train, key, 2, checkpoint=plain)
-    assert history == [] and trees_equal(again, state)
-
-
-def test_checkpoint_files_get_the_usual_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = tmp_path / "a.npz"
-        cj.save_checkpoint(path, {"x": jnp.zeros(2)})
-        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's private 0600
-        os.chmod(path, 0o640)
-        cj.save_checkpoint(path, {"x": jnp.ones(2)})  # rewriting keeps the file's mode
-        assert path.stat().st_mode & 0o777 == 0o640
-    finally:
-        os.umask(old)
-
-
-def test_checkpoint_mismatch_is_an_error(parts, tmp_path):
-    _, _, adapters, _ = parts
-    path = tmp_path / "state.npz"
-    cj.save_checkpoint(path, cj.init_server_state(adapters, N))
-    with pytest.raises(ValueError, match="expected"):
-        cj.load_checkpoint(path, like=cj.init_server_state(adapters, N + 1))
-    with pytest.raises(ValueError, match="structure"):
-        cj.load_checkpoint(path, like={"other": jnp.zeros(3)})
-
-
-def test_half_precision_checkpoints_round_trip_exactly(parts, tmp_path):
-    _, _, adapters, _ = parts
-    tree = {
-        "state": cj.init_server_state(jax.tree.map(lambda x: x.astype(jnp.bfloat16), adapters), 2),
-        "f16": jnp.linspace(-1, 1, 5).astype(jnp.float16) / 3,
-        "bf16": jnp.linspace(-1, 1, 5).astype(jnp.bfloat16) / 3,
-        "scalar": jnp.asarray(1 / 3, jnp.bfloat16),
-    }
-    path = tmp_path / "half.npz"
-    cj.save_checkpoint(path, tree)
-    loaded = cj.load_checkpoint(path, like=tree)
-    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded), strict=True):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # bit for bit
-    with pytest.raises(ValueError, match=r"stored \(5,\) bfloat16, expected \(5,\) float16"):
-        cj.load_checkpoint(path, like={**tree, "bf16": tree["f16"]})
-    # Checkpoints written by plain numpy.savez still load (bfloat16 there is raw void '|V2').
-    old = tmp_path / "old.npz"
-    np.savez(old, **{"['a']": np.arange(3, dtype=np.float32), "['b']": np.asarray(tree["bf16"])})
-    like = {"a": jnp.zeros(3), "b": jnp.zeros(5, jnp.bfloat16)}
-    got = cj.load_checkpoint(old, like=like)
-    np.testing.assert_array_equal(got["a"], np.arange(3))
-    np.testing.assert_array_equal(np.asarray(got["b"]), np.asarray(tree["bf16"]))
 
 
 # --- bad input -----------------------------------------------------------------------------

@@ -177,7 +177,7 @@ class RunCheckpoint:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=options, item_handlers=handlers
             )
-        except Exception as err:  # noqa: BLE001 - any Orbax/tensorstore failure, one line
+        except Exception as err:  # any Orbax/tensorstore failure, one line
             raise CheckpointError(
                 f"checkpoint directory {self.directory!r} cannot be opened "
                 f"({_first_line(err)}): choose another checkpoint= path."
@@ -218,7 +218,7 @@ class RunCheckpoint:
             self.manager.save(step, args=args, force=True)
             if not self.async_save:
                 self.manager.wait_until_finished()
-        except Exception as err:  # noqa: BLE001 - any Orbax/tensorstore failure, one line
+        except Exception as err:  # any Orbax/tensorstore failure, one line
             where = os.path.join(self.directory, str(step))
             raise CheckpointError(
                 f"cannot write checkpoint {where!r} ({_first_line(err)}): check the disk "
@@ -273,7 +273,7 @@ class RunCheckpoint:
             history = decode_history(rounds, where)
         except CheckpointError:
             raise
-        except Exception as err:  # noqa: BLE001 - any Orbax/tensorstore/JSON failure, one line
+        except Exception as err:  # any Orbax/tensorstore/JSON failure, one line
             raise CheckpointError(
                 f"checkpoint {where!r} cannot be read ({_first_line(err)}); it may be "
                 "truncated or corrupt: delete that step directory to resume from the one "
