@@ -106,6 +106,22 @@ out["decompose"] = {
     "specs": sorted({str(x.sharding.spec) for x in (split.low_rank, split.sparse)}),
     "devices": len(split.low_rank.sharding.device_set),
 }
+# A run checkpoint of a state split over the devices comes back split the same way.
+import tempfile
+from clair_jax._src.federated.run_checkpoint import RunCheckpoint
+
+split_state = cj.shard_clients(cj.init_server_state(adapters, 2 * devices), mesh)
+split_state = split_state._replace(flag_counts=split_state.flag_counts + 3)
+with tempfile.TemporaryDirectory() as where:
+    with RunCheckpoint(where) as store:
+        store.save(split_state, [], {"identity": "test", "first_round": 0})
+    back = cj.load_checkpoint(where, like=split_state)
+out["restored"] = {
+    "equal": max_diff(back, split_state) == 0.0,
+    "specs_equal": jax.tree.map(lambda x: str(x.sharding.spec), back)
+    == jax.tree.map(lambda x: str(x.sharding.spec), split_state),
+    "flag_spec": str(back.flag_counts.sharding.spec),
+}
 try:
     cj.shard_batch(jnp.zeros((devices + 1, 3, 2)), mesh)
     out["batch_error"] = None
@@ -162,6 +178,7 @@ def check_run(devices: int, out: dict) -> None:
             assert r["shard_rows"] == [CLIENTS // devices], (name, r)
         else:  # no equal pieces: the state is replicated, the training padded and split
             assert r["specs"] == ["P()"] and r["shard_rows"] == [CLIENTS], (name, r)
+    assert out["restored"] == {"equal": True, "specs_equal": True, "flag_spec": "P('clients',)"}
     r = out["decompose"]
     assert r["diff"] <= ATOL and r["iters_equal"], r
     assert r["flagged"] == [[m, 3] for m in range(devices)], r  # client 3, in every module

@@ -47,7 +47,7 @@ class CheckpointError(ValueError):
     """
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """``err`` as one short line: its type and the first line of its message."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
@@ -156,7 +156,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
     except OSError as err:
         raise CheckpointError(
-            f"cannot write checkpoint {path!r} ({_first_line(err)}): choose a writable path."
+            f"cannot write checkpoint {path!r} ({first_line(err)}): choose a writable path."
         ) from None
     try:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
@@ -241,7 +241,7 @@ def load_npz(path: str, like: Any) -> Any:
         archive = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
         raise CheckpointError(
-            f"checkpoint {path!r} is not a readable .npz file ({_first_line(err)}); it may be "
+            f"checkpoint {path!r} is not a readable .npz file ({first_line(err)}); it may be "
             "truncated or corrupt: delete it to start again, or restore a backup."
         ) from None
     out = []
@@ -269,7 +269,7 @@ def load_npz(path: str, like: Any) -> Any:
         raise
     except Exception as err:  # zipfile, zlib, NumPy: whatever a damaged file raises
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be read ({_first_line(err)}); delete it to start "
+            f"checkpoint {path!r} cannot be read ({first_line(err)}); delete it to start "
             "again, or restore a backup."
         ) from None
     check_finite(list(zip(expected, out, strict=True)), path)

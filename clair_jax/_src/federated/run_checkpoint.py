@@ -38,6 +38,7 @@ import numpy as np
 from clair_jax._src.federated.checkpoint import (
     CheckpointError,
     check_finite,
+    first_line,
     load_npz,
     sync_directory,
 )
@@ -53,11 +54,6 @@ def _ocp():
     import orbax.checkpoint as ocp
 
     return ocp
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def _leaf_table(tree: Any) -> tuple[list[str], list[Any]]:
@@ -137,7 +133,7 @@ def prepare_directory(directory: str) -> str:
                 shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
     except OSError as err:
         raise CheckpointError(
-            f"checkpoint directory {directory!r} is not writable ({_first_line(err)}): "
+            f"checkpoint directory {directory!r} is not writable ({first_line(err)}): "
             "choose another checkpoint= path or fix its permissions."
         ) from None
     return directory
@@ -180,7 +176,7 @@ class RunCheckpoint:
         except Exception as err:  # any Orbax/tensorstore failure, one line
             raise CheckpointError(
                 f"checkpoint directory {self.directory!r} cannot be opened "
-                f"({_first_line(err)}): choose another checkpoint= path."
+                f"({first_line(err)}): choose another checkpoint= path."
             ) from None
 
     def close(self) -> None:
@@ -221,7 +217,7 @@ class RunCheckpoint:
         except Exception as err:  # any Orbax/tensorstore failure, one line
             where = os.path.join(self.directory, str(step))
             raise CheckpointError(
-                f"cannot write checkpoint {where!r} ({_first_line(err)}): check the disk "
+                f"cannot write checkpoint {where!r} ({first_line(err)}): check the disk "
                 "space and permissions of the checkpoint directory."
             ) from None
         sync_directory(self.directory)
@@ -275,7 +271,7 @@ class RunCheckpoint:
             raise
         except Exception as err:  # any Orbax/tensorstore/JSON failure, one line
             raise CheckpointError(
-                f"checkpoint {where!r} cannot be read ({_first_line(err)}); it may be "
+                f"checkpoint {where!r} cannot be read ({first_line(err)}); it may be "
                 "truncated or corrupt: delete that step directory to resume from the one "
                 "before it, or the whole directory to start again."
             ) from None
