@@ -170,7 +170,9 @@ def make_round(
         The participants' data, adapters and keys, their trained adapters and
         the per-client fields of the new state are constrained to it, so local
         training runs sharded over the mesh and GSPMD inserts the collectives
-        of the aggregation. See :func:`clair_jax.make_sharded_round`.
+        of the aggregation. Participants the sharding does not split evenly are
+        padded for the local training (repeating the last one) and the padding
+        dropped before the aggregation. See :func:`clair_jax.make_sharded_round`.
 
     Returns:
       The round function. Its metrics are a :class:`RoundMetrics`. Calling it
