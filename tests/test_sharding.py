@@ -57,7 +57,7 @@ def max_diff(a, b):
 # name: (aggregator, participation); fedit runs a second round from the sharded state.
 cases = {"fedit": (cj.fedit(), None), "clair": (cj.clair_aggregator(offset=True), None),
          "fedit_partial": (cj.fedit(), 7)}
-for name in names:
+for name in [name for name in names if name in cases]:
     aggregator, participation = cases[name]
     kwargs = dict(local_steps=2, batch_size=4, participation=participation)
     key = jax.random.key(0)
@@ -88,24 +88,26 @@ for name in names:
                                  for x in jax.tree.leaves(sharded.global_)),
     }
 
-# A vmapped batch of decompositions, one problem per device (batched CPU LAPACK calls
-# running concurrently on several devices can deadlock with jaxlib 0.10): 10 clients with
-# rank-1 updates in a shared column space; client 3 corrupted.
-m = devices
-k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-updates = jnp.einsum("mpr,mnrq->mnpq", jax.random.normal(k1, (m, 6, 1)),
-                     jax.random.normal(k2, (m, 10, 1, 5)))
-updates = updates.at[:, 3].add(3.0 * jax.random.normal(k3, (m, 6, 5)))
-solve = jax.jit(jax.vmap(lambda u: cj.decompose(u, lam_nuc=1.0, lam_block=1.0)))
-plain = solve(updates)
-split = solve(cj.shard_batch(updates, mesh))
-out["decompose"] = {
-    "diff": max_diff((plain.low_rank, plain.sparse), (split.low_rank, split.sparse)),
-    "iters_equal": bool(np.array_equal(plain.num_iters, split.num_iters)),
-    "flagged": np.argwhere(np.linalg.norm(np.asarray(split.sparse), axis=(2, 3)) > 0).tolist(),
-    "specs": sorted({str(x.sharding.spec) for x in (split.low_rank, split.sparse)}),
-    "devices": len(split.low_rank.sharding.device_set),
-}
+if "decompose" in names:
+    # A vmapped batch of decompositions, one problem per device (batched CPU LAPACK calls
+    # running concurrently on several devices can deadlock with jaxlib 0.10): 10 clients with
+    # rank-1 updates in a shared column space; client 3 corrupted.
+    m = devices
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    updates = jnp.einsum("mpr,mnrq->mnpq", jax.random.normal(k1, (m, 6, 1)),
+                         jax.random.normal(k2, (m, 10, 1, 5)))
+    updates = updates.at[:, 3].add(3.0 * jax.random.normal(k3, (m, 6, 5)))
+    solve = jax.jit(jax.vmap(lambda u: cj.decompose(u, lam_nuc=1.0, lam_block=1.0)))
+    plain = solve(updates)
+    split = solve(cj.shard_batch(updates, mesh))
+    out["decompose"] = {
+        "diff": max_diff((plain.low_rank, plain.sparse), (split.low_rank, split.sparse)),
+        "iters_equal": bool(np.array_equal(plain.num_iters, split.num_iters)),
+        "flagged": np.argwhere(np.linalg.norm(np.asarray(split.sparse), axis=(2, 3)) > 0).tolist(),
+        "specs": sorted({str(x.sharding.spec) for x in (split.low_rank, split.sparse)}),
+        "devices": len(split.low_rank.sharding.device_set),
+    }
+
 # A run checkpoint of a state split over the devices comes back split the same way.
 import tempfile
 from clair_jax._src.federated.run_checkpoint import RunCheckpoint
@@ -131,9 +133,9 @@ print(json.dumps(out))
 """
 
 
-ALL = ("fedit", "clair", "fedit_partial")
+ALL = ("fedit", "clair", "fedit_partial", "decompose")
 #: The cases the default suite runs per device count (the slow sweep runs ALL).
-DEFAULT = {3: ("fedit",), 8: ("clair", "fedit_partial")}
+DEFAULT = {3: ("fedit",), 8: ("clair", "fedit_partial", "decompose")}
 
 
 def run_on(devices: int, names=ALL) -> dict:
@@ -161,7 +163,7 @@ def devices(request):
 
 def check_run(devices: int, out: dict) -> None:
     even = CLIENTS % devices == 0
-    for name in set(ALL) & set(out):
+    for name in {"fedit", "clair", "fedit_partial"} & set(out):
         r = out[name]
         # The sharded round equals the single-device round, also from a sharded state.
         assert r["state_diff"] <= ATOL, (name, r)
@@ -179,10 +181,11 @@ def check_run(devices: int, out: dict) -> None:
         else:  # no equal pieces: the state is replicated, the training padded and split
             assert r["specs"] == ["P()"] and r["shard_rows"] == [CLIENTS], (name, r)
     assert out["restored"] == {"equal": True, "specs_equal": True, "flag_spec": "P('clients',)"}
-    r = out["decompose"]
-    assert r["diff"] <= ATOL and r["iters_equal"], r
-    assert r["flagged"] == [[m, 3] for m in range(devices)], r  # client 3, in every module
-    assert r["specs"] == ["P('clients',)"] and r["devices"] == devices, r
+    r = out.get("decompose", {})
+    if r:
+        assert r["diff"] <= ATOL and r["iters_equal"], r
+        assert r["flagged"] == [[m, 3] for m in range(devices)], r  # client 3, in every module
+        assert r["specs"] == ["P('clients',)"] and r["devices"] == devices, r
     if devices > 1:
         assert f"the batch size ({devices + 1}) must be divisible by the size ({devices})" in (
             out["batch_error"] or ""
