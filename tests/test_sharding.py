@@ -175,7 +175,9 @@ def check_run(devices: int, out: dict) -> None:
         k = 7 if name == "fedit_partial" else CLIENTS
         rounds = 1 if name == "clair" else 2
         assert r["participation_total"] == rounds * k, (name, r)  # padding is never counted
-        if even:  # split into equal pieces
+        if devices == 1:  # one piece: P() and P("clients") are the same placement
+            assert r["devices"] == [1] and r["shard_rows"] == [CLIENTS], (name, r)
+        elif even:  # split into equal pieces
             assert r["specs"] == ["P('clients',)"] and r["devices"] == [devices], (name, r)
             assert r["shard_rows"] == [CLIENTS // devices], (name, r)
         else:  # no equal pieces: the state is replicated, the training padded and split
