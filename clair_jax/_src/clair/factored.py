@@ -229,11 +229,10 @@ def clair_factored(
             coef = jnp.where(keep, coef, other)
         right = fc.right.T
     else:
-        own = _own_blocks(fc.left_coef)  # (n, k, nr): U^T B_i in column block i
-        consensus, coef = _refine(own, basis_c, small.collaborative)
+        consensus, coef = _refine(fc.left_coef, basis_c, small.collaborative)
         if contaminated != "refine":
             keep = small.collaborative[:, None, None]
-            other = consensus[None] if contaminated == "consensus" else own
+            other = consensus[None] if contaminated == "consensus" else _own_blocks(fc.left_coef)
             coef = jnp.where(keep, coef, other)
         b_a = jnp.asarray(factors[1])
         right = b_a.reshape(n * r, b_a.shape[2]).astype(coef.dtype)  # stacked A's
@@ -263,20 +262,26 @@ def _own_blocks(beta: Array) -> Array:
     return jnp.einsum("ij,ikr->ikjr", eye, beta).reshape(n, k, n * r)
 
 
-def _refine(own: Array, basis_c: Array, collaborative: Array) -> tuple[Array, Array]:
-    """CLAIR's refinement on coefficients: ``(X̄_c, X̄_c + P_c (G_i - X̄_c))``."""
-    weight = collaborative.astype(own.dtype)
+def _refine(beta: Array, basis_c: Array, collaborative: Array) -> tuple[Array, Array]:
+    """CLAIR's refinement on coefficients: ``(X̄_c, X̄_c + P_c (G_i - X̄_c))``.
+
+    ``G_i`` (client ``i``'s ``U^T B_i`` in column block ``i``, :func:`_own_blocks`)
+    is zero outside block ``i``, so ``X̄_c + P_c (G_i - X̄_c) = (I - P_c) X̄_c``
+    plus ``P_c U^T B_i`` in block ``i``: one projection of the ``k x nr``
+    consensus and one of the ``n`` ``k x r`` blocks, instead of ``n`` projections
+    of ``k x nr`` matrices.
+    """
+    n, k, r = beta.shape
+    weight = collaborative.astype(beta.dtype)
     count = jnp.sum(weight)
-    consensus = jnp.where(
-        count > 0,
-        jnp.einsum("n,nks->ks", weight, own, precision=_HIGHEST) / jnp.maximum(count, 1.0),
-        jnp.mean(own, axis=0),
-    )
-    diff = own - consensus[None]
-    inside = jnp.einsum(
-        "kw,nws->nks",
-        basis_c,
-        jnp.einsum("kw,nks->nws", basis_c, diff, precision=_HIGHEST),
-        precision=_HIGHEST,
-    )
-    return consensus, consensus[None] + inside
+    weight = jnp.where(count > 0, weight / jnp.maximum(count, 1.0), jnp.full_like(weight, 1.0 / n))
+    # Block j of the consensus is w_j U^T B_j.
+    consensus = jnp.transpose(weight[:, None, None] * beta, (1, 0, 2)).reshape(k, n * r)
+
+    def project(z):
+        return jnp.matmul(basis_c, jnp.matmul(basis_c.T, z, precision=_HIGHEST), precision=_HIGHEST)
+
+    outside = consensus - project(consensus)
+    inside_own = project(jnp.transpose(beta, (1, 0, 2)).reshape(k, n * r))  # P_c U^T B_i
+    inside_own = jnp.transpose(inside_own.reshape(k, n, r), (1, 0, 2))
+    return consensus, outside[None] + _own_blocks(inside_own)
