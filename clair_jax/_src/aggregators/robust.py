@@ -1,4 +1,14 @@
-"""Byzantine-robust rules on the clients' flattened factors."""
+"""Byzantine-robust rules on the clients' flattened factors.
+
+Every factory takes ``screen=`` (see
+:func:`~clair_jax._src.aggregators.base.make_aggregator`). The rules act on the
+included clients only: the medians, the trimmed means and the Krum scores are
+taken over them (the excluded rows never enter a sort or a distance), and the
+geometric median gives the excluded ones zero weight. Distances are computed
+on rows brought to unit size by a power of two (a safe scale: squared
+distances of finite factors do not overflow), which changes no ranking and no
+minimiser.
+"""
 
 from __future__ import annotations
 
@@ -16,39 +26,42 @@ from clair_jax._src.aggregators.base import (
     Aggregator,
     broadcast_result,
     flatten_clients,
+    make_aggregator,
     selected_mean,
 )
-from clair_jax._src.lora.types import check_adapters
+from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
 
 
-def coordinate_median() -> Aggregator:
+def coordinate_median(*, screen: str = "exclude") -> Aggregator:
     """Coordinate-wise median of the clients' flattened factors (unweighted).
 
-    Every coordinate of ``(B, A)`` over all modules is the median over clients
-    (the mean of the two middle values when ``n`` is even). Flags nobody.
+    Every coordinate of ``(B, A)`` over all modules is the median over the
+    included clients (the mean of the two middle values when their number is
+    even). Flags nobody.
 
     References:
       D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
       Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
     """
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, unflatten = flatten_clients(clients)
-        return broadcast_result(clients, unflatten(_median_rows(rows)), p)
+        return broadcast_result(clients, unflatten(_median_rows(rows, excluded)), p)
 
-    return Aggregator("coordinate_median", aggregate)
+    return make_aggregator("coordinate_median", core, screen=screen)
 
 
-def trimmed_mean(beta: float = 0.1) -> Aggregator:
+def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
     """Coordinate-wise β-trimmed mean of the clients' flattened factors (unweighted).
 
-    For every coordinate the ``k = floor(β n)`` largest and ``k`` smallest values
-    over clients are removed and the remaining ``n - 2k`` averaged. Flags nobody.
+    For every coordinate the ``k = floor(β m)`` largest and ``k`` smallest values
+    over the ``m`` included clients are removed and the remaining ``m - 2k``
+    averaged. Flags nobody.
 
     Args:
-      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < n``).
+      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < m``).
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
@@ -57,17 +70,21 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
         raise ValueError(f"beta must be a number in [0, 0.5), got {beta!r}.")
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, unflatten = flatten_clients(clients)
         n = rows.shape[0]
-        k = int(np.floor(beta * n))
-        kept = _sorted_rows(rows)[k : n - k]
-        mean = jnp.mean(kept, axis=0) if isinstance(kept, jax.Array) else sum(kept) / len(kept)
+        m = n - jnp.sum(excluded)
+        # k = floor(β m) from a table of the static values (exactly as in float64).
+        k = jnp.asarray(np.floor(beta * np.arange(n + 1)).astype(np.int32))[m]
+        pos = jnp.arange(n)
+        kept = (pos >= k) & (pos < m - k)
+        ordered = _ordered_rows(rows, excluded)
+        total = jnp.sum(jnp.where(kept[:, None], ordered, 0), axis=0)
+        mean = total / jnp.maximum(m - 2 * k, 1).astype(rows.dtype)
         return broadcast_result(clients, unflatten(mean), p)
 
-    return Aggregator("trimmed_mean", aggregate)
+    return make_aggregator("trimmed_mean", core, screen=screen)
 
 
 #: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
@@ -110,13 +127,38 @@ def _sorted_rows(rows: Array) -> list[Array] | Array:
     return out[:n]
 
 
-def _median_rows(rows: Array) -> Array:
-    """Median over the client axis of ``(n, d)`` rows (mean of the two middle values)."""
+def _ordered_rows(rows: Array, excluded: Array) -> Array:
+    """``(n, d)``: the included rows sorted along the client axis, then ``+inf`` rows.
+
+    The excluded rows are replaced by ``+inf`` (with ``jnp.where``) before the
+    sort, so the ``m`` included values of every coordinate come first.
+    """
+    rows = jnp.where(excluded[:, None], jnp.inf, rows)
+    ordered = _sorted_rows(rows)
+    return ordered if isinstance(ordered, jax.Array) else jnp.stack(ordered)
+
+
+def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
+    """Median over the client axis of the included ``(n, d)`` rows (mean of the two middle).
+
+    With ``m`` included rows, the mean of the sorted rows ``(m - 1) // 2`` and
+    ``m // 2``; when every row is excluded, zeros (the aggregator keeps the
+    previous global adapter then).
+    """
     n = rows.shape[0]
-    if n > NETWORK_MAX_CLIENTS:
-        return jnp.median(rows, axis=0)
-    s = _sorted_rows(rows)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    if excluded is None:
+        excluded = jnp.zeros((n,), bool)
+    m = n - jnp.sum(excluded)
+    ordered = _ordered_rows(rows, excluded)
+    lo = ordered[jnp.maximum(m - 1, 0) // 2]
+    hi = ordered[jnp.maximum(m // 2, 0) - (m == 0)]
+    return jnp.where(m > 0, 0.5 * (lo + hi), 0)
+
+
+def unit_rows(rows: Array, excluded: Array) -> Array:
+    """The included rows times ``2^-e`` (largest entry in ``[1/2, 1)``), the others zero."""
+    rows = jnp.where(excluded[:, None], 0, rows)
+    return times_power_of_two(rows, -working_exponent(rows))
 
 
 def _squared_distances(rows: Array) -> Array:
@@ -124,12 +166,25 @@ def _squared_distances(rows: Array) -> Array:
     return jax.lax.map(lambda x: jnp.sum((rows - x[None, :]) ** 2, axis=1), rows)
 
 
-def krum_scores(rows: Array, f: int) -> Array:
-    """Krum scores: sum of squared distances to the ``n - f - 2`` nearest other clients."""
+def krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+    """Krum scores: sum of squared distances to the ``m - f - 2`` nearest other clients.
+
+    Over the ``m`` included clients (the excluded get ``+inf``; with fewer than
+    ``f + 3`` included, one neighbour). Computed on the rows brought to unit
+    size by a power of two (a safe scale), then scaled back, so the ranking is
+    that of the exact scores (an ``inf`` score only when it exceeds the dtype).
+    """
     n = rows.shape[0]
-    d = _squared_distances(rows)
-    d = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d)
-    return jnp.sum(jnp.sort(d, axis=1)[:, : n - f - 2], axis=1)
+    if excluded is None:
+        excluded = jnp.zeros((n,), bool)
+    exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
+    d = _squared_distances(unit_rows(rows, excluded))
+    d = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, d)
+    neighbours = jnp.maximum(n - jnp.sum(excluded) - f - 2, 1)
+    ordered = jnp.sort(d, axis=1)
+    scores = jnp.sum(jnp.where(jnp.arange(n)[None, :] < neighbours, ordered, 0), axis=1)
+    scores = jnp.where(excluded, jnp.inf, scores)
+    return times_power_of_two(scores, 2 * exponent)
 
 
 def _check_krum(n: int, f: int, m: int) -> None:
@@ -139,7 +194,7 @@ def _check_krum(n: int, f: int, m: int) -> None:
         raise ValueError(f"multi_krum m={m} is larger than the number of clients n={n}.")
 
 
-def multi_krum(f: int, m: int) -> Aggregator:
+def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
     """Multi-Krum: average the ``m`` clients with the lowest Krum scores.
 
     On the clients' flattened factors ``x_i`` (all modules), the score of client
@@ -147,11 +202,15 @@ def multi_krum(f: int, m: int) -> Aggregator:
     clients; the ``m`` lowest-scoring clients (ties broken by index) are averaged
     factor-wise with their weights renormalised, and the others are flagged.
     ``m = 1`` is Krum. Scores are computed once (Blanchard et al.'s Multi-Krum),
-    not by repeated Krum. Needs ``n >= 2f + 3``. Diagnostics: ``krum/scores``.
+    not by repeated Krum. Needs ``n >= 2f + 3``. Screened-out clients take no
+    part: the scores count the included clients' neighbours among the included
+    (at least one neighbour when screening leaves fewer than ``2f + 3``), and
+    at most the included clients are selected. Diagnostics: ``krum/scores``.
 
     Args:
       f: assumed number of Byzantine clients, ``f >= 0``.
       m: number of clients averaged, ``1 <= m <= n``.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
@@ -162,14 +221,14 @@ def multi_krum(f: int, m: int) -> Aggregator:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}.")
     f, m = int(f), int(m)
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, _ = flatten_clients(clients)
         n = rows.shape[0]
         _check_krum(n, f, m)
-        scores = krum_scores(rows, f)
+        scores = krum_scores(rows, f, excluded)
         selected = jnp.zeros((n,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True)
+        selected = selected & ~excluded
         w = jnp.where(selected, p, 0.0)
         # All selected weights zero (zero-weight clients): average them equally.
         w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
@@ -177,10 +236,10 @@ def multi_krum(f: int, m: int) -> Aggregator:
         new_global = {name: selected_mean(fac, w, selected) for name, fac in clients.items()}
         return broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
 
-    return Aggregator("krum" if m == 1 else "multi_krum", aggregate)
+    return make_aggregator("krum" if m == 1 else "multi_krum", core, screen=screen)
 
 
-def krum(f: int) -> Aggregator:
+def krum(f: int, *, screen: str = "exclude") -> Aggregator:
     """Krum: the single client with the lowest Krum score (see :func:`multi_krum`).
 
     The global adapter is that client's factors; every other client is flagged.
@@ -189,13 +248,16 @@ def krum(f: int) -> Aggregator:
       P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
       with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
     """
-    return multi_krum(f, 1)
+    return multi_krum(f, 1, screen=screen)
 
 
-def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6) -> Aggregator:
+def geometric_median(
+    *, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6, screen: str = "exclude"
+) -> Aggregator:
     """Weighted geometric median of the flattened factors by smoothed Weiszfeld (RFA).
 
-    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``) by the iteration
+    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``, zero for excluded
+    clients) by the iteration
 
     .. math::
 
@@ -203,9 +265,13 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
         v \\leftarrow \\frac{\\sum_i β_i x_i}{\\sum_i β_i},
 
     from the weighted mean, until ``||Δv|| <= tol · ||v||`` or ``max_iter``
-    iterations. Flags nobody. Diagnostics: ``geometric_median/num_iters``,
-    ``geometric_median/converged`` and the final normalised ``β``
-    (``geometric_median/weights``, small for far-away clients).
+    iterations. The iteration runs on the rows (and ``ν``) brought to unit size
+    by a power of two, a safe scale on which distances of finite factors do not
+    overflow; the minimiser scales back exactly. Flags nobody. Diagnostics:
+    ``geometric_median/num_iters``, ``geometric_median/converged`` (False when
+    the iterations ran out before the tolerance, or the iterate is not finite)
+    and the final normalised ``β`` (``geometric_median/weights``, small for
+    far-away clients).
 
     Args:
       nu: smoothing ``ν > 0`` (guards the division when ``v`` hits a client).
@@ -214,6 +280,7 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
         all below ``ν`` the rule returns the weighted mean.
       max_iter: iteration cap.
       tol: relative change at which to stop.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       K. Pillutla, S. M. Kakade, Z. Harchaoui, "Robust Aggregation for Federated
@@ -223,14 +290,18 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
     tol = validation.check_positive_float(tol, "tol")
     max_iter = validation.check_positive_int(max_iter, "max_iter")
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
-        rows, unflatten = flatten_clients(clients)
+        raw, unflatten = flatten_clients(clients)
+        exponent = working_exponent(jnp.where(excluded[:, None], 0, raw))
+        rows = unit_rows(raw, excluded)
+        tiny = jnp.finfo(rows.dtype).tiny
+        nu_scaled = jnp.maximum(times_power_of_two(jnp.asarray(nu, rows.dtype), -exponent), tiny)
+        alpha = p.astype(rows.dtype)
 
         def beta(v):
             dist = jnp.sqrt(jnp.sum((rows - v[None, :]) ** 2, axis=1))
-            return p / jnp.maximum(dist, nu)
+            return alpha / jnp.maximum(dist, nu_scaled)
 
         def step(v):
             b = beta(v)
@@ -245,15 +316,17 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
             new = step(v)
             return new, jnp.linalg.norm(new - v), it + 1
 
-        v0 = jnp.einsum("n,nd->d", p, rows, precision=HIGHEST)
+        v0 = jnp.einsum("n,nd->d", alpha, rows, precision=HIGHEST)
         init = (v0, jnp.asarray(jnp.inf, rows.dtype), jnp.zeros((), jnp.int32))
         v, change, it = jax.lax.while_loop(cond, body, init)
         b = beta(v)
+        converged = (change <= tol * jnp.linalg.norm(v)) & jnp.all(jnp.isfinite(v))
         extra = {
             "geometric_median/num_iters": it,
-            "geometric_median/converged": change <= tol * jnp.linalg.norm(v),
+            "geometric_median/converged": converged,
             "geometric_median/weights": b / jnp.sum(b),
         }
-        return broadcast_result(clients, unflatten(v), p, extra=extra)
+        median = unflatten(times_power_of_two(v, exponent))
+        return broadcast_result(clients, median, p, extra=extra)
 
-    return Aggregator("geometric_median", aggregate)
+    return make_aggregator("geometric_median", core, screen=screen)
