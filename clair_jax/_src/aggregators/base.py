@@ -208,7 +208,9 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
     dtype = b_cat.dtype if dtype is None else dtype
     work = validation.working_dtype(dtype)
     # Safe scale: both factors at unit size (exact powers of two), scaled back at the end.
+    # An even total keeps the returned factors balanced (each scaled back by half of it).
     e_b, e_a = working_exponent(b_cat.astype(work)), working_exponent(a_cat.astype(work))
+    e_b = e_b + (e_a + e_b) % 2
     q_b, r_b = jnp.linalg.qr(times_power_of_two(b_cat.astype(work), -e_b))  # (p, k1), (k1, k)
     q_a, r_a = jnp.linalg.qr(times_power_of_two(a_cat.T.astype(work), -e_a))  # (q, k2), (k2, k)
     u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=HIGHEST), full_matrices=False)
@@ -222,7 +224,7 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
     root = jnp.sqrt(s[:rank])
     b, a = u[:, :rank] * root[None, :], (v[:, :rank] * root[None, :]).T
     half = (e_a + e_b) // 2
-    b, a = times_power_of_two(b, half), times_power_of_two(a, e_a + e_b - half)
+    b, a = times_power_of_two(b, half), times_power_of_two(a, half)
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
 
 

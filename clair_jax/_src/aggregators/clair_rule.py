@@ -244,7 +244,8 @@ def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> tupl
     the product of the round start's factors (zero when ``start`` is None),
     times ``2^-e``. ``e = 0`` unless the products could overflow the dtype
     (``r max|B| max|A|`` beyond a quarter of its largest value); then the
-    factors are brought to unit size by powers of two before the products.
+    factors are brought to unit size by powers of two before the products
+    (``e`` even, so that the refined factors scale back balanced).
     """
     inputs, exponents = {}, {}
     for name, f in clients.items():
@@ -253,7 +254,7 @@ def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> tupl
         e_a = working_exponent(jnp.stack([jnp.max(jnp.abs(g.A)) for g in factors]))
         limit = jnp.finfo(f.B.dtype).max / (4 * f.B.shape[2])
         safe = jnp.ldexp(jnp.ones((), f.B.dtype), e_b + e_a) < limit
-        e_b, e_a = jnp.where(safe, 0, e_b), jnp.where(safe, 0, e_a)
+        e_b, e_a = jnp.where(safe, 0, e_b + (e_a + e_b) % 2), jnp.where(safe, 0, e_a)
 
         def product(g, e_b=e_b, e_a=e_a):
             b, a = times_power_of_two(g.B, -e_b), times_power_of_two(g.A, -e_a)
@@ -318,11 +319,11 @@ def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool, exp
     r = f.A.shape[1]
     _, refined = refine(x, basis, members)
     refined = jnp.swapaxes(refined, 1, 2) if row else refined
-    half = exponent // 2
+    half = exponent // 2  # exponent is even
     scaled = batching.map_matrices(partial(dense_factors, rank=r), origin + refined)
     clients = LoRAFactors(
         B=times_power_of_two(scaled.B, half).astype(f.B.dtype),
-        A=times_power_of_two(scaled.A, exponent - half).astype(f.A.dtype),
+        A=times_power_of_two(scaled.A, half).astype(f.A.dtype),
     )
     w = jnp.where(members, p, 0.0)
     # Collaborative clients all of weight zero: average them equally; none

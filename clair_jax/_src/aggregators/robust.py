@@ -151,7 +151,7 @@ def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
     m = n - jnp.sum(excluded)
     ordered = _ordered_rows(rows, excluded)
     lo = ordered[jnp.maximum(m - 1, 0) // 2]
-    hi = ordered[jnp.maximum(m // 2, 0) - (m == 0)]
+    hi = ordered[m // 2]
     return jnp.where(m > 0, 0.5 * (lo + hi), 0)
 
 

@@ -15,15 +15,18 @@ stop the round or poison the server's state. A client is **excluded** when
 
   (over the modules ``k``: the factors the client sends, and the weight update
   they make) exceeds the median over the clients by more than
-  ``max(k_MAD · 1.4826 · MAD, log max_ratio)`` (``MAD`` the median absolute
-  deviation, ``1.4826 · MAD`` the normal-consistent robust scale). The median
-  and MAD are taken over the finite clients with a non-zero statistic, so a
-  minority cannot move them. Defaults: ``max_ratio = 1e3`` (a client is
-  excluded only when it is more than a thousand times the median size: heavy
-  enough to dominate or overflow an average, far beyond the spread of benign
-  clients' updates, and far beyond the ``update_scale`` of the attacks the
-  robust rules are meant to handle) and ``k_MAD = 5`` (in a population whose
-  sizes spread over orders of magnitude, only clients far out in that spread).
+  ``max(k_MAD · 1.4826 · MAD, log max_ratio)`` for ``f`` and
+  ``max(k_MAD · 1.4826 · MAD, 2 log max_ratio)`` for ``g`` (factors ``c``
+  times larger make a product ``c^2`` times larger); ``MAD`` is the median
+  absolute deviation, ``1.4826 · MAD`` the normal-consistent robust scale. The
+  median and MAD are taken over the finite clients with a non-zero statistic,
+  so a minority cannot move them. Defaults: ``max_ratio = 1e3`` (a client is
+  excluded only when its factors are more than a thousand times the median
+  size, or its update a million times: heavy enough to dominate or overflow an
+  average, far beyond the spread of benign clients' updates, and far beyond the
+  ``update_scale`` of the attacks the robust rules are meant to handle) and
+  ``k_MAD = 5`` (in a population whose sizes spread over orders of magnitude,
+  only clients far out in that spread).
   Only large sizes are excluded: a small or zero update cannot dominate a mean.
 
 Shapes and dtypes are checked for the stacked input as a whole (a stacked
@@ -114,16 +117,16 @@ def masked_median(values: Array, mask: Array) -> Array:
     """Median of ``values[mask]`` (mean of the two middle ones; 0 when ``mask`` is empty)."""
     count = jnp.sum(mask)
     s = jnp.sort(jnp.where(mask, values, jnp.inf))
-    lo, hi = s[jnp.maximum(count - 1, 0) // 2], s[count // 2 - (count == 0)]
+    lo, hi = s[jnp.maximum(count - 1, 0) // 2], s[count // 2]
     return jnp.where(count > 0, 0.5 * (lo + hi), 0)
 
 
-def _outliers(stat: Array, usable: Array, max_ratio: float, mad_factor: float):
+def _outliers(stat: Array, usable: Array, log_ratio: float, mad_factor: float):
     """Clients whose statistic is far above the median of the ``usable`` ones."""
     usable = usable & jnp.isfinite(stat)
     med = masked_median(stat, usable)
     mad = masked_median(jnp.abs(stat - med), usable)
-    allowance = jnp.maximum(mad_factor * _MAD_SCALE * mad, np.log(max_ratio))
+    allowance = jnp.maximum(mad_factor * _MAD_SCALE * mad, log_ratio)
     return usable & (stat > med + allowance), med + allowance
 
 
@@ -138,13 +141,20 @@ def screen_clients(
     Args:
       clients: ``{module: LoRAFactors(B (n, p, r), A (n, r, q))}``, already
         checked (:func:`clair_jax._src.lora.types.check_adapters`).
-      max_ratio: a client passes while its size is at most ``max_ratio`` times
-        the median (``> 1``).
+      max_ratio: a client passes while its factors are at most ``max_ratio``
+        times the median size, and its update ``max_ratio^2`` times (``> 1``).
       mad_factor: robust standard deviations allowed above the median (``> 0``).
 
     Returns:
       A :class:`Screening`.
+
+    Raises:
+      ValueError: ``max_ratio <= 1`` or ``mad_factor <= 0``.
     """
+    max_ratio = validation.check_positive_float(max_ratio, "max_ratio")
+    mad_factor = validation.check_positive_float(mad_factor, "mad_factor")
+    if max_ratio <= 1:
+        raise ValueError(f"max_ratio must be > 1, got {max_ratio!r}.")
     names = sorted(clients)
     n = clients[names[0]].A.shape[0]
     module = jnp.full((n,), -1, jnp.int32)
@@ -172,8 +182,8 @@ def screen_clients(
     finite = module < 0
     f_stat = 0.5 * _logsumexp(factor_logs)
     g_stat = 0.5 * _logsumexp(product_logs)
-    out_f, thr_f = _outliers(f_stat, finite, max_ratio, mad_factor)
-    out_g, thr_g = _outliers(g_stat, finite, max_ratio, mad_factor)
+    out_f, thr_f = _outliers(f_stat, finite, float(np.log(max_ratio)), mad_factor)
+    out_g, thr_g = _outliers(g_stat, finite, 2 * float(np.log(max_ratio)), mad_factor)
     outlier = out_f | out_g
     reason = jnp.where(~finite, NON_FINITE, jnp.where(outlier, NORM_OUTLIER, OK)).astype(jnp.int32)
     return Screening(
