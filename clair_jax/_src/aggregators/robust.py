@@ -161,30 +161,52 @@ def unit_rows(rows: Array, excluded: Array) -> Array:
     return times_power_of_two(rows, -working_exponent(rows))
 
 
-def _squared_distances(rows: Array) -> Array:
-    """``(n, n)`` exact squared Euclidean distances, one row at a time (``O(n d)`` memory)."""
-    return jax.lax.map(lambda x: jnp.sum((rows - x[None, :]) ** 2, axis=1), rows)
+def scaled_norms(diff: Array) -> Array:
+    """``(n,)`` row norms ``m ||diff / m||`` with ``m`` each row's largest entry.
+
+    Neither overflows nor underflows for finite rows of any magnitude (the
+    squares are of entries in ``[-1, 1]``, the largest equal to 1).
+    """
+    m = jnp.max(jnp.abs(diff), axis=1)
+    scaled = diff / jnp.where(m > 0, m, 1)[:, None]
+    return m * jnp.sqrt(jnp.sum(scaled * scaled, axis=1))
+
+
+def _log_squared_distances(rows: Array) -> Array:
+    """``(n, n)`` logs of the squared Euclidean distances, one row at a time.
+
+    ``2 log ||x_i - x_j||`` from :func:`scaled_norms`, so finite rows of any
+    magnitude give exact finite logs (``-inf`` for equal rows).
+    """
+    return jax.lax.map(lambda x: 2 * jnp.log(scaled_norms(rows - x[None, :])), rows)
 
 
 def krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
     """Krum scores: sum of squared distances to the ``m - f - 2`` nearest other clients.
 
     Over the ``m`` included clients (the excluded get ``+inf``; with fewer than
-    ``f + 3`` included, one neighbour). Computed on the rows brought to unit
-    size by a power of two (a safe scale), then scaled back, so the ranking is
-    that of the exact scores (an ``inf`` score only when it exceeds the dtype).
+    ``f + 3`` included, one neighbour). ``inf`` where a score exceeds the dtype;
+    rank by :func:`log_krum_scores`, which does not overflow.
+    """
+    return jnp.exp(log_krum_scores(rows, f, excluded))
+
+
+def log_krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+    """Logs of the Krum scores of :func:`krum_scores`, at a safe scale.
+
+    Computed in the log domain (distances from :func:`scaled_norms`, sums by
+    ``logsumexp``), so the ranking is exact for finite factors of any magnitude.
     """
     n = rows.shape[0]
     if excluded is None:
         excluded = jnp.zeros((n,), bool)
-    exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
-    d = _squared_distances(unit_rows(rows, excluded))
-    d = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, d)
+    logd = _log_squared_distances(jnp.where(excluded[:, None], 0, rows))
+    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, logd)
     neighbours = jnp.maximum(n - jnp.sum(excluded) - f - 2, 1)
-    ordered = jnp.sort(d, axis=1)
-    scores = jnp.sum(jnp.where(jnp.arange(n)[None, :] < neighbours, ordered, 0), axis=1)
-    scores = jnp.where(excluded, jnp.inf, scores)
-    return times_power_of_two(scores, 2 * exponent)
+    ordered = jnp.sort(logd, axis=1)
+    near = jnp.arange(n)[None, :] < neighbours
+    log_scores = jax.nn.logsumexp(jnp.where(near, ordered, -jnp.inf), axis=1)
+    return jnp.where(excluded, jnp.inf, log_scores)
 
 
 def _check_krum(n: int, f: int, m: int) -> None:
@@ -226,8 +248,9 @@ def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
         rows, _ = flatten_clients(clients)
         n = rows.shape[0]
         _check_krum(n, f, m)
-        scores = krum_scores(rows, f, excluded)
-        selected = jnp.zeros((n,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True)
+        log_scores = log_krum_scores(rows, f, excluded)
+        scores = jnp.exp(log_scores)
+        selected = jnp.zeros((n,), bool).at[jnp.argsort(log_scores, stable=True)[:m]].set(True)
         selected = selected & ~excluded
         w = jnp.where(selected, p, 0.0)
         # All selected weights zero (zero-weight clients): average them equally.
@@ -266,8 +289,9 @@ def geometric_median(
 
     from the weighted mean, until ``||Δv|| <= tol · ||v||`` or ``max_iter``
     iterations. The iteration runs on the rows (and ``ν``) brought to unit size
-    by a power of two, a safe scale on which distances of finite factors do not
-    overflow; the minimiser scales back exactly. Flags nobody. Diagnostics:
+    by a power of two, and each distance is computed with its difference scaled
+    to unit size (:func:`scaled_norms`), so distances of finite factors neither
+    overflow nor underflow; the minimiser scales back exactly. Flags nobody. Diagnostics:
     ``geometric_median/num_iters``, ``geometric_median/converged`` (False when
     the iterations ran out before the tolerance, or the iterate is not finite)
     and the final normalised ``β`` (``geometric_median/weights``, small for
@@ -300,27 +324,30 @@ def geometric_median(
         alpha = p.astype(rows.dtype)
 
         def beta(v):
-            dist = jnp.sqrt(jnp.sum((rows - v[None, :]) ** 2, axis=1))
+            dist = scaled_norms(rows - v[None, :])
             return alpha / jnp.maximum(dist, nu_scaled)
 
         def step(v):
             b = beta(v)
             return jnp.einsum("n,nd->d", b / jnp.sum(b), rows, precision=HIGHEST)
 
+        def norm(x):  # at a safe scale: ||v|| can be far below 1 on the scaled rows
+            return scaled_norms(x[None, :])[0]
+
         def cond(state):
             v, change, it = state
-            return (it < max_iter) & (change > tol * jnp.linalg.norm(v))
+            return (it < max_iter) & (change > tol * norm(v))
 
         def body(state):
             v, _, it = state
             new = step(v)
-            return new, jnp.linalg.norm(new - v), it + 1
+            return new, norm(new - v), it + 1
 
         v0 = jnp.einsum("n,nd->d", alpha, rows, precision=HIGHEST)
         init = (v0, jnp.asarray(jnp.inf, rows.dtype), jnp.zeros((), jnp.int32))
         v, change, it = jax.lax.while_loop(cond, body, init)
         b = beta(v)
-        converged = (change <= tol * jnp.linalg.norm(v)) & jnp.all(jnp.isfinite(v))
+        converged = (change <= tol * norm(v)) & jnp.all(jnp.isfinite(v))
         extra = {
             "geometric_median/num_iters": it,
             "geometric_median/converged": converged,

@@ -232,7 +232,8 @@ def describe(
             if 0 <= k < len(names) and which in (0, 1):
                 text = f"non-finite {'BA'[which]} in module {names[k]!r}"
         elif code == NORM_OUTLIER and log_norms is not None:
-            text += f" (size {float(np.exp(np.asarray(log_norms)[i])):.3g})"
+            size = float(np.asarray(log_norms)[i]) / np.log(10.0)
+            text += f" (size 10^{size:.1f})"
         lines.append(f"client {int(i)}: {text}")
     return lines
 
