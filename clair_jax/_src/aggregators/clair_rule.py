@@ -102,7 +102,9 @@ def clair_aggregator(
       measure: ``"adapter"`` or ``"update"`` (see above).
       detection: ``"module"`` or ``"client"`` (see above).
       flagged: what a flagged client holds next, ``"trained"`` or ``"global"``;
-        ``"trained"`` keeps a contaminated client distinguishable in later rounds.
+        ``"trained"`` keeps a contaminated client distinguishable in later rounds
+        (that adapter passed screening: finite, and within the screening's
+        ratio of the median size); a screened-out client gets the global one.
       refine_rank: directions of ``Û`` the refinement keeps at most: ``"lora"``
         (the LoRA rank ``r``), an int, or ``None`` (all of ``Û``).
       benign_majority: passed to :func:`clair_jax.clair`; True here (the
