@@ -79,10 +79,12 @@ def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
         k = jnp.asarray(np.floor(beta * np.arange(n + 1)).astype(np.int32))[m]
         pos = jnp.arange(n)
         kept = (pos >= k) & (pos < m - k)
-        ordered = _ordered_rows(rows, excluded)
+        # Summed at unit size (a power of two), so the sum of finite rows cannot overflow.
+        exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
+        ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
         total = jnp.sum(jnp.where(kept[:, None], ordered, 0), axis=0)
         mean = total / jnp.maximum(m - 2 * k, 1).astype(rows.dtype)
-        return broadcast_result(clients, unflatten(mean), p)
+        return broadcast_result(clients, unflatten(times_power_of_two(mean, exponent)), p)
 
     return make_aggregator("trimmed_mean", core, screen=screen)
 
@@ -152,7 +154,7 @@ def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
     ordered = _ordered_rows(rows, excluded)
     lo = ordered[jnp.maximum(m - 1, 0) // 2]
     hi = ordered[m // 2]
-    return jnp.where(m > 0, 0.5 * (lo + hi), 0)
+    return jnp.where(m > 0, 0.5 * lo + 0.5 * hi, 0)  # halves first: no overflow
 
 
 def unit_rows(rows: Array, excluded: Array) -> Array:

@@ -384,6 +384,17 @@ def make_round(
                 flag_counts=constrain(new_state.flag_counts),
                 participation_counts=constrain(new_state.participation_counts),
             )
+            if isinstance(client_sharding, jax.sharding.NamedSharding):
+                # The global adapter stays replicated (the commit guard selects between
+                # the new and the previous one, which GSPMD may otherwise split).
+                full = jax.sharding.NamedSharding(
+                    client_sharding.mesh, jax.sharding.PartitionSpec()
+                )
+                new_state = new_state._replace(
+                    global_=jax.tree.map(
+                        lambda x: jax.lax.with_sharding_constraint(x, full), new_state.global_
+                    )
+                )
         return new_state, metrics
 
     if client_map == "vmap":
