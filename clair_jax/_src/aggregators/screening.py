@@ -216,7 +216,8 @@ def describe(
       module: ``(n,)`` module indices (``diagnostics["screened/module"]``), optional.
       factor: ``(n,)`` factor codes (``diagnostics["screened/factor"]``), optional.
       module_names: the module names (sorted, as the rule visits them).
-      log_norms: ``(n,)`` optional log sizes quoted for norm outliers.
+      log_norms: ``(n,)`` optional natural logs of the update norms
+        (``diagnostics["screened/log_product_norm"]``), quoted for norm outliers.
 
     Returns:
       One string per client whose code is not 0, in client order.
@@ -233,7 +234,7 @@ def describe(
                 text = f"non-finite {'BA'[which]} in module {names[k]!r}"
         elif code == NORM_OUTLIER and log_norms is not None:
             size = float(np.asarray(log_norms)[i]) / np.log(10.0)
-            text += f" (size 10^{size:.1f})"
+            text += f" (update norm 10^{size:.1f})"
         lines.append(f"client {int(i)}: {text}")
     return lines
 
@@ -275,7 +276,7 @@ def raise_if_excluded(screening: Screening, module_names: Sequence[str], like: A
             screening.module,
             screening.factor,
             names,
-            jnp.maximum(screening.log_factor_norm, screening.log_product_norm),
+            screening.log_product_norm,
         )
         if lines:
             raise ValueError(
