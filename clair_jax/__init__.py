@@ -5,6 +5,7 @@ jitted, vmapped, differentiable), CLAIR, FedRot-LoRA and federated baselines.
 """
 
 from clair_jax import data as data
+from clair_jax import peft as peft
 from clair_jax import simulate as simulate
 from clair_jax._src import lapack_threads as _lapack_threads
 from clair_jax._src.aggregators.alignment import aggregation_error as aggregation_error
@@ -149,6 +150,7 @@ __all__ = [
     "adapters_to_lora_state",
     "apply_lora",
     "data",
+    "peft",
     "evaluate_clients",
     "init_server_state",
     "load_checkpoint",

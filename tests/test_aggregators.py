@@ -148,12 +148,12 @@ def test_ffa_lora_averages_the_trainable_factor_exactly(x64, frozen):
 
 
 def test_ffa_lora_default_freezes_the_random_factor_of_the_package_model():
-    """As the paper (and PEFT), the down-projection B = lora_a is random and frozen."""
-    assert ag.ffa_lora().frozen_factor == "B"
+    """As the paper (and PEFT), the down-projection A = lora_a^T is random and frozen."""
+    assert ag.ffa_lora().frozen_factor == "A"
     layer = LoRALinear(5, 4, lora_rank=2, lora_alpha=2.0, rngs=nnx.Rngs(0))
-    factors = {"B": layer.lora_a[...], "A": layer.lora_b[...]}
+    factors = {"A": layer.lora_a[...].T, "B": layer.lora_b[...].T}  # (r, in), (out, r)
     frozen = ag.ffa_lora().frozen_factor
-    assert np.all(np.abs(np.asarray(factors[frozen])).sum(0) > 0)  # the random one
+    assert np.all(np.abs(np.asarray(factors[frozen])).sum(1) > 0)  # the random one
     trained = "A" if frozen == "B" else "B"
     assert not np.any(np.asarray(factors[trained]))  # the zero one
     assert ag.fedit().frozen_factor is None

@@ -151,22 +151,22 @@ def test_local_train_reduces_the_loss_and_honours_the_frozen_factor(parts):
     args = (fed.train.inputs[1], fed.train.targets[1], fed.train.mask[1], jax.random.key(2))
     kwargs = dict(optimizer=optax.adam(0.05), steps=25, batch_size=4)
     trained, losses = cj.local_train(graphdef, base, adapters, *args, **kwargs)
-    # From PEFT's initialisation (A = 0) 25 Adam steps take the loss from 1.98 to 1.12.
+    # From PEFT's initialisation (B = 0) 25 Adam steps take the loss from 1.98 to 1.12.
     assert float(losses[-1]) < 0.7 * float(losses[0])
-    frozen, _ = cj.local_train(graphdef, base, adapters, *args, frozen_factor="B", **kwargs)
+    frozen, _ = cj.local_train(graphdef, base, adapters, *args, frozen_factor="A", **kwargs)
     for name, f in frozen.items():
-        np.testing.assert_array_equal(f.B, adapters[name].B)
-        assert np.any(np.asarray(f.A) != np.asarray(adapters[name].A))
+        np.testing.assert_array_equal(f.A, adapters[name].A)
+        assert np.any(np.asarray(f.B) != np.asarray(adapters[name].B))
 
 
-def test_ffa_round_never_changes_the_down_projection_B(parts):
-    """FFA-LoRA as its paper: the random down-projection B frozen, the zero A trained."""
+def test_ffa_round_never_changes_the_down_projection_A(parts):
+    """FFA-LoRA as its paper: the random down-projection A (lora_A) frozen, the zero B trained."""
     _, _, adapters, fed = parts
     state, _ = state_after(_round("ffa_lora"), adapters, fed.train, [0, 1])
     for name, f in state.clients.items():
-        assert np.any(np.asarray(adapters[name].B) != 0) and not np.any(adapters[name].A)
-        np.testing.assert_array_equal(f.B, np.broadcast_to(adapters[name].B, f.B.shape))
-        assert np.any(np.asarray(f.A) != 0)
+        assert np.any(np.asarray(adapters[name].A) != 0) and not np.any(adapters[name].B)
+        np.testing.assert_array_equal(f.A, np.broadcast_to(adapters[name].A, f.A.shape))
+        assert np.any(np.asarray(f.B) != 0)
 
 
 # --- participation and attacks -----------------------------------------------------------

@@ -44,7 +44,8 @@ def np_dense(x, base, adapters, name, scale):
     y = x @ np.asarray(node["kernel"]) + np.asarray(node["bias"])
     if name in adapters:
         f = adapters[name]
-        y = y + scale * (x @ np.asarray(f.B)) @ np.asarray(f.A)
+        # PEFT's orientation: B A is the (out, in) delta, so x moves by x (B A)^T.
+        y = y + scale * x @ (np.asarray(f.B) @ np.asarray(f.A)).T
     return y
 
 
@@ -105,7 +106,8 @@ def test_adapter_names_follow_targets():
     model = cj.LoRATransformer(TINY._replace(lora_targets=("value", "head")), rngs=nnx.Rngs(0))
     _, base, adapters = cj.split_lora(model)
     assert sorted(adapters) == ["blocks/0/attn/value", "blocks/1/attn/value", "head"]
-    assert adapters["head"].B.shape == (8, 2) and adapters["head"].A.shape == (2, 7)
+    # head: width 8 -> vocab 7; B (out, r), A (r, in).
+    assert adapters["head"].B.shape == (7, 2) and adapters["head"].A.shape == (2, 8)
     # The base holds no adapter factor; every adapter factor is an nnx.LoRAParam.
     flat = conversion.flatten_tree(base)
     assert not any(k[-1] in ("lora_a", "lora_b") for k in flat)
@@ -116,9 +118,9 @@ def test_adapter_names_follow_targets():
 def test_initial_adapters_are_a_no_op():
     graphdef, base, adapters = cj.split_lora(cj.LoRATransformer(TINY, rngs=nnx.Rngs(0)))
     for f in adapters.values():
-        # PEFT's orientation: the up-projection A = lora_b is zero, the down-projection
-        # B = lora_a random, so the product is zero.
-        assert not np.any(np.asarray(f.A)) and np.all(np.abs(np.asarray(f.B)).sum(0) > 0)
+        # PEFT's init: the up-projection B (lora_B = lora_b.T) is zero, the
+        # down-projection A (lora_A = lora_a.T) random, so the product is zero.
+        assert not np.any(np.asarray(f.B)) and np.all(np.abs(np.asarray(f.A)).sum(1) > 0)
         assert not np.any(np.asarray(f.B) @ np.asarray(f.A))
     toks = tokens((2, 6), TINY.vocab_size)
     zero = conversion.zeros_like_adapters(adapters)
@@ -141,12 +143,12 @@ def test_merged_weights_give_the_adapter_model(x64):
         rtol=1e-11,
         atol=1e-11,
     )
-    # Only the adapted kernels changed, by exactly scale * B A.
+    # Only the adapted kernels changed, by exactly scale * (B A)^T (kernels are (in, out)).
     name = "blocks/1/attn/key"
     f = adapters[name]
     np.testing.assert_allclose(
         merged["blocks"][1]["attn"]["key"]["kernel"] - base["blocks"][1]["attn"]["key"]["kernel"],
-        config.lora_scale * np.asarray(f.B) @ np.asarray(f.A),
+        config.lora_scale * (np.asarray(f.B) @ np.asarray(f.A)).T,
         atol=1e-13,
     )
     np.testing.assert_array_equal(merged["embed"]["embedding"], base["embed"]["embedding"])
@@ -205,12 +207,12 @@ def test_adapter_state_conversion_round_trip():
     lora_state = nnx.state(model, nnx.LoRAParam)
     adapters = cj.lora_state_to_adapters(lora_state)
     assert all(isinstance(f, cj.LoRAFactors) for f in adapters.values())
-    np.testing.assert_array_equal(
-        adapters["blocks/1/mlp_out"].A, model.blocks[1].mlp_out.lora_b[...]
-    )
-    np.testing.assert_array_equal(
-        adapters["blocks/1/mlp_out"].B, model.blocks[1].mlp_out.lora_a[...]
-    )
+    # No letter swap: A = lora_a^T (r, in), B = lora_b^T (out, r); mlp_out is 12 -> 8.
+    mlp_out = model.blocks[1].mlp_out
+    np.testing.assert_array_equal(adapters["blocks/1/mlp_out"].A, mlp_out.lora_a[...].T)
+    np.testing.assert_array_equal(adapters["blocks/1/mlp_out"].B, mlp_out.lora_b[...].T)
+    assert adapters["blocks/1/mlp_out"].B.shape == (8, 2)
+    assert adapters["blocks/1/mlp_out"].A.shape == (2, 12)
     back = cj.adapters_to_lora_state(adapters)
     jax.tree.map(np.testing.assert_array_equal, back, nnx.to_pure_dict(lora_state))
     # Stacked (client-axis) adapters convert the same way.
@@ -287,6 +289,26 @@ def test_adapters_must_fit_the_model():
     with pytest.raises(ValueError, match=r"B \(1, 8, 2\)"):
         cj.merge_lora(graphdef, base, stacked)
     assert conversion.adapter_shapes(graphdef)["blocks/1/attn/value"] == ((8, 2), (2, 8))
+    full = cj.split_lora(cj.LoRATransformer(TINY, rngs=nnx.Rngs(0)))[0]
+    # (B, A) shapes are ((out, r), (r, in)): mlp_in maps width 8 to mlp_width 12.
+    assert conversion.adapter_shapes(full)["blocks/0/mlp_in"] == ((12, 2), (2, 8))
+
+
+def test_flax_nnx_lora_maps_by_transposes(x64):
+    """Flax's own nnx.LoRA (y = x lora_a lora_b) gives A = lora_a^T, B = lora_b^T: y = x (B A)^T."""
+
+    class Holder(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.LoRA(5, 2, 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+
+    holder = Holder()
+    holder.proj.lora_b[...] = jax.random.normal(jax.random.key(1), (2, 3), jnp.float64)
+    adapters = cj.lora_state_to_adapters(nnx.state(holder, nnx.LoRAParam))
+    f = adapters["proj"]
+    assert f.B.shape == (3, 2) and f.A.shape == (2, 5)
+    x = np.asarray(jax.random.normal(jax.random.key(2), (4, 5), jnp.float64))
+    delta = np.asarray(f.B) @ np.asarray(f.A)  # (out, in)
+    np.testing.assert_allclose(holder.proj(x), x @ delta.T, atol=1e-12)
 
 
 def test_bad_inputs():

@@ -20,8 +20,11 @@ strength ``λ`` (the official ``rotate_lambda``, default 1.5) selects the hard
 solution over O(r) (``λ > 1``, reflections allowed) or the Kabsch-fixed
 solution over SO(r), softened through the polar factor when ``λ < 1``. The
 alternation and round-0 skip of :func:`clair_jax.fedrot` follow the official
-client (``core/workers/client.py``). ``tests/test_fedrot_official.py`` checks
-the port against a NumPy transcription of the official alignment.
+client (``core/workers/client.py``). The factors are the authors' own, with no
+mapping: their code holds PEFT's ``lora_A`` (``r x in``) and ``lora_B``
+(``out x r``), which are this package's ``A`` and ``B``.
+``tests/test_fedrot_official.py`` checks the port against a NumPy transcription
+of the official alignment.
 
 References:
   FedRot-LoRA: Mitigating Rotational Misalignment in Federated LoRA,

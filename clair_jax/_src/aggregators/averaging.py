@@ -209,22 +209,22 @@ def flexlora(*, screen: str = "exclude") -> Aggregator:
     return make_aggregator("flexlora", core, screen=screen)
 
 
-def ffa_lora(frozen: str = "B", *, screen: str = "exclude") -> Aggregator:
+def ffa_lora(frozen: str = "A", *, screen: str = "exclude") -> Aggregator:
     """FFA-LoRA: one factor stays frozen at its initial value, the other is averaged.
 
     FFA-LoRA freezes the randomly initialised factor and trains only the
     zero-initialised one, so factor-wise averaging is exact. In this package's
     model (``clair_jax._src.lora.model.LoRALinear``), as in PEFT and flax's
-    ``nnx.LoRA``, the down-projection ``B = lora_a`` (``in x r``, PEFT's
-    ``lora_A``) is the random one and the up-projection ``A = lora_b``
-    (``r x out``) starts at zero, so the default freezes ``B`` as the paper does.
+    ``nnx.LoRA``, the down-projection ``A`` (PEFT's ``lora_A``, ``r x in``) is
+    the random one and the up-projection ``B`` (``lora_B``, ``out x r``) starts
+    at zero, so the default freezes ``A`` as the paper does.
     (Freezing the zero-initialised factor would keep every update at zero.) The
     frozen factor of the new global adapter is copied from ``global_``; the
     trainable one is ``Σ_i p_i (.)_i``. The returned :class:`Aggregator` carries
     ``frozen_factor`` so the training loop can keep that factor fixed.
 
     Args:
-      frozen: ``"B"`` (default, the down-projection) or ``"A"``, the factor
+      frozen: ``"A"`` (default, the down-projection) or ``"B"``, the factor
         clients do not train.
       screen: ``"exclude"``, ``"raise"`` or ``"off"`` (see
         :func:`~clair_jax._src.aggregators.base.make_aggregator`).

@@ -26,8 +26,10 @@ Conventions shared by all rules:
 * ``diagnostics["aggregation_error/<module>"]`` is, for every rule,
   ``||Σ_i p_i B_i A_i - B_g A_g||_F``: the distance of the returned global
   adapter's update from the exact weighted average of the clients' updates.
-* With Flax NNX ``nnx.LoRA`` (``y = x @ lora_a @ lora_b``) take ``B = lora_a``
-  (``in x r``) and ``A = lora_b`` (``r x out``), so ``p = in`` and ``q = out``.
+* The orientation is PEFT's: ``B`` is ``lora_B`` (``out x r``) and ``A`` is
+  ``lora_A`` (``r x in``), so ``p = out`` and ``q = in``. Flax NNX ``nnx.LoRA``
+  (``y = x @ lora_a @ lora_b``) maps by transposes: ``A = lora_a.T``,
+  ``B = lora_b.T``.
 * The Byzantine-robust rules act on each client's flattened factors (all
   modules' ``B`` and ``A``, what the client sends), as in their papers. Like
   FedIT they see factors, not products, so they inherit the rotational
@@ -101,7 +103,7 @@ class Aggregator(NamedTuple):
       aggregate: ``(clients, global_, weights, round_index, key) -> AggregateResult``,
         pure and jittable (``round_index`` is a traced int32 scalar, ``key`` a
         ``jax.random`` key).
-      frozen_factor: the factor clients must not train (``"B"`` for :func:`ffa_lora` by
+      frozen_factor: the factor clients must not train (``"A"`` for :func:`ffa_lora` by
         default), else None.
       uses_start: when True the round also passes ``start=`` (the adapters the
         clients started the round from, stacked like ``clients``), so that the

@@ -37,8 +37,8 @@ from the global adapter (the built-in rules give it that adapter).
 Clients that did not take part keep their adapter, except under a broadcast
 rule (one whose per-client output equals its global adapter for every
 participant, e.g. FedIT), where they receive the new global adapter too.
-With an aggregator whose ``frozen_factor`` is ``"B"`` (FFA-LoRA) clients
-train ``A`` only.
+With an aggregator whose ``frozen_factor`` is ``"A"`` (FFA-LoRA) clients
+train ``B`` only.
 
 :func:`clair_jax.run_rounds` drives many rounds with checkpoint and resume.
 """

@@ -19,6 +19,14 @@ def shrink(s: Array, tau: Array) -> Array:
     return jnp.maximum(s - tau, 0.0)
 
 
+def _on_wide_side(svt_wide, z: Array, tau) -> tuple[Array, Array]:
+    """``(SVT_tau(z), rank)`` from a ``p <= m`` kernel ``svt_wide(z, tau) -> (out, s)``,
+    transposing a tall ``z`` (the SVT commutes with transposition)."""
+    tall = z.shape[0] > z.shape[1]
+    out, s = svt_wide(z.T if tall else z, tau)
+    return (out.T if tall else out), jnp.sum(s > tau)
+
+
 def svt_full(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     """``(SVT_tau(z), rank)`` from the thin SVD (backend ``"full"``), no argument checks.
 
@@ -29,11 +37,7 @@ def svt_full(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     Returns:
       The thresholded matrix and the number of singular values above ``tau``.
     """
-    if z.shape[0] > z.shape[1]:
-        out, s = _svt_wide(z.T, tau)
-        return out.T, jnp.sum(s > tau)
-    out, s = _svt_wide(z, tau)
-    return out, jnp.sum(s > tau)
+    return _on_wide_side(_svt_wide, z, tau)
 
 
 def ratio(num, den, limit):
@@ -107,11 +111,7 @@ def svt_gram(z: Float[Array, "p m"], tau) -> tuple[Array, Array]:
     Returns:
       The thresholded matrix and the number of singular values above ``tau``.
     """
-    if z.shape[0] > z.shape[1]:
-        out, s = _svt_gram_wide(z.T, tau)
-        return out.T, jnp.sum(s > tau)
-    out, s = _svt_gram_wide(z, tau)
-    return out, jnp.sum(s > tau)
+    return _on_wide_side(_svt_gram_wide, z, tau)
 
 
 @jax.custom_jvp

@@ -1,4 +1,11 @@
-"""Pure-pytree view of a LoRA model: ``(graphdef, base, adapters)`` and back."""
+"""Pure-pytree view of a LoRA model: ``(graphdef, base, adapters)`` and back.
+
+The model stores Flax NNX factors (``y = x @ lora_a @ lora_b``, ``lora_a``
+``in x r``, ``lora_b`` ``r x out``); the adapters follow the library's (PEFT's)
+orientation, ``A = lora_a.T`` ``(r, in)`` and ``B = lora_b.T`` ``(out, r)``, so
+``B A`` is the ``out x in`` update and the ``in x out`` kernel moves by its
+transpose, ``lora_a @ lora_b``.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +57,8 @@ def module_path(name: str) -> tuple:
 def lora_state_to_adapters(lora_state: nnx.State | Mapping) -> Adapters:
     """``nnx.LoRAParam`` state (or its pure dict) -> ``{module name: LoRAFactors(B, A)}``.
 
-    ``B = lora_a`` and ``A = lora_b``; any leading (client) axes are kept.
+    ``B = lora_b.T`` ``(out, r)`` and ``A = lora_a.T`` ``(r, in)`` (the last two
+    axes swapped); any leading (client) axes are kept.
 
     Args:
       lora_state: the ``nnx.LoRAParam`` state of a model, or its pure nested dict.
@@ -68,9 +76,10 @@ def lora_state_to_adapters(lora_state: nnx.State | Mapping) -> Adapters:
     for name in names:
         path = module_path(name)
         try:
-            out[name] = LoRAFactors(B=flat[(*path, "lora_a")], A=flat[(*path, "lora_b")])
+            lora_a, lora_b = flat[(*path, "lora_a")], flat[(*path, "lora_b")]
         except KeyError as err:
             raise ValueError(f"module {name!r} lacks lora_a or lora_b in the LoRA state.") from err
+        out[name] = LoRAFactors(B=jnp.swapaxes(lora_b, -1, -2), A=jnp.swapaxes(lora_a, -1, -2))
     return out
 
 
@@ -81,13 +90,13 @@ def adapters_to_lora_state(adapters: Adapters) -> dict:
       adapters: ``{module name: LoRAFactors(B, A)}``.
 
     Returns:
-      ``{..path..: {"lora_a": B, "lora_b": A}}``.
+      ``{..path..: {"lora_a": A.T, "lora_b": B.T}}`` (the last two axes swapped).
     """
     flat = {}
     for name, factors in adapters.items():
         path = module_path(name)
-        flat[(*path, "lora_a")] = factors.B
-        flat[(*path, "lora_b")] = factors.A
+        flat[(*path, "lora_a")] = jnp.swapaxes(factors.A, -1, -2)
+        flat[(*path, "lora_b")] = jnp.swapaxes(factors.B, -1, -2)
     return unflatten_tree(flat)
 
 
@@ -118,7 +127,7 @@ def _compute_adapter_shapes(graphdef: nnx.GraphDef) -> dict[str, tuple[tuple, tu
     except Exception:  # noqa: BLE001 - a graphdef this cannot rebuild is left unchecked
         return None
     shapes = {
-        module_name(path): ((m.in_features, m.lora_rank), (m.lora_rank, m.out_features))
+        module_name(path): ((m.out_features, m.lora_rank), (m.lora_rank, m.in_features))
         for path, m in nodes
         if isinstance(m, LoRALinear) and m.lora_rank > 0
     }
@@ -149,7 +158,7 @@ def check_adapter_shapes(graphdef: nnx.GraphDef, adapters: Adapters) -> None:
     """Checks that ``adapters`` fit the model ``graphdef``.
 
     The module names must be those of the model's adapters, and every module's
-    ``B`` and ``A`` must have the model's ``(in, r)`` and ``(r, out)`` shapes
+    ``B`` and ``A`` must have the model's ``(out, r)`` and ``(r, in)`` shapes
     (unstacked: no leading client axis).
 
     Args:
@@ -223,7 +232,10 @@ def apply_lora(
 
 
 def merge_adapters(base: Mapping, adapters: Adapters, scale: float) -> dict:
-    """Folds the adapters into the base kernels: ``W <- W + scale * B A``.
+    """Folds the adapters into the base kernels: ``W <- W + scale * (B A)^T``.
+
+    The kernels are Flax's ``(in, out)``, the transpose of the ``(out, in)``
+    update ``B A``.
 
     The model ``(graphdef, merge_adapters(base, adapters, scale), zero adapters)``
     computes the same function as ``(graphdef, base, adapters)`` when ``scale``
@@ -231,7 +243,7 @@ def merge_adapters(base: Mapping, adapters: Adapters, scale: float) -> dict:
 
     Args:
       base: the base parameters from :func:`split_lora`.
-      adapters: unstacked adapters, ``B (p, r)``, ``A (r, q)`` per module.
+      adapters: unstacked adapters, ``B (out, r)``, ``A (r, in)`` per module.
       scale: ``alpha / r``.
 
     Returns:
@@ -243,12 +255,12 @@ def merge_adapters(base: Mapping, adapters: Adapters, scale: float) -> dict:
         if key not in flat:
             raise ValueError(f"adapter {name!r} has no kernel in the base parameters.")
         kernel = flat[key]
-        if factors.B.ndim != 2 or (factors.B @ factors.A).shape != kernel.shape:
+        if factors.B.ndim != 2 or (factors.B @ factors.A).T.shape != kernel.shape:
             raise ValueError(
-                f"adapter {name!r}: B {tuple(factors.B.shape)} @ A {tuple(factors.A.shape)} "
-                f"does not match the kernel {tuple(kernel.shape)}."
+                f"adapter {name!r}: (B {tuple(factors.B.shape)} @ A {tuple(factors.A.shape)})^T "
+                f"does not match the kernel {tuple(kernel.shape)} (in, out)."
             )
-        flat[key] = kernel + scale * (factors.B @ factors.A)
+        flat[key] = kernel + scale * (factors.B @ factors.A).T
     return unflatten_tree(flat)
 
 

@@ -14,16 +14,17 @@ nnx.LoRAParam, ...)`` separates exactly what a federated client trains and
 sends from the frozen base. The federated code works on pure pytrees:
 :func:`split_lora` returns a static ``graphdef``, the base parameters as a pure
 nested dict, and the adapters as an ``Adapters`` dict (module name ->
-``LoRAFactors(B, A)``) following the aggregator convention ``B = lora_a``
-``(p = in, r)``, ``A = lora_b`` ``(r, q = out)``: the weight update of a module
-is ``(α / r) B A`` (``α / √r`` with rsLoRA).
+``LoRAFactors(B, A)``) in PEFT's orientation, by transposes: ``A = lora_a.T``
+``(r, q = in)`` is PEFT's ``lora_A``, ``B = lora_b.T`` ``(p = out, r)`` its
+``lora_B``; the ``out x in`` weight update of a module is ``(α / r) B A``
+(``α / √r`` with rsLoRA), the transpose of ``(α / r) lora_a lora_b``.
 
 Initialisation follows LoRA (Hu et al. 2021) and PEFT: the down-projection
-``B = lora_a`` (PEFT's ``lora_A``) is random, Kaiming-uniform with
+``lora_a`` (``A``, PEFT's ``lora_A``) is random, Kaiming-uniform with
 ``a = √5`` as ``torch.nn.Linear`` and PEFT draw it, i.e. ``U(-1/√in, 1/√in)``;
-the up-projection ``A = lora_b`` (PEFT's ``lora_B``) starts at zero, so the
+the up-projection ``lora_b`` (``B``, PEFT's ``lora_B``) starts at zero, so the
 adapted model starts equal to the base. FFA-LoRA (Sun et al. 2024) freezes the
-random down-projection ``B`` and trains ``A`` only.
+random down-projection ``A`` and trains ``B`` only.
 
 References:
   Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models",
@@ -153,18 +154,19 @@ def check_config(config: TransformerConfig) -> TransformerConfig:
 
 
 class LoRALinear(nnx.Module):
-    """A dense layer ``x W + b`` with an optional LoRA adapter ``(α/r) x B A``.
+    """A dense layer ``x W + b`` with an optional LoRA adapter ``(α/r) x lora_a lora_b``.
 
     ``W`` and ``b`` are ``nnx.Param`` (frozen during federated fine-tuning);
-    the down-projection ``lora_a`` (``B``, ``(in, r)``, Kaiming-uniform
-    ``U(-1/√in, 1/√in)`` as PEFT's ``lora_A``) and the up-projection ``lora_b``
-    (``A``, ``(r, out)``, zeros as PEFT's ``lora_B``) are ``nnx.LoRAParam``, so
+    the down-projection ``lora_a`` (``(in, r)``, Kaiming-uniform
+    ``U(-1/√in, 1/√in)`` as PEFT's ``lora_A``; the adapters' ``A = lora_a.T``)
+    and the up-projection ``lora_b`` (``(r, out)``, zeros as PEFT's ``lora_B``;
+    ``B = lora_b.T``) are ``nnx.LoRAParam``, so
     the adapter starts with a zero update. With ``lora_rank=0`` the layer has no
     adapter.
 
     Args:
-      in_features: input width ``p``.
-      out_features: output width ``q``.
+      in_features: input width (``q`` of the adapters' ``B A``).
+      out_features: output width (``p`` of the adapters' ``B A``).
       lora_rank: adapter rank ``r`` (0: no adapter).
       lora_alpha: the update is scaled by ``lora_alpha / lora_rank``.
       use_rslora: scale by ``lora_alpha / sqrt(lora_rank)`` instead (rsLoRA).
@@ -209,7 +211,7 @@ class LoRALinear(nnx.Module):
             self.lora_a = nnx.LoRAParam(down)
             self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), param_dtype))
 
-    def __call__(self, x: Float[Array, "... p"]) -> Float[Array, "... q"]:
+    def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
         y = x @ self.kernel[...]
         y = y + self.bias[...].reshape((1,) * (y.ndim - 1) + (-1,))
         if self.lora_rank > 0:
@@ -311,7 +313,7 @@ class LoRATransformer(nnx.Module):
       >>> sorted(adapters)[:2]
       ['blocks/0/attn/key', 'blocks/0/attn/out']
       >>> adapters["blocks/0/mlp_in"].B.shape, adapters["blocks/0/mlp_in"].A.shape
-      ((16, 2), (2, 32))
+      ((32, 2), (2, 16))
     """
 
     def __init__(

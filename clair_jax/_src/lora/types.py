@@ -1,8 +1,12 @@
 """LoRA factor types and the checks of stacked client factors.
 
 A module's weight update is ``B A`` with ``B`` ``(p, r)`` and ``A`` ``(r, q)``;
-clients' factors are stacked on a leading axis. With the Flax NNX convention
-``y = x @ lora_a @ lora_b``, ``B = lora_a`` and ``A = lora_b``.
+clients' factors are stacked on a leading axis. The orientation is PEFT's (and
+PyTorch's, whose weights are ``out x in``): ``B`` is PEFT's ``lora_B``
+(``out x r``), ``A`` its ``lora_A`` (``r x in``), so ``p = out``, ``q = in`` and
+``B A`` is the ``out x in`` weight delta before scaling. Flax NNX's ``nnx.LoRA``
+(``y = x @ lora_a @ lora_b``, ``lora_a`` ``in x r``, ``lora_b`` ``r x out``)
+maps by transposes, with no change of letter: ``A = lora_a.T``, ``B = lora_b.T``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from clair_jax._src import validation
 
 class LoRAFactors(NamedTuple):
     """One adapted module's LoRA factors; the weight update is ``B @ A`` (``p x q``).
+
+    PEFT's orientation: ``B`` is ``lora_B`` (``p = out``), ``A`` is ``lora_A``
+    (``q = in``), so ``B @ A`` is the ``out x in`` delta (times the adapter scale).
 
     Attributes:
       B: ``(n, p, r)`` stacked over clients, or ``(p, r)`` for the global adapter.

@@ -111,7 +111,8 @@ class Config:
     )
     clair_space: str = _setting(
         "column",
-        "CLAIR's shared subspace: column space (of the B factors) or row space (of A)",
+        "CLAIR's shared subspace: column space (of the B factors: output side) or row space "
+        "(of A: input side)",
         choices=("column", "row"),
     )
     clair_rank: str = _setting(
