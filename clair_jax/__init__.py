@@ -29,6 +29,9 @@ from clair_jax._src.aggregators.robust import geometric_median as geometric_medi
 from clair_jax._src.aggregators.robust import krum as krum
 from clair_jax._src.aggregators.robust import multi_krum as multi_krum
 from clair_jax._src.aggregators.robust import trimmed_mean as trimmed_mean
+from clair_jax._src.aggregators.screening import REASONS as SCREEN_REASONS
+from clair_jax._src.aggregators.screening import Screening as Screening
+from clair_jax._src.aggregators.screening import screen_clients as screen_clients
 from clair_jax._src.clair.base import ClairResult as ClairResult
 from clair_jax._src.clair.factored import FactoredClairResult as FactoredClairResult
 from clair_jax._src.clair.factored import FactoredUpdates as FactoredUpdates
@@ -38,6 +41,7 @@ from clair_jax._src.federated.checkpoint import CheckpointError as CheckpointErr
 from clair_jax._src.federated.checkpoint import save_checkpoint as save_checkpoint
 from clair_jax._src.federated.round import RoundMetrics as RoundMetrics
 from clair_jax._src.federated.round import ServerState as ServerState
+from clair_jax._src.federated.round import describe_screening as describe_screening
 from clair_jax._src.federated.round import init_server_state as init_server_state
 from clair_jax._src.federated.round import make_round as make_round
 from clair_jax._src.federated.run import run_rounds as run_rounds
@@ -120,6 +124,10 @@ __all__ = [
     "local_only",
     "multi_krum",
     "trimmed_mean",
+    "SCREEN_REASONS",
+    "Screening",
+    "screen_clients",
+    "describe_screening",
     "Decomposition",
     "block_soft_threshold",
     "blocks_to_matrix",

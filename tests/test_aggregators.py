@@ -360,23 +360,29 @@ def test_bad_adapters_are_rejected():
     )
 
 
-def test_non_finite_factors_are_rejected_by_every_rule():
+def test_non_finite_factors_are_screened_out_or_rejected_in_strict_mode():
     clients, global_, w = make_adapters(16)
     for value in (np.nan, np.inf):
         B = np.array(clients["q_proj"].B)
         B[0, 0, 0] = value
         bad = dict(clients, q_proj=ag.LoRAFactors(B=B, A=clients["q_proj"].A))
-        for agg in (ag.fedit(), ag.flexlora(), ag.krum(1), ag.coordinate_median()):
-            with pytest.raises(ValueError, match=r"module 'q_proj': B contains NaN or inf"):
-                run(agg, bad, global_, w)
+        for rule in (ag.fedit, ag.flexlora, lambda **k: ag.krum(1, **k), ag.coordinate_median):
+            # Default: client 0 is excluded and flagged, the others aggregated.
+            res = run(rule(), bad, global_, w)
+            assert int(res.diagnostics["screened/reason"][0]) == 1 and bool(res.flagged[0])
+            assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(res.global_))
+            # Strict: a ValueError naming the client, the factor and the module.
+            with pytest.raises(ValueError, match=r"client 0: non-finite B in module 'q_proj'"):
+                run(rule(screen="raise"), bad, global_, w)
+    # The server's own global adapter must be finite, in every mode.
     A_g = np.array(global_["v_proj"].A)
     A_g[1, 1] = np.nan
     bad_g = dict(global_, v_proj=ag.LoRAFactors(B=global_["v_proj"].B, A=A_g))
     with pytest.raises(ValueError, match=r"module 'v_proj': A of global_ contains NaN"):
         run(ag.fedit(), clients, bad_g, w)
-    # Traced (the round is jitted): a runtime error with the same message.
-    with pytest.raises(Exception, match="B contains NaN or inf"):
-        jax.block_until_ready(jax.jit(ag.fedit().aggregate)(bad, global_, w, 1, KEY))
+    # Traced strict mode: a runtime error naming the client.
+    with pytest.raises(Exception, match="client 0: non-finite B in module 'q_proj'"):
+        jax.block_until_ready(jax.jit(ag.fedit(screen="raise").aggregate)(bad, global_, w, 1, KEY))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

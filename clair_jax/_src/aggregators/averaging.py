@@ -1,4 +1,10 @@
-"""Averaging rules: local-only, FedIT, FedRot-LoRA, FlexLoRA, FFA-LoRA."""
+"""Averaging rules: local-only, FedIT, FedRot-LoRA, FlexLoRA, FFA-LoRA.
+
+Every factory takes ``screen=`` (``"exclude"``, ``"raise"`` or ``"off"``): how
+clients with non-finite or outsized factors are handled before the rule runs
+(:mod:`~clair_jax._src.aggregators.screening`); the rule then averages the
+included clients with their weights renormalised.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ from clair_jax._src.aggregators.base import (
     broadcast_result,
     errors,
     factorwise_mean,
+    make_aggregator,
     num_clients,
     weighted_product_factors,
 )
-from clair_jax._src.lora.types import LoRAFactors, check_adapters
+from clair_jax._src.lora.types import LoRAFactors
 
 
-def local_only() -> Aggregator:
+def local_only(*, screen: str = "exclude") -> Aggregator:
     """No aggregation: every client keeps its own adapter.
 
     The global adapter is returned unchanged (there is no server model to
@@ -37,16 +44,15 @@ def local_only() -> Aggregator:
       (True, True)
     """
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
-        del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
+        del excluded, round_index, key
         n = num_clients(clients)
         return AggregateResult(clients, global_, jnp.zeros((n,), bool), errors(clients, global_, p))
 
-    return Aggregator("local_only", aggregate)
+    return make_aggregator("local_only", core, screen=screen)
 
 
-def fedit() -> Aggregator:
+def fedit(*, screen: str = "exclude") -> Aggregator:
     """FedIT: average ``A`` and ``B`` separately, ``(Σ p_i B_i, Σ p_i A_i)``.
 
     The average of products is not the product of averages: the difference is
@@ -68,13 +74,12 @@ def fedit() -> Aggregator:
       Tuning", arXiv:2305.05644.
     """
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
-        del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
+        del excluded, round_index, key
         new_global = {name: factorwise_mean(f, p) for name, f in clients.items()}
         return broadcast_result(clients, new_global, p)
 
-    return Aggregator("fedit", aggregate)
+    return make_aggregator("fedit", core, screen=screen)
 
 
 def fedrot(
@@ -84,6 +89,7 @@ def fedrot(
     factor: str = "A",
     skip_first_round: bool = True,
     allow_reflection: bool | None = None,
+    screen: str = "exclude",
 ) -> Aggregator:
     """FedRot-LoRA: align clients' factors to the broadcast global ones, then FedIT.
 
@@ -117,6 +123,8 @@ def fedrot(
       allow_reflection: ``None`` (official: ``O(r)`` iff ``λ > 1``), or
         ``True``/``False`` for ``O(r)``/``SO(r)`` at every ``λ``; see
         :func:`fedrot_align`.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"`` (see
+        :func:`~clair_jax._src.aggregators.base.make_aggregator`).
 
     Returns:
       An :class:`Aggregator` named ``"fedrot"``.
@@ -130,9 +138,8 @@ def fedrot(
     alignment.check_strength(strength, jnp.float32)
     lam_value = float(strength)  # kept in full precision, cast per module
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
-        del key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
+        del excluded, key
         round_index = jnp.asarray(round_index, jnp.int32)
         if alternate:
             choice = jnp.where(round_index % 2 == 1, 1, 2)
@@ -168,10 +175,10 @@ def fedrot(
         # Errors of the global adapter against the clients' (unchanged) products.
         return broadcast_result(aligned, new_global, p, extra=extra)
 
-    return Aggregator("fedrot", aggregate)
+    return make_aggregator("fedrot", core, screen=screen)
 
 
-def flexlora() -> Aggregator:
+def flexlora(*, screen: str = "exclude") -> Aggregator:
     """Exact product averaging re-factorised to rank ``r`` (FlexLoRA style).
 
     The server forms ``ΔW = Σ_i p_i B_i A_i`` (without building it: through the
@@ -192,18 +199,17 @@ def flexlora() -> Aggregator:
       Heterogeneous Tasks and Client Resources", arXiv:2402.11505.
     """
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
-        del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
+        del excluded, round_index, key
         new_global = {}
         for name, f in clients.items():
             new_global[name] = weighted_product_factors(f, p)
         return broadcast_result(clients, new_global, p)
 
-    return Aggregator("flexlora", aggregate)
+    return make_aggregator("flexlora", core, screen=screen)
 
 
-def ffa_lora(frozen: str = "A") -> Aggregator:
+def ffa_lora(frozen: str = "A", *, screen: str = "exclude") -> Aggregator:
     """FFA-LoRA: one factor stays frozen at its initial value, the other is averaged.
 
     FFA-LoRA freezes the randomly initialised factor and trains only the
@@ -220,6 +226,8 @@ def ffa_lora(frozen: str = "A") -> Aggregator:
     Args:
       frozen: ``"A"`` (default, the down-projection) or ``"B"``, the factor
         clients do not train.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"`` (see
+        :func:`~clair_jax._src.aggregators.base.make_aggregator`).
 
     References:
       Y. Sun, Z. Li, Y. Li, B. Ding, "Improving LoRA in Privacy-preserving
@@ -227,9 +235,8 @@ def ffa_lora(frozen: str = "A") -> Aggregator:
     """
     validation.check_choice(frozen, "frozen", alignment.FACTORS)
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
-        del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
+        del excluded, round_index, key
         new_global = {}
         for name, f in clients.items():
             mean = factorwise_mean(f, p)
@@ -239,4 +246,4 @@ def ffa_lora(frozen: str = "A") -> Aggregator:
                 new_global[name] = LoRAFactors(B=mean.B, A=global_[name].A)
         return broadcast_result(clients, new_global, p)
 
-    return Aggregator("ffa_lora", aggregate, frozen_factor=frozen)
+    return make_aggregator("ffa_lora", core, screen=screen, frozen_factor=frozen)

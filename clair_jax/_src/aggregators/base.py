@@ -35,8 +35,22 @@ Conventions shared by all rules:
   FedIT they see factors, not products, so they inherit the rotational
   ambiguity FedRot-LoRA removes; clients that start every round from the same
   broadcast adapter stay close in factor space, which is where they apply.
-* Factors with NaN or inf are rejected (``ValueError``; inside ``jit`` a runtime
-  error), for every rule: a non-finite update is a bug to surface, not a vote.
+* Every rule screens the clients first
+  (:mod:`~clair_jax._src.aggregators.screening`): a client with NaN or inf in
+  its factors, or far larger than the others, is excluded (its factors replaced
+  by the adapter it started from, its weight set to zero), flagged, and
+  reported in ``diagnostics["screened/reason"]``; the rule runs on the others
+  and the round goes on. ``screen="raise"`` raises instead, naming the client;
+  ``screen="off"`` screens nobody. An excluded client starts the next round
+  from the new global adapter. Weights are renormalised over the included
+  clients (``diagnostics["screened/weights"]``).
+* The returned global adapter is never non-finite: if the rule's would be (or
+  no included client has a positive weight), the previous global adapter is
+  kept, ``diagnostics["screened/refused"]`` is True and the largest included
+  client is flagged with reason ``"non-finite result"``; a client whose own next
+  adapter would be non-finite gets the global adapter, with the same reason.
+* Products and squared norms are computed at a safe scale (factors brought to
+  unit size by powers of two first), so finite factors do not overflow them.
 * Half-precision factors (float16, bfloat16) are factorised (SVD/QR) in float32,
   and weights, averages, distances and medians are computed in float32 too
   (squared distances or weight sums above 65504 overflow float16); the results
@@ -54,8 +68,9 @@ import numpy as np
 from jaxtyping import Array, Bool
 
 from clair_jax._src import validation
-from clair_jax._src.aggregators import alignment
-from clair_jax._src.lora.types import Adapters, LoRAFactors
+from clair_jax._src.aggregators import alignment, screening
+from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
+from clair_jax._src.lora.types import Adapters, LoRAFactors, check_adapters
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -125,11 +140,28 @@ def selected_mean(factors: LoRAFactors, p: Array, selected: Array) -> LoRAFactor
 
 
 def errors(clients: Adapters, global_: Adapters, p: Array, key: str = "aggregation_error"):
-    """``{key/<module>: ||Σ p_i B_i A_i - B_g A_g||_F}``."""
-    return {
-        f"{key}/{name}": alignment.product_error(f.A, f.B, p, global_[name].A, global_[name].B)
-        for name, f in clients.items()
-    }
+    """``{key/<module>: ||Σ p_i B_i A_i - B_g A_g||_F}``, at a safe scale.
+
+    The ``B``'s and the ``A``'s are brought to unit size by powers of two before
+    the products are formed, and the norm scaled back (``inf`` only when the
+    error itself is beyond the dtype's range).
+    """
+    out = {}
+    for name, f in clients.items():
+        g = global_[name]
+        work = validation.working_dtype(f.B.dtype)
+        e_b = working_exponent(jnp.concatenate([f.B.reshape(-1), g.B.reshape(-1)]).astype(work))
+        e_a = working_exponent(jnp.concatenate([f.A.reshape(-1), g.A.reshape(-1)]).astype(work))
+        b, a = (
+            times_power_of_two(f.B.astype(work), -e_b),
+            times_power_of_two(f.A.astype(work), -e_a),
+        )
+        b_g = times_power_of_two(g.B.astype(work), -e_b)
+        a_g = times_power_of_two(g.A.astype(work), -e_a)
+        out[f"{key}/{name}"] = times_power_of_two(
+            alignment.product_error(a, b, p, a_g, b_g), e_a + e_b
+        )
+    return out
 
 
 def num_clients(clients: Adapters) -> int:
@@ -177,8 +209,12 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
     """
     dtype = b_cat.dtype if dtype is None else dtype
     work = validation.working_dtype(dtype)
-    q_b, r_b = jnp.linalg.qr(b_cat.astype(work))  # (p, k1), (k1, k)
-    q_a, r_a = jnp.linalg.qr(a_cat.T.astype(work))  # (q, k2), (k2, k)
+    # Safe scale: both factors at unit size (exact powers of two), scaled back at the end.
+    # An even total keeps the returned factors balanced (each scaled back by half of it).
+    e_b, e_a = working_exponent(b_cat.astype(work)), working_exponent(a_cat.astype(work))
+    e_b = e_b + (e_a + e_b) % 2
+    q_b, r_b = jnp.linalg.qr(times_power_of_two(b_cat.astype(work), -e_b))  # (p, k1), (k1, k)
+    q_a, r_a = jnp.linalg.qr(times_power_of_two(a_cat.T.astype(work), -e_a))  # (q, k2), (k2, k)
     u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=HIGHEST), full_matrices=False)
     u = jnp.matmul(q_b, u, precision=HIGHEST)
     v = jnp.matmul(q_a, vt.T, precision=HIGHEST)
@@ -189,6 +225,8 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
         s = jnp.pad(s, (0, rank - k))
     root = jnp.sqrt(s[:rank])
     b, a = u[:, :rank] * root[None, :], (v[:, :rank] * root[None, :]).T
+    half = (e_a + e_b) // 2
+    b, a = times_power_of_two(b, half), times_power_of_two(a, half)
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
 
 
@@ -246,3 +284,141 @@ def flatten_clients(clients: Adapters) -> tuple[Array, Callable[[Array], Adapter
         return jax.tree.unflatten(treedef, parts)
 
     return rows, unflatten
+
+
+def checked_start(start, global_: Adapters, weights) -> Adapters:
+    """The adapters of the round start (``start=``), checked like the clients' and finite.
+
+    Raises:
+      ValueError: ``start`` is None, does not fit ``global_`` and ``weights``, or
+        holds NaN/inf (the server's own state, not a client's vote).
+    """
+    if start is None:
+        raise ValueError("this rule needs start= (the adapters of the round start).")
+    try:  # start fits global_ and weights exactly when it fits like clients
+        start, _, _ = check_adapters(start, global_, weights)
+    except ValueError as err:
+        raise ValueError(f"start (the adapters of the round start): {err}") from None
+    return start
+
+
+def _finite(tree) -> Array:
+    """Whether every leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _finite_rows(clients: Adapters) -> Array:
+    """``(n,)`` whether each client's factors are all finite."""
+    rows = [
+        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(clients)
+    ]
+    return jnp.all(jnp.stack(rows), axis=0)
+
+
+def make_aggregator(
+    name: str,
+    core: Callable[..., AggregateResult],
+    *,
+    screen: str = "exclude",
+    frozen_factor: str | None = None,
+    uses_start: bool = False,
+) -> Aggregator:
+    """An :class:`Aggregator` from a rule's core, with screening and the commit guard.
+
+    ``aggregate(clients, global_, weights, round_index, key, start=None)``:
+
+    1. checks the shapes (:func:`~clair_jax._src.lora.types.check_adapters`; NaN
+       in ``global_`` or ``start`` raises, NaN in a client does not);
+    2. screens the clients (:func:`~clair_jax._src.aggregators.screening.screen_clients`;
+       ``screen="raise"`` raises naming the first excluded client, ``"off"``
+       excludes nobody);
+    3. replaces the excluded clients' factors by the adapter they started from
+       (``start`` when the rule uses it, else ``global_``), zeroes their weights
+       and renormalises the others', and runs
+       ``core(clients, global_, p, excluded, round_index, key[, start=])``;
+    4. keeps the previous global adapter when the core's is non-finite or no
+       included client has a positive weight (``screened/refused``), and gives
+       the global adapter to every excluded client and to every client whose
+       own result is non-finite.
+
+    Diagnostics added: ``screened/reason``, ``screened/module``,
+    ``screened/factor`` (see :class:`~clair_jax._src.aggregators.screening.Screening`),
+    ``screened/log_factor_norm``, ``screened/log_product_norm``,
+    ``screened/weights`` (the ``p`` the core used) and ``screened/refused``.
+
+    Args:
+      name: the rule's name.
+      core: the rule on checked, screened clients.
+      screen: ``"exclude"`` (default), ``"raise"`` or ``"off"``.
+      frozen_factor: as :class:`Aggregator`.
+      uses_start: as :class:`Aggregator`.
+
+    Returns:
+      An :class:`Aggregator`.
+
+    Raises:
+      ValueError: an unknown ``screen``.
+    """
+    mode = screening.check_screen(screen)
+
+    def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
+        clients, global_, p = check_adapters(clients, global_, weights, finite=False)
+        n = num_clients(clients)
+        if uses_start:
+            start = checked_start(start, global_, weights)
+        found = screening.screen_clients(clients)
+        if mode == "raise":
+            p = screening.raise_if_excluded(found, list(clients), p)
+        excluded = found.excluded if mode != "off" else jnp.zeros((n,), bool)
+        keep = ~excluded
+        origin = start if uses_start else broadcast(global_, n)
+        clean = {
+            k: LoRAFactors(
+                B=jnp.where(keep[:, None, None], f.B, origin[k].B),
+                A=jnp.where(keep[:, None, None], f.A, origin[k].A),
+            )
+            for k, f in clients.items()
+        }
+        w = jnp.where(keep, p, 0)
+        total = jnp.sum(w)
+        live = total > 0
+        p_eff = jnp.where(live, w / jnp.where(live, total, 1), 0)
+        extra = {"start": start} if uses_start else {}
+        res = core(clean, global_, p_eff, excluded, round_index, key, **extra)
+        new_global = {k: LoRAFactors(*map(jnp.asarray, g)) for k, g in res.global_.items()}
+        committed = live & _finite(new_global)
+        new_global = jax.tree.map(lambda a, b: jnp.where(committed, a, b), new_global, global_)
+        result_clients = {k: LoRAFactors(*map(jnp.asarray, f)) for k, f in res.clients.items()}
+        bad_result = keep & ~_finite_rows(result_clients)
+        take = (keep & ~bad_result)[:, None, None]
+        next_clients = {
+            k: LoRAFactors(
+                B=jnp.where(take, f.B, new_global[k].B[None]),
+                A=jnp.where(take, f.A, new_global[k].A[None]),
+            )
+            for k, f in result_clients.items()
+        }
+        # A refused global with clients left: name the non-finite or largest included one.
+        size = jnp.fmax(found.log_factor_norm, found.log_product_norm)
+        size = jnp.where(found.reason == screening.NON_FINITE, jnp.inf, size)
+        size = jnp.where(keep, jnp.nan_to_num(size, nan=-jnp.inf), -jnp.inf)
+        blame = (jnp.arange(n) == jnp.argmax(size)) & keep & live & ~committed
+        result_reason = jnp.where(bad_result | blame, screening.NON_FINITE_RESULT, screening.OK)
+        reason = jnp.where(excluded, found.reason, result_reason).astype(jnp.int32)
+        diagnostics = dict(res.diagnostics)
+        diagnostics.update(
+            {
+                "screened/reason": reason,
+                "screened/module": jnp.where(excluded, found.module, -1),
+                "screened/factor": jnp.where(excluded, found.factor, -1),
+                "screened/log_factor_norm": found.log_factor_norm,
+                "screened/log_product_norm": found.log_product_norm,
+                "screened/weights": p_eff,
+                "screened/refused": ~committed,
+            }
+        )
+        flagged = jnp.asarray(res.flagged, bool) | (reason > 0)
+        return AggregateResult(next_clients, new_global, flagged, diagnostics)
+
+    return Aggregator(name, aggregate, frozen_factor=frozen_factor, uses_start=uses_start)

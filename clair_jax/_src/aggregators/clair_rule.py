@@ -16,6 +16,7 @@ from clair_jax._src.aggregators.base import (
     Aggregator,
     dense_factors,
     errors,
+    make_aggregator,
     num_clients,
     weighted_product_factors,
 )
@@ -23,7 +24,8 @@ from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.clair.pipeline import clair
 from clair_jax._src.clair.refinement import refine
 from clair_jax._src.linalg import batching
-from clair_jax._src.lora.types import Adapters, LoRAFactors, check_adapters
+from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
+from clair_jax._src.lora.types import Adapters, LoRAFactors
 
 
 def clair_aggregator(
@@ -34,6 +36,7 @@ def clair_aggregator(
     flagged: str = "trained",
     refine_rank: int | str | None = "lora",
     benign_majority: bool = True,
+    screen: str = "exclude",
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -77,6 +80,15 @@ def clair_aggregator(
     weighted mean ``Σ_{i∈Ĉ} p_i B_i A_i / Σ_{i∈Ĉ} p_i`` (all clients when ``Ĉ``
     is empty).
 
+    Screening (``screen=``, see
+    :func:`~clair_jax._src.aggregators.base.make_aggregator`) runs first: an
+    excluded client enters CLAIR as the adapter it started from (a zero update
+    for ``measure="update"``), is left out of every consensus and of the global
+    mean, is flagged, and starts the next round from the global adapter. The
+    products ``B_i A_i`` are formed at a safe scale: when they could overflow
+    the dtype, every factor of the module is first scaled by a power of two and
+    the results scaled back (CLAIR's own statistics are scale-relative).
+
     Diagnostics, per module: ``"flagged/<module>"`` (CLAIR's own set),
     ``"scores/<module>"``, ``"threshold/<module>"``, ``"rank/<module>"``
     (CLAIR's rank), ``"refine_rank/<module>"`` (directions kept),
@@ -90,11 +102,14 @@ def clair_aggregator(
       measure: ``"adapter"`` or ``"update"`` (see above).
       detection: ``"module"`` or ``"client"`` (see above).
       flagged: what a flagged client holds next, ``"trained"`` or ``"global"``;
-        ``"trained"`` keeps a contaminated client distinguishable in later rounds.
+        ``"trained"`` keeps a contaminated client distinguishable in later rounds
+        (that adapter passed screening: finite, and within the screening's
+        ratio of the median size); a screened-out client gets the global one.
       refine_rank: directions of ``Û`` the refinement keeps at most: ``"lora"``
         (the LoRA rank ``r``), an int, or ``None`` (all of ``Û``).
       benign_majority: passed to :func:`clair_jax.clair`; True here (the
         Byzantine threat model: fewer than half of the clients contaminated).
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``method``, ...).
 
@@ -114,18 +129,15 @@ def clair_aggregator(
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 
-    def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key, start=None) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
-        if measure == "update":
-            start = _checked_start(start, global_, weights)
         n = num_clients(clients)
         if n < 2:
             raise ValueError(
                 f"clair_aggregator needs clients from at least 2 clients (CLAIR tells them "
                 f"apart by comparing them), got factors with a client axis of {n}."
             )
-        inputs = _module_inputs(clients, start if measure == "update" else None, row)
+        inputs, exponents = _module_inputs(clients, start if measure == "update" else None, row)
         results = _per_module(
             partial(clair, benign_majority=benign_majority, **clair_kwargs),
             {name: x for name, (x, _) in inputs.items()},
@@ -147,9 +159,10 @@ def clair_aggregator(
             x, origin = inputs[name]
             res = results[name]
             members = collaborative if detection == "client" else res.collaborative
+            members = members & ~excluded  # screened-out clients join no consensus
             basis = res.basis[:, : widths[name]]
             new_clients[name], new_global[name] = _refined_module(
-                f, x, origin, basis, members, p, row
+                f, x, origin, basis, members, p, row, exponents[name]
             )
         # Flagged clients are left out of the consensus: they keep the adapter they
         # trained this round (flagged="trained") or get the global one ("global").
@@ -168,7 +181,7 @@ def clair_aggregator(
         diagnostics.update(errors(clients, new_global, p))
         return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
-    return Aggregator("clair", aggregate, uses_start=measure == "update")
+    return make_aggregator("clair", core, screen=screen, uses_start=measure == "update")
 
 
 def check_rule_options(
@@ -225,33 +238,38 @@ def _refine_width(refine_rank, lora_rank: int, width: int) -> int:
     return min(width, lora_rank if refine_rank == "lora" else refine_rank)
 
 
-def _checked_start(start, global_, weights) -> Adapters:
-    """The adapters of the round start, checked like the clients' (``measure="update"``)."""
-    if start is None:
-        raise ValueError('measure="update" needs start= (the adapters of the round start).')
-    try:  # start fits global_ and weights exactly when it fits like clients
-        start, _, _ = check_adapters(start, global_, weights)
-    except ValueError as err:
-        raise ValueError(f"start (the adapters of the round start): {err}") from None
-    return start
+def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> tuple[dict, dict]:
+    """Per module ``(X, origin)``, CLAIR's input and what the refined updates are added
+    to, and the exponent ``e`` they are scaled by.
 
-
-def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> dict:
-    """Per module ``(X, origin)``: CLAIR's input and what the refined updates are added to.
-
-    ``X_i = B_i A_i - origin_i`` (transposed when ``row``), ``origin_i`` the
-    product of the round start's factors, or zero when ``start`` is None.
+    ``X_i = (B_i A_i - origin_i) 2^-e`` (transposed when ``row``), ``origin_i``
+    the product of the round start's factors (zero when ``start`` is None),
+    times ``2^-e``. ``e = 0`` unless the products could overflow the dtype
+    (``r max|B| max|A|`` beyond a quarter of its largest value); then the
+    factors are brought to unit size by powers of two before the products
+    (``e`` even, so that the refined factors scale back balanced).
     """
-    inputs = {}
+    inputs, exponents = {}, {}
     for name, f in clients.items():
-        product = jnp.einsum("npr,nrq->npq", f.B, f.A, precision=HIGHEST)
-        origin = jnp.zeros_like(product)
+        factors = [f] if start is None else [f, start[name]]
+        e_b = working_exponent(jnp.stack([jnp.max(jnp.abs(g.B)) for g in factors]))
+        e_a = working_exponent(jnp.stack([jnp.max(jnp.abs(g.A)) for g in factors]))
+        limit = jnp.finfo(f.B.dtype).max / (4 * f.B.shape[2])
+        safe = jnp.ldexp(jnp.ones((), f.B.dtype), e_b + e_a) < limit
+        e_b, e_a = jnp.where(safe, 0, e_b + (e_a + e_b) % 2), jnp.where(safe, 0, e_a)
+
+        def product(g, e_b=e_b, e_a=e_a):
+            b, a = times_power_of_two(g.B, -e_b), times_power_of_two(g.A, -e_a)
+            return jnp.einsum("npr,nrq->npq", b, a, precision=HIGHEST)
+
+        x = product(f)
+        origin = jnp.zeros_like(x)
         if start is not None:
-            f0 = start[name]
-            origin = jnp.einsum("npr,nrq->npq", f0.B, f0.A, precision=HIGHEST)
-        x = product - origin
+            origin = product(start[name])
+        x = x - origin
         inputs[name] = (jnp.swapaxes(x, 1, 2) if row else x), origin
-    return inputs
+        exponents[name] = e_b + e_a
+    return inputs, exponents
 
 
 def _module_diagnostics(name: str, res, width: int) -> dict[str, Array]:
@@ -283,7 +301,7 @@ def _pooled_detection(results: Mapping) -> tuple[Array, Array, Array]:
     return client_scores > client_threshold, client_scores, client_threshold
 
 
-def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool):
+def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool, exponent=0):
     """A module's refined client factors and its global factors.
 
     Args:
@@ -294,6 +312,7 @@ def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool):
       members: ``(n,)`` bool, the collaborative set.
       p: ``(n,)`` normalised client weights.
       row: whether ``x`` is transposed.
+      exponent: ``x`` and ``origin`` are the products times ``2^-exponent``.
 
     Returns:
       ``(clients, global_)``: rank-``r`` factors of ``origin + X̃_i`` per client,
@@ -302,10 +321,11 @@ def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool):
     r = f.A.shape[1]
     _, refined = refine(x, basis, members)
     refined = jnp.swapaxes(refined, 1, 2) if row else refined
-    clients = jax.tree.map(
-        lambda a, like: a.astype(like.dtype),
-        batching.map_matrices(partial(dense_factors, rank=r), origin + refined),
-        f,
+    half = exponent // 2  # exponent is even
+    scaled = batching.map_matrices(partial(dense_factors, rank=r), origin + refined)
+    clients = LoRAFactors(
+        B=times_power_of_two(scaled.B, half).astype(f.B.dtype),
+        A=times_power_of_two(scaled.A, half).astype(f.A.dtype),
     )
     w = jnp.where(members, p, 0.0)
     # Collaborative clients all of weight zero: average them equally; none

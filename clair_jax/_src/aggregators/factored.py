@@ -21,7 +21,12 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from clair_jax._src import validation
-from clair_jax._src.aggregators.base import AggregateResult, Aggregator, factorwise_mean
+from clair_jax._src.aggregators.base import (
+    AggregateResult,
+    Aggregator,
+    factorwise_mean,
+    make_aggregator,
+)
 from clair_jax._src.aggregators.clair_rule import check_rule_options
 from clair_jax._src.clair import factored as fcl
 from clair_jax._src.clair.detection import detection_threshold
@@ -82,7 +87,7 @@ def weighted_product_factored(factors: LoRAFactors, p: Array):
     return _top_product_factors(u, _mm(r_b, r_a.T), v, r, factors.B.dtype)
 
 
-def flexlora_factored() -> Aggregator:
+def flexlora_factored(*, screen: str = "exclude") -> Aggregator:
     """:func:`clair_jax.flexlora` with its aggregation error from the same small SVD.
 
     ``Σ_i p_i B_i A_i = Q_B (R_B R_A^T) Q_A^T`` (thin QRs of ``[p_i B_i]`` and of
@@ -92,9 +97,8 @@ def flexlora_factored() -> Aggregator:
     sign of singular vectors); no ``p x q`` product anywhere.
     """
 
-    def aggregate(clients, global_, weights, round_index, key):
-        del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
+    def core(clients, global_, p, excluded, round_index, key):
+        del excluded, round_index, key
         new_global, diagnostics = {}, {}
         for name, f in clients.items():
             new_global[name], diagnostics[f"aggregation_error/{name}"] = weighted_product_factored(
@@ -104,7 +108,7 @@ def flexlora_factored() -> Aggregator:
         clients_out = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), new_global)
         return AggregateResult(clients_out, new_global, jnp.zeros((n,), bool), diagnostics)
 
-    return Aggregator("flexlora", aggregate)
+    return make_aggregator("flexlora", core, screen=screen)
 
 
 def with_factored_errors(aggregator: Aggregator) -> Aggregator:
@@ -114,12 +118,20 @@ def with_factored_errors(aggregator: Aggregator) -> Aggregator:
     against the returned global adapter, ``aggregation_error_unaligned/<m>``
     (FedRot-LoRA) against the factor-wise mean; the dense values the rule
     computes are unused outputs, which XLA removes from the jitted program.
-    Other diagnostics and the adapters are the rule's own.
+    Other diagnostics and the adapters are the rule's own. The errors use the
+    weights the rule used after screening (``screened/weights``), and the
+    screened-out clients (weight zero) do not enter the factorisations.
     """
 
     def inner(clients, global_, weights, round_index, key, **kw):
         res = aggregator.aggregate(clients, global_, weights, round_index, key, **kw)
-        clients_c, _, p = check_adapters(clients, global_, weights)
+        clients_c, _, p = check_adapters(clients, global_, weights, finite=False)
+        p = res.diagnostics.get("screened/weights", p)
+        live = (p > 0)[:, None, None]
+        clients_c = {
+            k: LoRAFactors(B=jnp.where(live, f.B, 0), A=jnp.where(live, f.A, 0))
+            for k, f in clients_c.items()
+        }
         diagnostics = dict(res.diagnostics)
         for name, f in clients_c.items():
             diagnostics[f"aggregation_error/{name}"] = product_error_factored(
@@ -202,6 +214,7 @@ def clair_aggregator_factored(
     flagged: str = "trained",
     refine_rank: int | str | None = "lora",
     benign_majority: bool = True,
+    screen: str = "exclude",
     **clair_kwargs,
 ) -> Aggregator:
     """:func:`clair_jax.clair_aggregator` on LoRA factors, with no ``p x q`` product.
@@ -243,17 +256,8 @@ def clair_aggregator_factored(
         )
         return (b, a), res
 
-    def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key, start=None) -> AggregateResult:
         del round_index, key
-
-        clients, global_, p = check_adapters(clients, global_, weights)
-        if measure == "update":
-            if start is None:
-                raise ValueError('measure="update" needs start= (the adapters of the round start).')
-            try:
-                start, _, _ = check_adapters(start, global_, weights)
-            except ValueError as err:
-                raise ValueError(f"start (the adapters of the round start): {err}") from None
         n = next(iter(clients.values())).A.shape[0]
         if n < 2:
             raise ValueError(
@@ -293,6 +297,7 @@ def clair_aggregator_factored(
         for name, ((b, a), res, width) in fits.items():
             f = clients[name]
             members = collaborative if detection == "client" else res.collaborative
+            members = members & ~excluded  # screened-out clients join no consensus
             new_clients[name], new_global[name], diagnostics[f"aggregation_error/{name}"] = (
                 _module_outputs(f, b, a, res, width, members, p, row, measure == "update")
             )
@@ -310,7 +315,7 @@ def clair_aggregator_factored(
         }
         return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
-    return Aggregator("clair", aggregate, uses_start=measure == "update")
+    return make_aggregator("clair", core, screen=screen, uses_start=measure == "update")
 
 
 def _module_outputs(f, b, a, res, width, members, p, row, update):

@@ -1,4 +1,14 @@
-"""Byzantine-robust rules on the clients' flattened factors."""
+"""Byzantine-robust rules on the clients' flattened factors.
+
+Every factory takes ``screen=`` (see
+:func:`~clair_jax._src.aggregators.base.make_aggregator`). The rules act on the
+included clients only: the medians, the trimmed means and the Krum scores are
+taken over them (the excluded rows never enter a sort or a distance), and the
+geometric median gives the excluded ones zero weight. Distances are computed
+on rows brought to unit size by a power of two (a safe scale: squared
+distances of finite factors do not overflow), which changes no ranking and no
+minimiser.
+"""
 
 from __future__ import annotations
 
@@ -16,39 +26,42 @@ from clair_jax._src.aggregators.base import (
     Aggregator,
     broadcast_result,
     flatten_clients,
+    make_aggregator,
     selected_mean,
 )
-from clair_jax._src.lora.types import check_adapters
+from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
 
 
-def coordinate_median() -> Aggregator:
+def coordinate_median(*, screen: str = "exclude") -> Aggregator:
     """Coordinate-wise median of the clients' flattened factors (unweighted).
 
-    Every coordinate of ``(B, A)`` over all modules is the median over clients
-    (the mean of the two middle values when ``n`` is even). Flags nobody.
+    Every coordinate of ``(B, A)`` over all modules is the median over the
+    included clients (the mean of the two middle values when their number is
+    even). Flags nobody.
 
     References:
       D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
       Learning: Towards Optimal Statistical Rates", ICML 2018, arXiv:1803.01498.
     """
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, unflatten = flatten_clients(clients)
-        return broadcast_result(clients, unflatten(_median_rows(rows)), p)
+        return broadcast_result(clients, unflatten(_median_rows(rows, excluded)), p)
 
-    return Aggregator("coordinate_median", aggregate)
+    return make_aggregator("coordinate_median", core, screen=screen)
 
 
-def trimmed_mean(beta: float = 0.1) -> Aggregator:
+def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
     """Coordinate-wise β-trimmed mean of the clients' flattened factors (unweighted).
 
-    For every coordinate the ``k = floor(β n)`` largest and ``k`` smallest values
-    over clients are removed and the remaining ``n - 2k`` averaged. Flags nobody.
+    For every coordinate the ``k = floor(β m)`` largest and ``k`` smallest values
+    over the ``m`` included clients are removed and the remaining ``m - 2k``
+    averaged. Flags nobody.
 
     Args:
-      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < n``).
+      beta: fraction trimmed from each side, ``0 <= β < 1/2`` (and ``2k < m``).
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-Robust Distributed
@@ -57,17 +70,23 @@ def trimmed_mean(beta: float = 0.1) -> Aggregator:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0 <= beta < 0.5:
         raise ValueError(f"beta must be a number in [0, 0.5), got {beta!r}.")
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, unflatten = flatten_clients(clients)
         n = rows.shape[0]
-        k = int(np.floor(beta * n))
-        kept = _sorted_rows(rows)[k : n - k]
-        mean = jnp.mean(kept, axis=0) if isinstance(kept, jax.Array) else sum(kept) / len(kept)
-        return broadcast_result(clients, unflatten(mean), p)
+        m = n - jnp.sum(excluded)
+        # k = floor(β m) from a table of the static values (exactly as in float64).
+        k = jnp.asarray(np.floor(beta * np.arange(n + 1)).astype(np.int32))[m]
+        pos = jnp.arange(n)
+        kept = (pos >= k) & (pos < m - k)
+        # Summed at unit size (a power of two), so the sum of finite rows cannot overflow.
+        exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
+        ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
+        total = jnp.sum(jnp.where(kept[:, None], ordered, 0), axis=0)
+        mean = total / jnp.maximum(m - 2 * k, 1).astype(rows.dtype)
+        return broadcast_result(clients, unflatten(times_power_of_two(mean, exponent)), p)
 
-    return Aggregator("trimmed_mean", aggregate)
+    return make_aggregator("trimmed_mean", core, screen=screen)
 
 
 #: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
@@ -110,26 +129,86 @@ def _sorted_rows(rows: Array) -> list[Array] | Array:
     return out[:n]
 
 
-def _median_rows(rows: Array) -> Array:
-    """Median over the client axis of ``(n, d)`` rows (mean of the two middle values)."""
+def _ordered_rows(rows: Array, excluded: Array) -> Array:
+    """``(n, d)``: the included rows sorted along the client axis, then ``+inf`` rows.
+
+    The excluded rows are replaced by ``+inf`` (with ``jnp.where``) before the
+    sort, so the ``m`` included values of every coordinate come first.
+    """
+    rows = jnp.where(excluded[:, None], jnp.inf, rows)
+    ordered = _sorted_rows(rows)
+    return ordered if isinstance(ordered, jax.Array) else jnp.stack(ordered)
+
+
+def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
+    """Median over the client axis of the included ``(n, d)`` rows (mean of the two middle).
+
+    With ``m`` included rows, the mean of the sorted rows ``(m - 1) // 2`` and
+    ``m // 2``; when every row is excluded, zeros (the aggregator keeps the
+    previous global adapter then).
+    """
     n = rows.shape[0]
-    if n > NETWORK_MAX_CLIENTS:
-        return jnp.median(rows, axis=0)
-    s = _sorted_rows(rows)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+    if excluded is None:
+        excluded = jnp.zeros((n,), bool)
+    m = n - jnp.sum(excluded)
+    ordered = _ordered_rows(rows, excluded)
+    lo = ordered[jnp.maximum(m - 1, 0) // 2]
+    hi = ordered[m // 2]
+    return jnp.where(m > 0, 0.5 * lo + 0.5 * hi, 0)  # halves first: no overflow
 
 
-def _squared_distances(rows: Array) -> Array:
-    """``(n, n)`` exact squared Euclidean distances, one row at a time (``O(n d)`` memory)."""
-    return jax.lax.map(lambda x: jnp.sum((rows - x[None, :]) ** 2, axis=1), rows)
+def unit_rows(rows: Array, excluded: Array) -> Array:
+    """The included rows times ``2^-e`` (largest entry in ``[1/2, 1)``), the others zero."""
+    rows = jnp.where(excluded[:, None], 0, rows)
+    return times_power_of_two(rows, -working_exponent(rows))
 
 
-def krum_scores(rows: Array, f: int) -> Array:
-    """Krum scores: sum of squared distances to the ``n - f - 2`` nearest other clients."""
+def scaled_norms(diff: Array) -> Array:
+    """``(n,)`` row norms ``m ||diff / m||`` with ``m`` each row's largest entry.
+
+    Neither overflows nor underflows for finite rows of any magnitude (the
+    squares are of entries in ``[-1, 1]``, the largest equal to 1).
+    """
+    m = jnp.max(jnp.abs(diff), axis=1)
+    scaled = diff / jnp.where(m > 0, m, 1)[:, None]
+    return m * jnp.sqrt(jnp.sum(scaled * scaled, axis=1))
+
+
+def _log_squared_distances(rows: Array) -> Array:
+    """``(n, n)`` logs of the squared Euclidean distances, one row at a time.
+
+    ``2 log ||x_i - x_j||`` from :func:`scaled_norms`, so finite rows of any
+    magnitude give exact finite logs (``-inf`` for equal rows).
+    """
+    return jax.lax.map(lambda x: 2 * jnp.log(scaled_norms(rows - x[None, :])), rows)
+
+
+def krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+    """Krum scores: sum of squared distances to the ``m - f - 2`` nearest other clients.
+
+    Over the ``m`` included clients (the excluded get ``+inf``; with fewer than
+    ``f + 3`` included, one neighbour). ``inf`` where a score exceeds the dtype;
+    rank by :func:`log_krum_scores`, which does not overflow.
+    """
+    return jnp.exp(log_krum_scores(rows, f, excluded))
+
+
+def log_krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+    """Logs of the Krum scores of :func:`krum_scores`, at a safe scale.
+
+    Computed in the log domain (distances from :func:`scaled_norms`, sums by
+    ``logsumexp``), so the ranking is exact for finite factors of any magnitude.
+    """
     n = rows.shape[0]
-    d = _squared_distances(rows)
-    d = jnp.where(jnp.eye(n, dtype=bool), jnp.inf, d)
-    return jnp.sum(jnp.sort(d, axis=1)[:, : n - f - 2], axis=1)
+    if excluded is None:
+        excluded = jnp.zeros((n,), bool)
+    logd = _log_squared_distances(jnp.where(excluded[:, None], 0, rows))
+    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, logd)
+    neighbours = jnp.maximum(n - jnp.sum(excluded) - f - 2, 1)
+    ordered = jnp.sort(logd, axis=1)
+    near = jnp.arange(n)[None, :] < neighbours
+    log_scores = jax.nn.logsumexp(jnp.where(near, ordered, -jnp.inf), axis=1)
+    return jnp.where(excluded, jnp.inf, log_scores)
 
 
 def _check_krum(n: int, f: int, m: int) -> None:
@@ -139,7 +218,7 @@ def _check_krum(n: int, f: int, m: int) -> None:
         raise ValueError(f"multi_krum m={m} is larger than the number of clients n={n}.")
 
 
-def multi_krum(f: int, m: int) -> Aggregator:
+def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
     """Multi-Krum: average the ``m`` clients with the lowest Krum scores.
 
     On the clients' flattened factors ``x_i`` (all modules), the score of client
@@ -147,11 +226,15 @@ def multi_krum(f: int, m: int) -> Aggregator:
     clients; the ``m`` lowest-scoring clients (ties broken by index) are averaged
     factor-wise with their weights renormalised, and the others are flagged.
     ``m = 1`` is Krum. Scores are computed once (Blanchard et al.'s Multi-Krum),
-    not by repeated Krum. Needs ``n >= 2f + 3``. Diagnostics: ``krum/scores``.
+    not by repeated Krum. Needs ``n >= 2f + 3``. Screened-out clients take no
+    part: the scores count the included clients' neighbours among the included
+    (at least one neighbour when screening leaves fewer than ``2f + 3``), and
+    at most the included clients are selected. Diagnostics: ``krum/scores``.
 
     Args:
       f: assumed number of Byzantine clients, ``f >= 0``.
       m: number of clients averaged, ``1 <= m <= n``.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
@@ -162,14 +245,15 @@ def multi_krum(f: int, m: int) -> Aggregator:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}.")
     f, m = int(f), int(m)
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
         rows, _ = flatten_clients(clients)
         n = rows.shape[0]
         _check_krum(n, f, m)
-        scores = krum_scores(rows, f)
-        selected = jnp.zeros((n,), bool).at[jnp.argsort(scores, stable=True)[:m]].set(True)
+        log_scores = log_krum_scores(rows, f, excluded)
+        scores = jnp.exp(log_scores)
+        selected = jnp.zeros((n,), bool).at[jnp.argsort(log_scores, stable=True)[:m]].set(True)
+        selected = selected & ~excluded
         w = jnp.where(selected, p, 0.0)
         # All selected weights zero (zero-weight clients): average them equally.
         w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
@@ -177,10 +261,10 @@ def multi_krum(f: int, m: int) -> Aggregator:
         new_global = {name: selected_mean(fac, w, selected) for name, fac in clients.items()}
         return broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
 
-    return Aggregator("krum" if m == 1 else "multi_krum", aggregate)
+    return make_aggregator("krum" if m == 1 else "multi_krum", core, screen=screen)
 
 
-def krum(f: int) -> Aggregator:
+def krum(f: int, *, screen: str = "exclude") -> Aggregator:
     """Krum: the single client with the lowest Krum score (see :func:`multi_krum`).
 
     The global adapter is that client's factors; every other client is flagged.
@@ -189,13 +273,16 @@ def krum(f: int) -> Aggregator:
       P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer, "Machine Learning
       with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017.
     """
-    return multi_krum(f, 1)
+    return multi_krum(f, 1, screen=screen)
 
 
-def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6) -> Aggregator:
+def geometric_median(
+    *, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6, screen: str = "exclude"
+) -> Aggregator:
     """Weighted geometric median of the flattened factors by smoothed Weiszfeld (RFA).
 
-    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``) by the iteration
+    Minimises ``Σ_i α_i max(ν, ||v - x_i||)`` (``α_i = p_i``, zero for excluded
+    clients) by the iteration
 
     .. math::
 
@@ -203,9 +290,14 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
         v \\leftarrow \\frac{\\sum_i β_i x_i}{\\sum_i β_i},
 
     from the weighted mean, until ``||Δv|| <= tol · ||v||`` or ``max_iter``
-    iterations. Flags nobody. Diagnostics: ``geometric_median/num_iters``,
-    ``geometric_median/converged`` and the final normalised ``β``
-    (``geometric_median/weights``, small for far-away clients).
+    iterations. The iteration runs on the rows (and ``ν``) brought to unit size
+    by a power of two, and each distance is computed with its difference scaled
+    to unit size (:func:`scaled_norms`), so distances of finite factors neither
+    overflow nor underflow; the minimiser scales back exactly. Flags nobody. Diagnostics:
+    ``geometric_median/num_iters``, ``geometric_median/converged`` (False when
+    the iterations ran out before the tolerance, or the iterate is not finite)
+    and the final normalised ``β`` (``geometric_median/weights``, small for
+    far-away clients).
 
     Args:
       nu: smoothing ``ν > 0`` (guards the division when ``v`` hits a client).
@@ -214,6 +306,7 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
         all below ``ν`` the rule returns the weighted mean.
       max_iter: iteration cap.
       tol: relative change at which to stop.
+      screen: ``"exclude"``, ``"raise"`` or ``"off"``.
 
     References:
       K. Pillutla, S. M. Kakade, Z. Harchaoui, "Robust Aggregation for Federated
@@ -223,37 +316,46 @@ def geometric_median(*, nu: float = 1e-6, max_iter: int = 100, tol: float = 1e-6
     tol = validation.check_positive_float(tol, "tol")
     max_iter = validation.check_positive_int(max_iter, "max_iter")
 
-    def aggregate(clients, global_, weights, round_index, key) -> AggregateResult:
+    def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        clients, global_, p = check_adapters(clients, global_, weights)
-        rows, unflatten = flatten_clients(clients)
+        raw, unflatten = flatten_clients(clients)
+        exponent = working_exponent(jnp.where(excluded[:, None], 0, raw))
+        rows = unit_rows(raw, excluded)
+        tiny = jnp.finfo(rows.dtype).tiny
+        nu_scaled = jnp.maximum(times_power_of_two(jnp.asarray(nu, rows.dtype), -exponent), tiny)
+        alpha = p.astype(rows.dtype)
 
         def beta(v):
-            dist = jnp.sqrt(jnp.sum((rows - v[None, :]) ** 2, axis=1))
-            return p / jnp.maximum(dist, nu)
+            dist = scaled_norms(rows - v[None, :])
+            return alpha / jnp.maximum(dist, nu_scaled)
 
         def step(v):
             b = beta(v)
             return jnp.einsum("n,nd->d", b / jnp.sum(b), rows, precision=HIGHEST)
 
+        def norm(x):  # at a safe scale: ||v|| can be far below 1 on the scaled rows
+            return scaled_norms(x[None, :])[0]
+
         def cond(state):
             v, change, it = state
-            return (it < max_iter) & (change > tol * jnp.linalg.norm(v))
+            return (it < max_iter) & (change > tol * norm(v))
 
         def body(state):
             v, _, it = state
             new = step(v)
-            return new, jnp.linalg.norm(new - v), it + 1
+            return new, norm(new - v), it + 1
 
-        v0 = jnp.einsum("n,nd->d", p, rows, precision=HIGHEST)
+        v0 = jnp.einsum("n,nd->d", alpha, rows, precision=HIGHEST)
         init = (v0, jnp.asarray(jnp.inf, rows.dtype), jnp.zeros((), jnp.int32))
         v, change, it = jax.lax.while_loop(cond, body, init)
         b = beta(v)
+        converged = (change <= tol * norm(v)) & jnp.all(jnp.isfinite(v))
         extra = {
             "geometric_median/num_iters": it,
-            "geometric_median/converged": change <= tol * jnp.linalg.norm(v),
+            "geometric_median/converged": converged,
             "geometric_median/weights": b / jnp.sum(b),
         }
-        return broadcast_result(clients, unflatten(v), p, extra=extra)
+        median = unflatten(times_power_of_two(v, exponent))
+        return broadcast_result(clients, median, p, extra=extra)
 
-    return Aggregator("geometric_median", aggregate)
+    return make_aggregator("geometric_median", core, screen=screen)

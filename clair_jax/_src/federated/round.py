@@ -21,6 +21,19 @@ updated) and an :class:`~clair_jax.Aggregator`. In a round:
 4. the aggregator combines the participants' adapters into the next global
    adapter and the adapters participants start the next round from.
 
+One client cannot stop the round or poison the state. The built-in rules
+screen what clients send (:mod:`~clair_jax._src.aggregators.screening`): a
+client whose adapter is non-finite (``update_scale=nan``, a local training that
+diverged, out-of-vocabulary targets, which make its loss NaN) or far larger than
+the others' is excluded, flagged and reported in ``RoundMetrics.screened``; the
+round goes on for the others. The round then refuses to commit a non-finite
+state, whatever the aggregator: a participant whose next adapter would be
+non-finite starts from the global adapter instead, and a non-finite global
+adapter is not committed (the previous one is kept, ``RoundMetrics.refused`` is
+True, and the participant with the largest or non-finite adapter is named with
+reason ``"non-finite result"``). A screened-out client starts the next round
+from the global adapter (the built-in rules give it that adapter).
+
 Clients that did not take part keep their adapter, except under a broadcast
 rule (one whose per-client output equals its global adapter for every
 participant, e.g. FedIT), where they receive the new global adapter too.
@@ -43,6 +56,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from clair_jax._src import validation
+from clair_jax._src.aggregators import screening
 from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
 from clair_jax._src.federated.attacks import attack
@@ -80,14 +94,49 @@ class RoundMetrics(NamedTuple):
     Attributes:
       participants: ``(k,)`` int32 indices of the clients that took part (sorted).
       local_losses: ``(k, local_steps)`` each participant's minibatch loss per step.
-      flagged: ``(n,)`` bool, clients the aggregator flagged this round.
-      diagnostics: the aggregator's diagnostics.
+      flagged: ``(n,)`` bool, clients the aggregator flagged this round (the
+        screened-out ones included).
+      diagnostics: the aggregator's diagnostics (the built-in rules' include
+        ``screened/*`` over the participants, see
+        :func:`~clair_jax._src.aggregators.base.make_aggregator`).
+      screened: ``(n,)`` int32 screening reason of every client (0: not
+        screened out, or did not take part), codes into
+        :data:`~clair_jax._src.aggregators.screening.REASONS`; render them with
+        :func:`describe_screening`.
+      refused: bool scalar, the round kept the previous global adapter because
+        the new one was non-finite (or no included client had a positive weight).
     """
 
     participants: Int[Array, " k"]
     local_losses: Float[Array, "k s"]
     flagged: Bool[Array, " n"]
     diagnostics: dict[str, Array]
+    screened: Int[Array, " n"] | None = None
+    refused: Bool[Array, ""] | None = None
+
+
+def describe_screening(metrics: RoundMetrics, module_names=()) -> list[str]:
+    """One line per client screened out this round, e.g. ``"client 3: non-finite B in
+    module 'w'"``.
+
+    Args:
+      metrics: a round's :class:`RoundMetrics`.
+      module_names: the adapter's module names (e.g. ``state.global_.keys()``),
+        to name the module of a non-finite factor.
+
+    Returns:
+      The lines, in client order (empty when nobody was screened out).
+    """
+    if metrics.screened is None:
+        return []
+    n = np.asarray(metrics.screened).shape[0]
+    idx = np.asarray(metrics.participants)
+    module = np.full(n, -1)
+    factor = np.full(n, -1)
+    if "screened/module" in metrics.diagnostics:
+        module[idx] = np.asarray(metrics.diagnostics["screened/module"])
+        factor[idx] = np.asarray(metrics.diagnostics["screened/factor"])
+    return screening.describe(metrics.screened, module, factor, list(module_names))
 
 
 def init_server_state(adapters: Adapters, num_clients: int) -> ServerState:
@@ -117,6 +166,27 @@ def init_server_state(adapters: Adapters, num_clients: int) -> ServerState:
 def _take(tree, idx):
     """Every leaf indexed by ``idx`` along its leading axis."""
     return jax.tree.map(lambda x: x[idx], tree)
+
+
+def _all_finite(tree) -> Bool[Array, ""]:
+    """Whether every leaf of ``tree`` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _finite_rows(stacked) -> Bool[Array, " k"]:
+    """Per client (leading axis), whether all its entries are finite."""
+    leaves = jax.tree.leaves(stacked)
+    return jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]),
+        axis=0,
+    )
+
+
+def _largest_entry(stacked) -> Float[Array, " k"]:
+    """Per client, its largest absolute entry (``inf`` for a non-finite one)."""
+    leaves = jax.tree.leaves(stacked)
+    big = [jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
+    return jnp.nan_to_num(jnp.max(jnp.stack(big), axis=0), nan=jnp.inf)
 
 
 def _is_broadcast(result_clients: Adapters, result_global: Adapters) -> Bool[Array, ""]:
@@ -219,6 +289,7 @@ def make_round(
         steps=local_steps,
         batch_size=batch_size,
         frozen_factor=aggregator.frozen_factor,
+        strict=False,  # a client's bad targets make its update NaN: screened, not fatal
     )
 
     def train_one(base, start, x, y, w, key):
@@ -248,8 +319,29 @@ def make_round(
             result = aggregator.aggregate(*args, start=start)
         else:
             result = aggregator.aggregate(*args)
-        result_clients = jax.tree.map(jnp.asarray, dict(result.clients))
+        result_clients = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.clients.items()}
         new_global = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.global_.items()}
+        # Commit guard: never a non-finite global adapter or next client adapter.
+        committed = _all_finite(new_global)
+        new_global = jax.tree.map(
+            lambda a, b: jnp.where(committed, a, b), new_global, dict(state.global_)
+        )
+        rows_ok = _finite_rows(result_clients)
+        result_clients = {
+            k: LoRAFactors(
+                B=jnp.where(rows_ok[:, None, None], f.B, new_global[k].B[None]),
+                A=jnp.where(rows_ok[:, None, None], f.A, new_global[k].A[None]),
+            )
+            for k, f in result_clients.items()
+        }
+        k_part = idx.shape[0]
+        reason = jnp.asarray(
+            result.diagnostics.get("screened/reason", jnp.zeros((k_part,), jnp.int32)), jnp.int32
+        )
+        blame = (jnp.arange(k_part) == jnp.argmax(_largest_entry(sent))) & ~committed
+        late = jnp.where(~rows_ok | blame, screening.NON_FINITE_RESULT, screening.OK)
+        reason = jnp.where(reason > 0, reason, late).astype(jnp.int32)
+        refused = ~committed | jnp.asarray(result.diagnostics.get("screened/refused", False))
         if idx.shape[0] == n:
             clients = result_clients
         else:
@@ -260,7 +352,10 @@ def make_round(
                 new_global,
             )
             clients = jax.tree.map(lambda c, r: c.at[idx].set(r), kept, result_clients)
-        flagged = jnp.zeros((n,), bool).at[idx].set(jnp.asarray(result.flagged, bool))
+        flagged = (
+            jnp.zeros((n,), bool).at[idx].set(jnp.asarray(result.flagged, bool) | (reason > 0))
+        )
+        screened = jnp.zeros((n,), jnp.int32).at[idx].set(reason)
         new_state = ServerState(
             round=state.round + 1,
             global_=new_global,
@@ -268,7 +363,8 @@ def make_round(
             flag_counts=state.flag_counts + flagged.astype(jnp.int32),
             participation_counts=state.participation_counts.at[idx].add(1),
         )
-        return new_state, RoundMetrics(idx, losses, flagged, dict(result.diagnostics))
+        metrics = RoundMetrics(idx, losses, flagged, dict(result.diagnostics), screened, refused)
+        return new_state, metrics
 
     def constrain(tree):
         if client_sharding is None:
@@ -299,6 +395,17 @@ def make_round(
                 flag_counts=constrain(new_state.flag_counts),
                 participation_counts=constrain(new_state.participation_counts),
             )
+            if isinstance(client_sharding, jax.sharding.NamedSharding):
+                # The global adapter stays replicated (the commit guard selects between
+                # the new and the previous one, which GSPMD may otherwise split).
+                full = jax.sharding.NamedSharding(
+                    client_sharding.mesh, jax.sharding.PartitionSpec()
+                )
+                new_state = new_state._replace(
+                    global_=jax.tree.map(
+                        lambda x: jax.lax.with_sharding_constraint(x, full), new_state.global_
+                    )
+                )
         return new_state, metrics
 
     if client_map == "vmap":

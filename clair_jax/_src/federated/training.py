@@ -30,7 +30,11 @@ class Evaluation(NamedTuple):
 
 
 def masked_cross_entropy(
-    logits: Float[Array, "... t v"], targets: Int[Array, "... t"], mask: Float[Array, "... t"]
+    logits: Float[Array, "... t v"],
+    targets: Int[Array, "... t"],
+    mask: Float[Array, "... t"],
+    *,
+    strict: bool = True,
 ) -> Float[Array, ""]:
     """``Σ mask * CE(logits, targets) / Σ mask`` (0 when the mask is empty).
 
@@ -40,19 +44,28 @@ def masked_cross_entropy(
       logits: ``(..., t, vocab)`` logits.
       targets: ``(..., t)`` int targets, in ``[0, vocab)`` where ``mask != 0``.
       mask: ``(..., t)`` non-negative weights.
+      strict: raise on a target out of range; with False the loss (and so every
+        gradient) is NaN instead, which is what a federated round wants: the
+        client's non-finite update is screened out and the round goes on.
 
     Returns:
       The weighted mean cross-entropy, a scalar.
 
     Raises:
-      ValueError: a target outside ``[0, vocab)`` where ``mask != 0`` (traced: a
-        runtime error rather than a NaN loss).
+      ValueError: with ``strict``, a target outside ``[0, vocab)`` where
+        ``mask != 0`` (traced: a runtime error rather than a NaN loss).
     """
-    targets = validation.check_indices(
-        jnp.where(mask != 0, targets, 0), logits.shape[-1], "targets (where mask != 0)"
-    )
+    vocab = logits.shape[-1]
+    targets = jnp.where(mask != 0, targets, 0)
+    if strict:
+        targets = validation.check_indices(targets, vocab, "targets (where mask != 0)")
+        poison = 1.0
+    else:
+        bad = (targets < 0) | (targets >= vocab)
+        poison = jnp.where(jnp.any(bad), jnp.nan, 1.0)  # a product: NaN reaches the gradients
+        targets = jnp.where(bad, 0, targets)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return weighted_mean(ce, mask)
+    return weighted_mean(ce, mask) * poison
 
 
 def weighted_mean(values: Array, weights: Array) -> Array:
@@ -118,6 +131,7 @@ def local_train(
     steps: int,
     batch_size: int,
     frozen_factor: str | None = None,
+    strict: bool = True,
 ) -> tuple[Adapters, Float[Array, " s"]]:
     """One client's local fine-tuning of its adapters (base frozen), a pure function.
 
@@ -139,6 +153,11 @@ def local_train(
       steps: optimiser steps.
       batch_size: examples per step.
       frozen_factor: ``"A"``, ``"B"`` or None.
+      strict: raise on an out-of-range token or target; with False such a
+        client's loss, and so its trained adapter, is NaN (see
+        :func:`masked_cross_entropy`; :func:`clair_jax.make_round` uses False,
+        and screens the client out). Without ``strict`` input tokens are checked
+        against the logits' size (a language model's vocabulary).
 
     Returns:
       The trained adapters and the ``(steps,)`` minibatch losses (before each step).
@@ -157,11 +176,19 @@ def local_train(
     m = inputs.shape[0]
     trainable, fixed = partition_adapters(adapters, frozen_factor)
     opt_state = optimizer.init(trainable)
+    poison = 1.0
+    if not strict:  # out-of-vocabulary tokens: a NaN loss (screened out), not an error
+        vocab = jax.eval_shape(
+            lambda: lora.apply_lora(graphdef, base, adapters, jnp.zeros_like(inputs[:1]))
+        ).shape[-1]
+        bad = (inputs < 0) | (inputs >= vocab)
+        poison = jnp.where(jnp.any(bad), jnp.nan, 1.0)
+        inputs = jnp.where(bad, 0, inputs)
 
     def loss_fn(params, batch):
         x, y, w = batch
         logits = lora.apply_lora(graphdef, base, combine_adapters(params, fixed, frozen_factor), x)
-        return masked_cross_entropy(logits, y, w)
+        return masked_cross_entropy(logits, y, w, strict=strict) * poison
 
     def step(carry, step_key):
         params, opt_state = carry

@@ -41,7 +41,11 @@ Adapters = dict[str, LoRAFactors]
 
 
 def check_adapters(
-    clients: Mapping[str, LoRAFactors], global_: Mapping[str, LoRAFactors], weights
+    clients: Mapping[str, LoRAFactors],
+    global_: Mapping[str, LoRAFactors],
+    weights,
+    *,
+    finite: bool = True,
 ) -> tuple[Adapters, Adapters, Array]:
     """Checks stacked client adapters against the global one; returns them and ``p``.
 
@@ -50,6 +54,10 @@ def check_adapters(
         dicts / 2-tuples).
       global_: ``{module: LoRAFactors(B (p, r), A (r, q))}`` with the same modules.
       weights: ``(n,)`` non-negative client weights, not all zero, or None (equal).
+      finite: reject NaN/inf in the clients' factors. The aggregation rules pass
+        False: a non-finite client is screened out
+        (:mod:`~clair_jax._src.aggregators.screening`), not a reason to stop the
+        round. ``global_`` (the server's own state) is always checked.
 
     Returns:
       ``(clients, global_, p)``: the factors as arrays of one dtype per module,
@@ -57,8 +65,9 @@ def check_adapters(
 
     Raises:
       ValueError: different module names, shapes that do not fit together, bad
-        weights, or NaN/inf in a factor (traced factors: a runtime error with the
-        same message); the message names the module and the shapes.
+        weights, or NaN/inf in ``global_`` (or, with ``finite``, in a client's
+        factor; traced factors: a runtime error with the same message); the
+        message names the module and the shapes.
       TypeError: non-mappings or non-numeric factors.
     """
     if not isinstance(clients, Mapping) or not isinstance(global_, Mapping):
@@ -79,7 +88,7 @@ def check_adapters(
         try:
             b, a = _factors(clients[name], f"clients[{name!r}]")
             b_g, a_g = _factors(global_[name], f"global_[{name!r}]")
-            a, b, a_g, b_g = check_factors(a, b, a_g, b_g, None, " of global_")
+            a, b, a_g, b_g = check_factors(a, b, a_g, b_g, None, " of global_", finite=finite)
         except ValueError as err:
             raise ValueError(f"module {name!r}: {err}") from None
         if n is None:
@@ -104,7 +113,9 @@ def _factors(f, where: str) -> tuple:
     raise TypeError(f"{where} must be LoRAFactors(B, A), got {type(f).__name__}.")
 
 
-def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
+def check_factors(
+    A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref", *, finite: bool = True
+):
     """Converts and checks stacked factors and (optional) references.
 
     Args:
@@ -114,6 +125,7 @@ def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
       B_ref: ``(p, r)`` reference or None.
       factor: the reference that must be present (``"A"``, ``"B"`` or None).
       suffix: appended to ``"A"``/``"B"`` in the references' error messages.
+      finite: reject NaN/inf in ``A`` and ``B`` (the references are always checked).
 
     Returns:
       ``(A, B, A_ref, B_ref)`` as arrays of one float dtype (references may be None).
@@ -146,7 +158,8 @@ def check_factors(A, B, A_ref, B_ref, factor: str | None, suffix: str = "_ref"):
         )
     if min(n, p, r, q) < 1:
         raise ValueError(f"A and B must be non-empty, got A {tuple(a.shape)}, B {tuple(b.shape)}.")
-    a, b = validation.check_finite(a, "A"), validation.check_finite(b, "B")
+    if finite:
+        a, b = validation.check_finite(a, "A"), validation.check_finite(b, "B")
     out = []
     for name, ref, shape in ((f"A{suffix}", A_ref, (r, q)), (f"B{suffix}", B_ref, (p, r))):
         if ref is None:
