@@ -74,6 +74,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from clair_jax._src import validation
 from clair_jax._src.clair.base import ClairResult, Config
+from clair_jax._src.clair.consensus import CONSENSUS_CHOICES
 from clair_jax._src.clair.core import clair_core
 from clair_jax._src.clair.detection import screen
 from clair_jax._src.clair.noise import typical_size
@@ -98,6 +99,7 @@ def clair(
     refit: bool = True,
     noise_passes: int = 4,
     benign_majority: bool = False,
+    consensus: str = "robust",
     method: str = "admm",
     tol: float = 1e-6,
     max_iter: int = 2000,
@@ -194,6 +196,7 @@ def clair(
             )
     max_rank = full if max_rank is None else _check_rank(max_rank, "max_rank", full, (n, p, q))
     validation.check_choice(contaminated, "contaminated", CONTAMINATED_CHOICES)
+    validation.check_choice(consensus, "consensus", CONSENSUS_CHOICES)
     for flag, name in ((benign_majority, "benign_majority"), (offset, "offset"), (refit, "refit")):
         validation.check_bool(flag, name)
     if isinstance(noise_passes, bool) or not isinstance(noise_passes, int):
@@ -222,6 +225,7 @@ def clair(
         noise_passes=noise_passes,
         given_noise=noise_scale is not None,
         benign_majority=bool(benign_majority),
+        consensus=consensus,
         solver=(
             ("method", method),
             ("tol", tol),
@@ -280,6 +284,8 @@ def _scaled(res: ClairResult, exponent: Array) -> ClairResult:
                 "lam_nuc",
                 "lam_block",
                 "block_norms",
+                "inside_scores",
+                "inside_threshold",
             )
         },
         decomposition=rescaled(res.decomposition, exponent),
