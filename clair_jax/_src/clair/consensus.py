@@ -2,16 +2,20 @@
 
 Two rules of :func:`clair_jax.clair` with ``consensus="robust"`` (the default):
 
-* **Shared directions** (:func:`shared_directions`). Today's rank rule keeps the
-  singular directions ``u_j`` of ``Z = [Z_1 .. Z_n]`` with ``s_j > λ_*``, i.e.
-  ``mean_i E_ij > λ_*^2 / n`` with ``E_ij = ||u_j^T Z_i||^2`` the energy of
-  client ``i`` along ``u_j`` (``s_j^2 = Σ_i E_ij``). A small coordinated group
-  sending updates in its own subspace passes this test (its energy is large)
-  and is absorbed into the shared subspace. The robust rule also asks the
-  *median* client to carry the direction: ``median_i E_ij > λ_*^2 / n``. A
-  direction carried by fewer than half of the clients has a median energy at
-  the noise level and is left out, so the group's updates fall outside ``Û``
-  and their off-subspace scores flag them.
+* **Shared directions** (:func:`shared_directions`). The rank rule keeps the
+  singular directions of ``Z = [Z_1 .. Z_n]`` with ``s_j > λ_*``: a measure of
+  energy, which a small coordinated group sending large updates in its own
+  subspace passes, so that its directions join ``Û`` and its off-subspace
+  scores stay small. The robust rule keeps, inside that span, the directions
+  that *more than half of the clients carry*: each client votes with the
+  projector ``P_i`` onto its own significant directions (singular values of
+  its coordinates above the rank rule's per-client threshold ``λ_* / sqrt(n)``),
+  and the shared directions are the eigenvectors of ``mean_i P_i`` with
+  eigenvalue above ``1/2`` (the fraction of clients carrying the direction,
+  when the clients' subspaces are nested or orthogonal). Each client has one
+  vote whatever its size, so the group's directions, carried by fewer than
+  half of the clients, are left out and the group is flagged by its
+  off-subspace scores.
 * **Detection inside the subspace** (:func:`inside_scores`). Attackers whose
   updates lie inside the shared subspace (a coordinated ``-3x`` the benign
   update, a scaled copy) have small off-subspace scores. Their coordinates
@@ -20,7 +24,8 @@ Two rules of :func:`clair_jax.clair` with ``consensus="robust"`` (the default):
   of the collaborative clients' coordinates (:func:`geometric_median`,
   breakdown point 1/2), and is flagged when ``e_i`` exceeds the robust
   threshold of :func:`~clair_jax._src.clair.detection.detection_threshold`
-  (median + 3.5 robust spreads of the collaborative scores). Clients whose
+  on the collaborative clients' scores, with ``z = INSIDE_Z = 5`` robust
+  spreads instead of 3.5. Clients whose
   in-subspace coefficients legitimately differ (benign heterogeneity) spread
   the scores and raise the threshold with them; only the outliers of that
   spread are flagged.
@@ -40,6 +45,11 @@ from jaxtyping import Array
 
 from clair_jax._src.clair.detection import detection_threshold
 
+#: Robust z-score of the threshold inside the subspace (wider than the off-subspace
+#: one: benign clients differ legitimately inside the subspace, and few clients
+#: give a noisy MAD).
+INSIDE_Z = 5.0
+
 #: Weiszfeld iterations of the geometric median of the coordinates.
 WEISZFELD_ITERS = 64
 
@@ -52,41 +62,55 @@ WEISZFELD_NU = 1e-6
 CONSENSUS_CHOICES = ("robust", "rank", "mean")
 
 
-def direction_energies(blocks: Array, u: Array) -> Array:
-    """``(n, k)`` energies ``E_ij = ||u_j^T B_i||^2`` of every client along every column."""
-    return jnp.sum(jnp.einsum("pk,npq->nkq", u, blocks) ** 2, axis=2)
-
-
 def shared_directions(
     u: Array, s: Array, blocks: Array, members: Array, lam: Array, width: int, robust: bool
 ) -> tuple[Array, Array]:
-    """Columns of ``u`` kept as shared directions, moved to the front, and their number.
+    """The shared basis (columns, zero-padded to ``width``) and its rank.
 
-    Direction ``j`` is kept when ``s_j > λ`` and, with ``robust``, when the
-    median over ``members`` of ``E_ij`` exceeds ``λ^2 / |members|`` (module
-    docstring). Kept columns keep their order; at most ``width`` are kept.
+    Today's rule keeps the leading columns ``u_j`` with ``s_j > λ``. With
+    ``robust`` the kept span ``Ũ`` is narrowed to the directions that more than
+    half of the ``members`` carry (module docstring): client ``i``'s directions
+    are the eigenvectors of ``Y_i Y_i^T`` (``Y_i = Ũ^T B_i``) with eigenvalues
+    above ``λ^2 / |members|`` (per client, the rank rule's threshold), ``P_i``
+    their projector, and the kept directions are the eigenvectors of
+    ``P̄ = mean_{i ∈ members} P_i`` with eigenvalue above ``1/2``, re-ordered by
+    the members' energy along them. When no direction is carried by a majority
+    (a benign client spanning only part of the subspace, or a majority of empty
+    updates) today's span is kept.
 
     Args:
-      u: ``(p, width)`` left singular vectors of the members' blocks.
+      u: ``(p, width)`` left singular vectors of the blocks (descending ``s``).
       s: singular values (descending, at least ``width`` of them).
       blocks: ``(n, p, q)`` the blocks ``u`` and ``s`` came from.
-      members: ``(n,)`` bool, the clients the median runs over.
+      members: ``(n,)`` bool, the clients that vote.
       lam: the threshold ``λ`` on the singular values.
       width: columns of ``u`` (static).
-      robust: whether to ask for the median client too (static).
+      robust: whether to narrow the span to majority directions (static).
 
     Returns:
-      ``(u', rank)``: ``u`` with the kept columns first (the caller masks the
-      rest) and the int32 number kept.
+      ``(basis, rank)``: ``(p, width)`` columns, the first ``rank`` spanning the
+      shared subspace (the caller masks the rest), and the int32 rank.
     """
     keep = s[:width] > lam
-    if robust:
-        count = jnp.maximum(jnp.sum(members), 1).astype(u.dtype)
-        energy = direction_energies(blocks, u)  # (n, width)
-        typical = jnp.nanmedian(jnp.where(members[:, None], energy, jnp.nan), axis=0)
-        keep = keep & (typical > lam**2 / count)
-    order = jnp.argsort(jnp.where(keep, 0, 1), stable=True)
-    return u[:, order], jnp.sum(keep).astype(jnp.int32)
+    rank = jnp.sum(keep).astype(jnp.int32)
+    if not robust:
+        return u, rank
+    masked = u * keep[None, :]
+    count = jnp.maximum(jnp.sum(members), 1).astype(u.dtype)
+    y = jnp.einsum("pk,npq->nkq", masked, blocks)
+    gram = jnp.einsum("nkq,njq->nkj", y, y)
+    evals, evecs = jnp.linalg.eigh(gram)  # per client, ascending
+    own = (evals > lam**2 / count) & members[:, None]
+    mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
+    share, dirs = jnp.linalg.eigh(mean_proj)
+    majority = share > 0.5
+    kept = jnp.matmul(masked, dirs * majority[None, :])  # (p, width), zero columns elsewhere
+    # Order the kept directions by the members' energy along them (SVD order).
+    c = jnp.einsum("pk,npq->nkq", kept, blocks * members[:, None, None])
+    energy, rot = jnp.linalg.eigh(jnp.einsum("nkq,njq->kj", c, c))
+    ordered = jnp.matmul(kept, rot[:, ::-1])
+    votes = jnp.sum(majority).astype(jnp.int32)
+    return jnp.where(votes > 0, ordered, u), jnp.where(votes > 0, votes, rank)
 
 
 def geometric_median(points: Array, members: Array, iters: int = WEISZFELD_ITERS) -> Array:
@@ -109,11 +133,11 @@ def geometric_median(points: Array, members: Array, iters: int = WEISZFELD_ITERS
     start = jnp.nanmedian(jnp.where(members[:, None], points, jnp.nan), axis=0)
     dist0 = jnp.linalg.norm(points - start[None], axis=1)
     typical = jnp.nanmedian(jnp.where(members, dist0, jnp.nan))
-    nu = WEISZFELD_NU * jnp.maximum(typical, jnp.finfo(points.dtype).tiny)
+    nu = jnp.maximum(WEISZFELD_NU * typical, jnp.finfo(points.dtype).tiny)
 
     def step(_, z):
         dist = jnp.linalg.norm(points - z[None], axis=1)
-        w = jnp.where(members, 1.0 / jnp.maximum(dist, nu), 0.0)
+        w = jnp.where(members, nu / jnp.maximum(dist, nu), 0.0)  # in (0, 1]: no overflow
         return jnp.einsum("n,nd->d", w, points) / jnp.sum(w)
 
     return jax.lax.fori_loop(0, iters, step, start)
@@ -141,5 +165,5 @@ def inside_detection(coords: Array, members: Array, sigma: Array) -> tuple[Array
       ``(n,)`` scores ``e_i`` and ``τ_in``.
     """
     scores = inside_scores(coords, members)
-    tau = detection_threshold(jnp.where(members, scores, jnp.inf), sigma)
+    tau = detection_threshold(jnp.where(members, scores, jnp.inf), sigma, z=INSIDE_Z)
     return scores <= tau, scores, tau

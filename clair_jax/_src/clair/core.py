@@ -13,7 +13,7 @@ from jaxtyping import Array
 from clair_jax._src.clair.base import ClairResult, Config
 from clair_jax._src.clair.consensus import inside_detection
 from clair_jax._src.clair.detection import detection_threshold
-from clair_jax._src.clair.noise import NOISE_FLOOR, lambdas, spectral_noise_scale
+from clair_jax._src.clair.noise import NOISE_FLOOR, client_sizes, lambdas, spectral_noise_scale
 from clair_jax._src.clair.refinement import (
     Fit,
     fit_from_decomposition,
@@ -171,7 +171,9 @@ def clair_core(
     if cfg.consensus == "robust":
         # Step 4b: detection inside the subspace, on the coordinates Û^T (X_i - c).
         coords = jnp.einsum("pk,npq->nkq", fit.basis, x - fit.center[None])
-        members = collaborative & ~screened
+        # Clients sending nothing (zero updates; with an offset, the common part
+        # unchanged) do not vote on the consensus, as they do not set the typical size.
+        members = collaborative & ~screened & (client_sizes(x, cfg.offset) > 0)
         inliers, inside_scores, inside_tau = inside_detection(coords, members, sigma_hat)
         collaborative = collaborative & inliers
 
