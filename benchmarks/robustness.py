@@ -58,8 +58,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import clair_jax as cj  # noqa: E402
 from _environment import environment  # noqa: E402
+
+import clair_jax as cj  # noqa: E402
 from clair_jax._src.federated.attacks import attack  # noqa: E402
 
 KINDS = (
@@ -254,9 +255,7 @@ def markdown(results: dict) -> str:
         row = []
         for kind in KINDS:
             vals = [
-                grid[rule][kind][f"{f:g}"].get("f1")
-                for f in results["fractions"]
-                if 0 < f <= 0.45
+                grid[rule][kind][f"{f:g}"].get("f1") for f in results["fractions"] if 0 < f <= 0.45
             ]
             if any(v is None for v in vals) or not vals:
                 row.append("refused")
