@@ -71,7 +71,8 @@ def shared_directions(
     ``robust`` the kept span ``Ũ`` is narrowed to the directions that more than
     half of the ``members`` carry (module docstring): client ``i``'s directions
     are the eigenvectors of ``Y_i Y_i^T`` (``Y_i = Ũ^T B_i``) with eigenvalues
-    above ``λ^2 / |members|`` (per client, the rank rule's threshold), ``P_i``
+    above ``λ^2 / |members|`` (per client, the rank rule's threshold) and above
+    ``10 width eps`` times the client's largest (rounding), ``P_i``
     their projector, and the kept directions are the eigenvectors of
     ``P̄ = mean_{i ∈ members} P_i`` with eigenvalue above ``1/2``, re-ordered by
     the members' energy along them. When no direction is carried by a majority
@@ -100,7 +101,9 @@ def shared_directions(
     y = jnp.einsum("pk,npq->nkq", masked, blocks)
     gram = jnp.einsum("nkq,njq->nkj", y, y)
     evals, evecs = jnp.linalg.eigh(gram)  # per client, ascending
-    own = (evals > lam**2 / count) & members[:, None]
+    # Rounding leaves eigenvalues of order eps * width * the largest: not a direction.
+    rounding = 10.0 * width * jnp.finfo(u.dtype).eps * evals[:, -1:]
+    own = (evals > jnp.maximum(lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
     share, dirs = jnp.linalg.eigh(mean_proj)
     majority = share > 0.5
