@@ -96,7 +96,8 @@ def clair_aggregator(
       benign_majority: passed to :func:`clair_jax.clair`; True here (the
         Byzantine threat model: fewer than half of the clients contaminated).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
-        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``method``, ...).
+        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
+        (``"robust"`` by default, ``"mean"`` for the plain rule), ``method``, ...).
 
     Returns:
       An :class:`Aggregator` named ``"clair"`` (``uses_start`` for ``"update"``).

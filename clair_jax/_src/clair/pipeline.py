@@ -40,6 +40,15 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    starts as the lower half of the scores and is re-estimated as
    ``{d_i <= τ}``. With ``refit=True`` detection runs again on the refitted
    subspace, with ``σ̂`` re-estimated from the collaborative residuals.
+   With ``consensus="robust"`` (default) two rules of
+   ``clair_jax._src.clair.consensus`` make the result resist attackers inside
+   the shared subspace. In step 3 the rank rule's span is narrowed to the
+   directions more than half of the clients carry (each client votes with the
+   projector onto its own significant directions), so a small coordinated
+   group in its own subspace stays outside ``Û``. After detection (step 4b),
+   the collaborative clients' coordinates ``C_i = Û^T (X_i - c)`` are scored by
+   ``e_i = ||C_i - m||_F`` about their geometric median ``m``, and clients with
+   ``e_i`` above the threshold of step 4 (``z = 5``) are flagged too.
 5. **Refinement.** ``X̃_i = P_Û X_i + (I - P_Û) X̄_Ĉ`` with
    ``X̄_Ĉ = mean_{j ∈ Ĉ} X_j``. Flagged clients receive the consensus
    ``X̄_Ĉ`` (``contaminated="consensus"``), the same refinement
@@ -147,6 +156,10 @@ def clair(
         final one.
       benign_majority: assume fewer than half of the clients are contaminated
         (step 6; ``majority_refit`` in the result says when it applied).
+      consensus: ``"robust"`` (both rules of the robust consensus, steps 3 and
+        4b), ``"rank"`` (the shared-direction rule of step 3 alone) or
+        ``"mean"`` (neither: the plain rank rule and detection off the subspace
+        only).
       method: ``"admm"`` (default: FISTA can stall in float32 on exactly
         low-rank updates) or ``"fista"``, see :func:`clair_jax.decompose`.
       tol: relative tolerance of the decomposition.
@@ -160,7 +173,7 @@ def clair(
     Raises:
       ValueError: bad shapes, fewer than 2 clients, NaN/inf, ``rank`` or
         ``max_rank`` outside ``[1, min(p, nq)]``, negative λ's, threshold or
-        noise scale, unknown ``contaminated``/``method``/``svd``.
+        noise scale, unknown ``contaminated``/``consensus``/``method``/``svd``.
       TypeError: non-numeric arguments, traced static configuration.
 
     Examples:
