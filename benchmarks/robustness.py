@@ -246,7 +246,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {rule} | " + " | ".join(row) + " |")
     lines += [
         "",
-        "**Detection F1** (mean over fractions 10–45%; rules that flag):",
+        "**Detection F1** (mean over the fractions 10–45% where the rule ran; rules that "
+        "flag; Krum flags all clients but one by design):",
         "",
         head,
         "|---|" + "---|" * len(KINDS),
@@ -257,10 +258,8 @@ def markdown(results: dict) -> str:
             vals = [
                 grid[rule][kind][f"{f:g}"].get("f1") for f in results["fractions"] if 0 < f <= 0.45
             ]
-            if any(v is None for v in vals) or not vals:
-                row.append("refused")
-            else:
-                row.append(f"{np.mean(vals):.2f}")
+            vals = [v for v in vals if v is not None]  # None: the rule refused
+            row.append(f"{np.mean(vals):.2f}" if vals else "refused")
         lines.append(f"| {rule} | " + " | ".join(row) + " |")
     t = results["targets"]
     worse = t["clair_worse_than_geometric_median"]
@@ -297,8 +296,12 @@ def heatmap(results: dict, path: Path) -> None:
         for i, rule in enumerate(RULES):
             for j, f in enumerate(fracs):
                 text = cell_text(grid[rule][kind][f"{f:g}"])
+                if "e" in text and text != "refused":  # 9e18: fits the cell
+                    text = f"{grid[rule][kind][f'{f:g}']['error']:.0e}".replace("e+", "e")
                 text = "ref." if text == "refused" else text
-                ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white")
+                light = np.isfinite(vals[i, j]) and vals[i, j] > 0.5
+                ax.text(j, i, text, ha="center", va="center", fontsize=5.5,
+                        color="black" if light else "white")  # fmt: skip
         ax.set_xticks(range(len(fracs)), [f"{f:.0%}" for f in fracs], fontsize=7)
         ax.set_title(kind, fontsize=9)
     axes[0].set_yticks(range(len(RULES)), RULES, fontsize=8)
