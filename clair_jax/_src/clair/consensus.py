@@ -72,7 +72,7 @@ def shared_directions(
     half of the ``members`` carry (module docstring): client ``i``'s directions
     are the eigenvectors of ``Y_i Y_i^T`` (``Y_i = Ũ^T B_i``) with eigenvalues
     above ``λ^2 / |members|`` (per client, the rank rule's threshold) and above
-    ``10 width eps`` times the client's largest (rounding), ``P_i``
+    ``10 max(width, q) eps`` times the client's largest (rounding), ``P_i``
     their projector, and the kept directions are the eigenvectors of
     ``P̄ = mean_{i ∈ members} P_i`` with eigenvalue above ``1/2``, re-ordered by
     the members' energy along them. When no direction is carried by a majority
@@ -99,10 +99,15 @@ def shared_directions(
     masked = u * keep[None, :]
     count = jnp.maximum(jnp.sum(members), 1).astype(u.dtype)
     y = jnp.einsum("pk,npq->nkq", masked, blocks)
-    gram = jnp.einsum("nkq,njq->nkj", y, y)
-    evals, evecs = jnp.linalg.eigh(gram)  # per client, ascending
+    q = blocks.shape[2]
+    if q < width:  # the smaller Gram matrix: right singular vectors, then the left ones
+        evals, right = jnp.linalg.eigh(jnp.einsum("nkq,nkj->nqj", y, y))  # ascending
+        safe = jnp.sqrt(jnp.where(evals > 0, evals, 1.0))
+        evecs = jnp.einsum("nkq,nqd->nkd", y, right) / safe[:, None, :]
+    else:
+        evals, evecs = jnp.linalg.eigh(jnp.einsum("nkq,njq->nkj", y, y))  # ascending
     # Rounding leaves eigenvalues of order eps * width * the largest: not a direction.
-    rounding = 10.0 * width * jnp.finfo(u.dtype).eps * evals[:, -1:]
+    rounding = 10.0 * max(width, q) * jnp.finfo(u.dtype).eps * evals[:, -1:]
     own = (evals > jnp.maximum(lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
     share, dirs = jnp.linalg.eigh(mean_proj)
