@@ -22,10 +22,9 @@ Two rules of :func:`clair_jax.clair` with ``consensus="robust"`` (the default):
   ``C_i = Û^T (X_i - c)`` (``r x q``) are far from the benign clients' instead:
   client ``i`` scores ``e_i = ||C_i - m||_F`` with ``m`` the geometric median
   of the collaborative clients' coordinates (:func:`geometric_median`,
-  breakdown point 1/2), and is flagged when ``e_i`` exceeds the robust
-  threshold of :func:`~clair_jax._src.clair.detection.detection_threshold`
-  on the collaborative clients' scores, with ``z = INSIDE_Z = 5`` robust
-  spreads instead of 3.5. Clients whose
+  breakdown point 1/2), and is flagged when ``log e_i`` exceeds the median
+  of the collaborative clients' log scores by ``INSIDE_Z = 5`` robust
+  spreads (:func:`inside_threshold`). Clients whose
   in-subspace coefficients legitimately differ (benign heterogeneity) spread
   the scores and raise the threshold with them; only the outliers of that
   spread are flagged.
@@ -43,12 +42,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from clair_jax._src.clair.detection import detection_threshold
+from clair_jax._src.clair.detection import THRESHOLD_ITERS
+from clair_jax._src.clair.noise import masked_median
 
-#: Robust z-score of the threshold inside the subspace (wider than the off-subspace
-#: one: benign clients differ legitimately inside the subspace, and few clients
-#: give a noisy MAD).
+#: Robust z-score of the threshold inside the subspace, on the log scores (wider than
+#: the off-subspace one: benign clients differ legitimately inside the subspace, and
+#: few clients give a noisy MAD).
 INSIDE_Z = 5.0
+
+#: Smallest spread of the log scores inside the subspace: with ``INSIDE_Z`` a flag
+#: needs at least ``exp(0.5) = 1.65`` times the typical score.
+LOG_SPREAD = 0.1
 
 #: Weiszfeld iterations of the geometric median of the coordinates.
 WEISZFELD_ITERS = 64
@@ -158,14 +162,13 @@ def inside_scores(coords: Array, members: Array) -> Array:
     return jnp.linalg.norm(flat - center[None], axis=1)
 
 
-def inside_detection(coords: Array, members: Array, sigma: Array) -> tuple[Array, Array, Array]:
+def inside_detection(coords: Array, members: Array) -> tuple[Array, Array, Array]:
     """Detection inside the subspace (module docstring).
 
     Args:
       coords: ``(n, k, m)`` clients' coordinates in the shared subspace, in one
         common frame.
       members: ``(n,)`` bool, the clients collaborative so far.
-      sigma: the noise level ``σ̂`` (the threshold's spread floor ``σ̂ / sqrt(2)``).
 
     Returns:
       ``(inliers, scores, threshold)``: ``(n,)`` bool ``e_i <= τ_in`` (a
@@ -173,5 +176,37 @@ def inside_detection(coords: Array, members: Array, sigma: Array) -> tuple[Array
       ``(n,)`` scores ``e_i`` and ``τ_in``.
     """
     scores = inside_scores(coords, members)
-    tau = detection_threshold(jnp.where(members, scores, jnp.inf), sigma, z=INSIDE_Z)
+    tau = inside_threshold(scores, members)
     return scores <= tau, scores, tau
+
+
+def inside_threshold(scores: Array, members: Array, iters: int = THRESHOLD_ITERS) -> Array:
+    """``τ_in = exp(m + z max(1.4826 MAD, ρ))`` on the members' log scores ``log e_i``.
+
+    ``m`` and ``MAD`` are the median and median absolute deviation of
+    ``log e_i`` over a benign set that starts as the lower half of the members'
+    scores and is re-estimated as ``{i ∈ members : e_i <= τ_in}`` for ``iters``
+    rounds (as :func:`~clair_jax._src.clair.detection.detection_threshold`);
+    ``z = INSIDE_Z``, ``ρ = LOG_SPREAD``. On the log scale the threshold is a
+    ratio to the typical score: in-subspace distances of heterogeneous benign
+    clients are skewed (products of coefficients), and a flag needs a score at
+    least ``exp(z ρ)`` times the typical one.
+
+    Args:
+      scores: ``(n,)`` scores ``e_i >= 0``.
+      members: ``(n,)`` bool, the clients the statistics run over.
+      iters: rounds of the benign set (static).
+
+    Returns:
+      The threshold ``τ_in``, a scalar (``inf`` without members).
+    """
+    logs = jnp.log(jnp.maximum(scores, jnp.finfo(scores.dtype).tiny))
+
+    def tau_of(keep):
+        center = masked_median(logs, keep)
+        mad = 1.4826 * masked_median(jnp.abs(logs - center), keep)
+        return center + INSIDE_Z * jnp.maximum(mad, LOG_SPREAD)
+
+    keep = members & (logs <= masked_median(logs, members))
+    keep = jax.lax.fori_loop(0, iters - 1, lambda _, k: members & (logs <= tau_of(k)), keep)
+    return jnp.where(jnp.any(members), jnp.exp(tau_of(keep)), jnp.inf).astype(scores.dtype)

@@ -174,7 +174,7 @@ def clair_core(
         # Clients sending nothing (zero updates; with an offset, the common part
         # unchanged) do not vote on the consensus, as they do not set the typical size.
         members = collaborative & ~screened & (client_sizes(x, cfg.offset) > 0)
-        inliers, inside_scores, inside_tau = inside_detection(coords, members, sigma_hat)
+        inliers, inside_scores, inside_tau = inside_detection(coords, members)
         collaborative = collaborative & inliers
 
     # Step 5 (refined, consensus) is left to the caller: it refines the updates as

@@ -285,7 +285,7 @@ def _detect_inside(small: ClairResult, beta: Array, a: Array) -> ClairResult:
     coords = jnp.einsum("kw,nkr,nrm->nwm", small.basis, beta, alpha, precision=_HIGHEST)
     active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
     members = small.collaborative & jnp.isfinite(small.scores) & active
-    inliers, scores, tau = inside_detection(coords, members, small.noise_scale)
+    inliers, scores, tau = inside_detection(coords, members)
     return small._replace(
         collaborative=small.collaborative & inliers,
         inside_scores=jnp.where(jnp.isfinite(small.scores), scores, jnp.inf),
