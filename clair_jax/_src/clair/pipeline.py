@@ -47,8 +47,8 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    projector onto its own significant directions), so a small coordinated
    group in its own subspace stays outside ``Û``. After detection (step 4b),
    the collaborative clients' coordinates ``C_i = Û^T (X_i - c)`` are scored by
-   ``e_i = ||C_i - m||_F`` about their geometric median ``m``, and clients with
-   ``e_i`` above the threshold of step 4 (``z = 5``) are flagged too.
+   ``e_i = ||C_i - m||_F`` about their geometric median ``m``, and clients whose
+   ``log e_i`` exceeds the median log score by 5 robust spreads are flagged too.
 5. **Refinement.** ``X̃_i = P_Û X_i + (I - P_Û) X̄_Ĉ`` with
    ``X̄_Ĉ = mean_{j ∈ Ĉ} X_j``. Flagged clients receive the consensus
    ``X̄_Ĉ`` (``contaminated="consensus"``), the same refinement
