@@ -54,6 +54,17 @@ INSIDE_Z = 5.0
 #: needs at least ``exp(0.5) = 1.65`` times the typical score.
 LOG_SPREAD = 0.1
 
+#: A direction is shared when more than this fraction of the clients carry it.
+MAJORITY = 0.5
+
+#: Directions fewer than this many clients' worth carry (one client's own
+#: directions) are not a coordinated group's: they stay, as with the plain rule.
+MINORITY = 1.5
+
+#: A client carries a direction when its energy along it exceeds this multiple of
+#: the rank rule's per-client threshold ``λ_*^2 / n``.
+VOTE_FACTOR = 1.0
+
 #: Weiszfeld iterations of the geometric median of the coordinates.
 WEISZFELD_ITERS = 64
 
@@ -112,17 +123,20 @@ def shared_directions(
         evals, evecs = jnp.linalg.eigh(jnp.einsum("nkq,njq->nkj", y, y))  # ascending
     # Rounding leaves eigenvalues of order eps * width * the largest: not a direction.
     rounding = 10.0 * max(width, q) * jnp.finfo(u.dtype).eps * evals[:, -1:]
-    own = (evals > jnp.maximum(lam**2 / count, rounding)) & members[:, None]
+    own = (evals > jnp.maximum(VOTE_FACTOR * lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
     share, dirs = jnp.linalg.eigh(mean_proj)
-    majority = share > 0.5
-    kept = jnp.matmul(masked, dirs * majority[None, :])  # (p, width), zero columns elsewhere
+    # Left out: directions more than one client but at most half of them carry.
+    drop = (share > MINORITY / count) & (share <= MAJORITY)
+    dropped = dirs * drop[None, :]
+    kept = masked - jnp.matmul(jnp.matmul(masked, dropped), dropped.T)
     # Order the kept directions by the members' energy along them (SVD order).
     c = jnp.einsum("pk,npq->nkq", kept, blocks * members[:, None, None])
     energy, rot = jnp.linalg.eigh(jnp.einsum("nkq,njq->kj", c, c))
     ordered = jnp.matmul(kept, rot[:, ::-1])
-    votes = jnp.sum(majority).astype(jnp.int32)
-    return jnp.where(votes > 0, ordered, u), jnp.where(votes > 0, votes, rank)
+    votes = jnp.any(share > MAJORITY)
+    narrowed = (rank - jnp.sum(drop)).astype(jnp.int32)
+    return jnp.where(votes, ordered, u), jnp.where(votes, narrowed, rank)
 
 
 def geometric_median(points: Array, members: Array, iters: int = WEISZFELD_ITERS) -> Array:
