@@ -6,16 +6,19 @@ Two rules of :func:`clair_jax.clair` with ``consensus="robust"`` (the default):
   singular directions of ``Z = [Z_1 .. Z_n]`` with ``s_j > λ_*``: a measure of
   energy, which a small coordinated group sending large updates in its own
   subspace passes, so that its directions join ``Û`` and its off-subspace
-  scores stay small. The robust rule keeps, inside that span, the directions
-  that *more than half of the clients carry*: each client votes with the
-  projector ``P_i`` onto its own significant directions (singular values of
-  its coordinates above the rank rule's per-client threshold ``λ_* / sqrt(n)``),
-  and the shared directions are the eigenvectors of ``mean_i P_i`` with
-  eigenvalue above ``1/2`` (the fraction of clients carrying the direction,
-  when the clients' subspaces are nested or orthogonal). Each client has one
-  vote whatever its size, so the group's directions, carried by fewer than
-  half of the clients, are left out and the group is flagged by its
-  off-subspace scores.
+  scores stay small. The robust rule counts, inside that span, how many
+  clients carry each direction: each client votes with the projector ``P_i``
+  onto its own significant directions (singular values of its coordinates
+  above the rank rule's per-client threshold ``λ_* / sqrt(n)``), and the
+  eigenvalues of ``mean_i P_i`` are the fractions of the clients carrying its
+  eigenvectors (when the clients' subspaces are nested or orthogonal). The
+  directions carried by more than one client's worth (``MINORITY / n``) but
+  at most half of the clients (``MAJORITY``) are a coordinated minority's and
+  are left out of ``Û``; the group is then flagged by its off-subspace
+  scores. Each client has one vote whatever its size. A single client's own
+  directions stay, as with the plain rule, and when no direction is carried
+  by a majority (benign clients each spanning part of the subspace, ``q < r``;
+  most clients sending nothing) the plain span is kept.
 * **Detection inside the subspace** (:func:`inside_scores`). Attackers whose
   updates lie inside the shared subspace (a coordinated ``-3x`` the benign
   update, a scaled copy) have small off-subspace scores. Their coordinates
@@ -82,17 +85,15 @@ def shared_directions(
 ) -> tuple[Array, Array]:
     """The shared basis (columns, zero-padded to ``width``) and its rank.
 
-    Today's rule keeps the leading columns ``u_j`` with ``s_j > λ``. With
-    ``robust`` the kept span ``Ũ`` is narrowed to the directions that more than
-    half of the ``members`` carry (module docstring): client ``i``'s directions
-    are the eigenvectors of ``Y_i Y_i^T`` (``Y_i = Ũ^T B_i``) with eigenvalues
-    above ``λ^2 / |members|`` (per client, the rank rule's threshold) and above
-    ``10 max(width, q) eps`` times the client's largest (rounding), ``P_i``
-    their projector, and the kept directions are the eigenvectors of
-    ``P̄ = mean_{i ∈ members} P_i`` with eigenvalue above ``1/2``, re-ordered by
-    the members' energy along them. When no direction is carried by a majority
-    (a benign client spanning only part of the subspace, or a majority of empty
-    updates) today's span is kept.
+    The plain rule keeps the leading columns ``u_j`` with ``s_j > λ``. With
+    ``robust``, client ``i``'s directions are the eigenvectors of
+    ``Y_i Y_i^T`` (``Y_i = Ũ^T B_i``, ``Ũ`` the plain span) with eigenvalues
+    above ``VOTE_FACTOR λ^2 / |members|`` and above ``10 max(width, q) eps``
+    times the client's largest (rounding), ``P_i`` their projector; the
+    eigenvectors of ``P̄ = mean_{i ∈ members} P_i`` with eigenvalue in
+    ``(MINORITY / |members|, MAJORITY]`` are removed from ``Ũ``, and the rest
+    re-ordered by the members' energy along them. Without a direction of
+    eigenvalue above ``MAJORITY`` the plain span is kept.
 
     Args:
       u: ``(p, width)`` left singular vectors of the blocks (descending ``s``).

@@ -42,10 +42,11 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    subspace, with ``σ̂`` re-estimated from the collaborative residuals.
    With ``consensus="robust"`` (default) two rules of
    ``clair_jax._src.clair.consensus`` make the result resist attackers inside
-   the shared subspace. In step 3 the rank rule's span is narrowed to the
-   directions more than half of the clients carry (each client votes with the
-   projector onto its own significant directions), so a small coordinated
-   group in its own subspace stays outside ``Û``. After detection (step 4b),
+   the shared subspace. In step 3 the directions a coordinated minority
+   carries (more than one client's worth, at most half of the clients; each
+   client votes with the projector onto its own significant directions) are
+   removed from the rank rule's span, so a coordinated group in its own
+   subspace stays outside ``Û``. After detection (step 4b),
    the collaborative clients' coordinates ``C_i = Û^T (X_i - c)`` are scored by
    ``e_i = ||C_i - m||_F`` about their geometric median ``m``, and clients whose
    ``log e_i`` exceeds the median log score by 5 robust spreads are flagged too.
