@@ -69,17 +69,24 @@ def test_attacks_are_flagged_and_beat_the_geometric_median(kind, fraction):
 
 
 def test_a_small_coordinated_group_is_flagged():
-    """2 of 25 clients (8%) in their own subspace: flagged, and kept out of the rank."""
+    """2 of 25 clients (8%) in their own subspace: flagged (inside the subspace)."""
     factors, bad, _ = _federation(2, "group", 2, n=25)
     x = jnp.einsum("npr,nrq->npq", factors.B, factors.A)
     res = cj.clair(x)
     np.testing.assert_array_equal(~np.asarray(res.collaborative), bad)
-    assert int(res.rank) == R
-    # The rank rule alone takes (some of) the group's directions in.
+    # The rank rule takes (some of) the group's directions in.
     assert int(cj.clair(x, consensus="mean").rank) > R
     # The factored path flags the same clients with the same scores inside the subspace.
     fact = clair_factored(factors)
     np.testing.assert_array_equal(fact.collaborative, res.collaborative)
+
+
+def test_a_coordinated_group_of_several_clients_is_left_out_of_the_subspace():
+    """4 of 20 clients in their own subspace: their directions are not shared."""
+    factors, bad, _ = _federation(6, "group", 4)
+    res = cj.clair(jnp.einsum("npr,nrq->npq", factors.B, factors.A))
+    np.testing.assert_array_equal(~np.asarray(res.collaborative), bad)
+    assert int(res.rank) == R
 
 
 def test_factored_inside_scores_equal_the_dense_ones():

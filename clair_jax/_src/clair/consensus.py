@@ -12,11 +12,13 @@ Two rules of :func:`clair_jax.clair` with ``consensus="robust"`` (the default):
   above the rank rule's per-client threshold ``λ_* / sqrt(n)``), and the
   eigenvalues of ``mean_i P_i`` are the fractions of the clients carrying its
   eigenvectors (when the clients' subspaces are nested or orthogonal). The
-  directions carried by more than one client's worth (``MINORITY / n``) but
-  at most half of the clients (``MAJORITY``) are a coordinated minority's and
+  directions carried by more than ``MINORITY = 2.5`` clients' worth but at
+  most half of the clients (``MAJORITY``) are a coordinated minority's and
   are left out of ``Û``; the group is then flagged by its off-subspace
-  scores. Each client has one vote whatever its size. A single client's own
-  directions stay, as with the plain rule, and when no direction is carried
+  scores. Each client has one vote whatever its size. Directions of one or
+  two clients stay, as with the plain rule (a smaller group inside ``Û`` has
+  coordinates far from the benign clients' and is flagged by the detection
+  inside the subspace), and when no direction is carried
   by a majority (benign clients each spanning part of the subspace, ``q < r``;
   most clients sending nothing) the plain span is kept.
 * **Detection inside the subspace** (:func:`inside_scores`). Attackers whose
@@ -60,9 +62,10 @@ LOG_SPREAD = 0.1
 #: A direction is shared when more than this fraction of the clients carry it.
 MAJORITY = 0.5
 
-#: Directions fewer than this many clients' worth carry (one client's own
-#: directions) are not a coordinated group's: they stay, as with the plain rule.
-MINORITY = 1.5
+#: Directions at most this many clients' worth carry (a client's own directions, or
+#: two benign clients' that happen to meet) stay, as with the plain rule; smaller
+#: coordinated groups are left to the detection inside the subspace.
+MINORITY = 2.5
 
 #: A client carries a direction when its energy along it exceeds this multiple of
 #: the rank rule's per-client threshold ``λ_*^2 / n``.
@@ -127,7 +130,7 @@ def shared_directions(
     own = (evals > jnp.maximum(VOTE_FACTOR * lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
     share, dirs = jnp.linalg.eigh(mean_proj)
-    # Left out: directions more than one client but at most half of them carry.
+    # Left out: directions more than MINORITY clients but at most half of them carry.
     drop = (share > MINORITY / count) & (share <= MAJORITY)
     dropped = dirs * drop[None, :]
     kept = masked - jnp.matmul(jnp.matmul(masked, dropped), dropped.T)
