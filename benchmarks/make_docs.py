@@ -197,6 +197,13 @@ def clair_simulations(d: dict) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in lines)
 
 
+def robustness(d: dict) -> str:
+    spec = importlib.util.spec_from_file_location("robustness", HERE / "robustness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.markdown(d)
+
+
 def fedrot_alignment(d: dict) -> str:
     s = d["setup"]
     rows = []
@@ -371,6 +378,14 @@ SECTIONS = [
             **{f"clair_{k}.png": f"clair_{k}.png" for k in PNG_CLAIR},
         },
         clair_simulations,
+    ),
+    Section(
+        "robustness",
+        ["benchmarks/robustness.py"],
+        ["--quick"],
+        [],
+        {"robustness.json": "robustness.json", "robustness.png": "robustness.png"},
+        robustness,
     ),
     Section(
         "fedrot_alignment",

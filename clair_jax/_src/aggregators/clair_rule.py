@@ -111,7 +111,8 @@ def clair_aggregator(
         Byzantine threat model: fewer than half of the clients contaminated).
       screen: ``"exclude"``, ``"raise"`` or ``"off"``.
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
-        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``method``, ...).
+        ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
+        (``"robust"`` by default, ``"mean"`` for the plain rule), ``method``, ...).
 
     Returns:
       An :class:`Aggregator` named ``"clair"`` (``uses_start`` for ``"update"``).

@@ -36,6 +36,12 @@ class ClairResult(NamedTuple):
         clients collaborative and the result comes from the refit on the flagged
         majority instead (``benign_majority=True``, step 6). ``decomposition``,
         ``block_norms`` and the λ's are then still those of the decomposition.
+      inside_scores: ``(n,)`` scores inside the subspace ``e_i = ||C_i - m||_F``,
+        ``C_i = Û^T (X_i - c)`` and ``m`` the geometric median of the
+        collaborative clients' ``C_i`` (``consensus="robust"``; zero otherwise,
+        ``inf`` for a screened client).
+      inside_threshold: the threshold ``τ_in`` on ``inside_scores`` (``inf``
+        unless ``consensus="robust"``).
     """
 
     basis: Float[Array, "p k"]
@@ -51,6 +57,8 @@ class ClairResult(NamedTuple):
     block_norms: Float[Array, " n"]
     decomposition: Decomposition
     majority_refit: Bool[Array, ""]
+    inside_scores: Float[Array, " n"]
+    inside_threshold: Float[Array, ""]
 
 
 class Config(NamedTuple):
@@ -65,6 +73,7 @@ class Config(NamedTuple):
       given_noise: whether ``noise_scale`` was given.
       benign_majority: whether to refit on a flagged majority.
       solver: ``(key, value)`` pairs passed on to :func:`clair_jax.decompose`.
+      consensus: ``"robust"``, ``"rank"`` or ``"mean"`` (see :func:`clair_jax.clair`).
     """
 
     rank: int | None
@@ -75,3 +84,4 @@ class Config(NamedTuple):
     given_noise: bool
     benign_majority: bool
     solver: tuple
+    consensus: str = "robust"

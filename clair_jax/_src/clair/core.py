@@ -11,8 +11,9 @@ import numpy as np
 from jaxtyping import Array
 
 from clair_jax._src.clair.base import ClairResult, Config
+from clair_jax._src.clair.consensus import inside_detection
 from clair_jax._src.clair.detection import detection_threshold
-from clair_jax._src.clair.noise import NOISE_FLOOR, lambdas, spectral_noise_scale
+from clair_jax._src.clair.noise import NOISE_FLOOR, client_sizes, lambdas, spectral_noise_scale
 from clair_jax._src.clair.refinement import (
     Fit,
     fit_from_decomposition,
@@ -165,6 +166,17 @@ def clair_core(
             lambda a, b: jnp.where(majority_refit, a, b), alt, (fit, sigma_hat, collaborative, tau)
         )
 
+    inside_scores = jnp.zeros((n,), dtype)
+    inside_tau = jnp.full((), jnp.inf, dtype)
+    if cfg.consensus == "robust":
+        # Step 4b: detection inside the subspace, on the coordinates Û^T (X_i - c).
+        coords = jnp.einsum("pk,npq->nkq", fit.basis, x - fit.center[None])
+        # Clients sending nothing (zero updates; with an offset, the common part
+        # unchanged) do not vote on the consensus, as they do not set the typical size.
+        members = collaborative & ~screened & (client_sizes(x, cfg.offset) > 0)
+        inliers, inside_scores, inside_tau = inside_detection(coords, members)
+        collaborative = collaborative & inliers
+
     # Step 5 (refined, consensus) is left to the caller: it refines the updates as
     # given, whose screened blocks were zeroed here.
     return ClairResult(
@@ -181,4 +193,6 @@ def clair_core(
         block_norms=prox.block_norms(sol.sparse),
         decomposition=sol,
         majority_refit=majority_refit,
+        inside_scores=jnp.where(screened, jnp.inf, inside_scores),
+        inside_threshold=inside_tau,
     )

@@ -69,7 +69,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from clair_jax._src import validation
 from clair_jax._src.clair.base import ClairResult
+from clair_jax._src.clair.consensus import CONSENSUS_CHOICES, inside_detection
 from clair_jax._src.clair.pipeline import clair
 from clair_jax._src.lora.types import LoRAFactors
 from clair_jax._src.solvers import factored as fd
@@ -145,6 +147,7 @@ def clair_factored(
     *,
     offset: bool = False,
     contaminated: str = "consensus",
+    consensus: str = "robust",
     svd: str = "auto",
     rank_cap: int | None = None,
     **clair_kwargs,
@@ -171,6 +174,11 @@ def clair_factored(
         common right basis of all the ``A``'s.
       contaminated: ``"consensus"``, ``"refine"`` or ``"local"`` (as
         :func:`clair_jax.clair`).
+      consensus: ``"robust"`` (default), ``"rank"`` or ``"mean"`` (as
+        :func:`clair_jax.clair`). With ``offset=False`` the detection inside the
+        subspace compares the clients' coordinates ``Û^T X_i`` in the common
+        frame of the stacked ``A``'s (``r̂ x min(q, nr)`` each), where the
+        clients' per-client right frames would not compare them.
       svd: SVD backend of the coordinate decomposition.
       rank_cap: rank cap of the ``"rank_capped"`` backend; by default ``2 r + 16``
         when the coordinate matrix's smaller side is at least 128 and ``svd="auto"``.
@@ -205,19 +213,27 @@ def clair_factored(
         )
     if "contaminated" in clair_kwargs:  # pragma: no cover - guarded by the signature
         raise TypeError("contaminated given twice.")
+    validation.check_choice(consensus, "consensus", CONSENSUS_CHOICES)
     fc = fd.factored_coordinates(factors, common_right=bool(offset))
     n, k, m = fc.coords.shape
     r = fc.left_coef.shape[2]
     if svd == "auto" and rank_cap is None and min(k, n * m) >= CAPPED_FROM:
         rank_cap = min(k, n * m, 2 * r + 16)
+    # Per-client right frames (offset=False) do not compare clients' coordinates inside
+    # the subspace: the small problem runs the shared-direction rule alone, and the
+    # detection inside the subspace runs below in the common frame of the stacked A's.
+    inner = "rank" if consensus == "robust" and not offset else consensus
     small = clair(
         fc.coords,
         offset=offset,
         contaminated="refine",
         svd=svd,
         rank_cap=rank_cap,
+        consensus=inner,
         **clair_kwargs,
     )
+    if inner != consensus:
+        small = _detect_inside(small, fc.left_coef, jnp.asarray(factors[1]).astype(fc.coords.dtype))
     basis_c = small.basis  # (k, w), zero columns after the rank
     basis = jnp.matmul(fc.left, basis_c, precision=_HIGHEST)
     if offset:
@@ -252,6 +268,27 @@ def clair_factored(
         coordinates=small,
         left_basis=fc.left,
         left_coef=fc.left_coef,
+    )
+
+
+def _detect_inside(small: ClairResult, beta: Array, a: Array) -> ClairResult:
+    """``small`` with CLAIR's detection inside the subspace run in a common right frame.
+
+    Client ``i``'s coordinates ``Û^T X_i V_A = Û_c^T (U^T B_i)(A_i V_A)``, ``V_A`` an
+    orthonormal basis of the rows of all the ``A``'s (``X_i`` restricted to it
+    loses nothing), are scored by :func:`~clair_jax._src.clair.consensus.inside_detection`.
+    """
+    n, r, q = a.shape
+    v_a, t = fd.thin_qr(a.reshape(n * r, q).T)  # A_stack^T = V_A T
+    alpha = jnp.transpose(t.reshape(v_a.shape[1], n, r), (1, 2, 0))  # A_i V_A: (n, r, m)
+    coords = jnp.einsum("kw,nkr,nrm->nwm", small.basis, beta, alpha, precision=_HIGHEST)
+    active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
+    members = small.collaborative & jnp.isfinite(small.scores) & active
+    inliers, scores, tau = inside_detection(coords, members)
+    return small._replace(
+        collaborative=small.collaborative & inliers,
+        inside_scores=jnp.where(jnp.isfinite(small.scores), scores, jnp.inf),
+        inside_threshold=tau,
     )
 
 

@@ -40,6 +40,16 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    starts as the lower half of the scores and is re-estimated as
    ``{d_i <= τ}``. With ``refit=True`` detection runs again on the refitted
    subspace, with ``σ̂`` re-estimated from the collaborative residuals.
+   With ``consensus="robust"`` (default) two rules of
+   ``clair_jax._src.clair.consensus`` make the result resist attackers inside
+   the shared subspace. In step 3 the directions a coordinated minority
+   carries (more than one client's worth, at most half of the clients; each
+   client votes with the projector onto its own significant directions) are
+   removed from the rank rule's span, so a coordinated group in its own
+   subspace stays outside ``Û``. After detection (step 4b),
+   the collaborative clients' coordinates ``C_i = Û^T (X_i - c)`` are scored by
+   ``e_i = ||C_i - m||_F`` about their geometric median ``m``, and clients whose
+   ``log e_i`` exceeds the median log score by 5 robust spreads are flagged too.
 5. **Refinement.** ``X̃_i = P_Û X_i + (I - P_Û) X̄_Ĉ`` with
    ``X̄_Ĉ = mean_{j ∈ Ĉ} X_j``. Flagged clients receive the consensus
    ``X̄_Ĉ`` (``contaminated="consensus"``), the same refinement
@@ -74,6 +84,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from clair_jax._src import validation
 from clair_jax._src.clair.base import ClairResult, Config
+from clair_jax._src.clair.consensus import CONSENSUS_CHOICES
 from clair_jax._src.clair.core import clair_core
 from clair_jax._src.clair.detection import screen
 from clair_jax._src.clair.noise import typical_size
@@ -98,6 +109,7 @@ def clair(
     refit: bool = True,
     noise_passes: int = 4,
     benign_majority: bool = False,
+    consensus: str = "robust",
     method: str = "admm",
     tol: float = 1e-6,
     max_iter: int = 2000,
@@ -145,6 +157,10 @@ def clair(
         final one.
       benign_majority: assume fewer than half of the clients are contaminated
         (step 6; ``majority_refit`` in the result says when it applied).
+      consensus: ``"robust"`` (both rules of the robust consensus, steps 3 and
+        4b), ``"rank"`` (the shared-direction rule of step 3 alone) or
+        ``"mean"`` (neither: the plain rank rule and detection off the subspace
+        only).
       method: ``"admm"`` (default: FISTA can stall in float32 on exactly
         low-rank updates) or ``"fista"``, see :func:`clair_jax.decompose`.
       tol: relative tolerance of the decomposition.
@@ -158,7 +174,7 @@ def clair(
     Raises:
       ValueError: bad shapes, fewer than 2 clients, NaN/inf, ``rank`` or
         ``max_rank`` outside ``[1, min(p, nq)]``, negative λ's, threshold or
-        noise scale, unknown ``contaminated``/``method``/``svd``.
+        noise scale, unknown ``contaminated``/``consensus``/``method``/``svd``.
       TypeError: non-numeric arguments, traced static configuration.
 
     Examples:
@@ -194,6 +210,7 @@ def clair(
             )
     max_rank = full if max_rank is None else _check_rank(max_rank, "max_rank", full, (n, p, q))
     validation.check_choice(contaminated, "contaminated", CONTAMINATED_CHOICES)
+    validation.check_choice(consensus, "consensus", CONSENSUS_CHOICES)
     for flag, name in ((benign_majority, "benign_majority"), (offset, "offset"), (refit, "refit")):
         validation.check_bool(flag, name)
     if isinstance(noise_passes, bool) or not isinstance(noise_passes, int):
@@ -222,6 +239,7 @@ def clair(
         noise_passes=noise_passes,
         given_noise=noise_scale is not None,
         benign_majority=bool(benign_majority),
+        consensus=consensus,
         solver=(
             ("method", method),
             ("tol", tol),
@@ -280,6 +298,8 @@ def _scaled(res: ClairResult, exponent: Array) -> ClairResult:
                 "lam_nuc",
                 "lam_block",
                 "block_norms",
+                "inside_scores",
+                "inside_threshold",
             )
         },
         decomposition=rescaled(res.decomposition, exponent),

@@ -10,6 +10,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from clair_jax._src.clair.base import Config
+from clair_jax._src.clair.consensus import shared_directions
 from clair_jax._src.clair.detection import off_subspace
 from clair_jax._src.clair.noise import (
     LAM_NUC_FACTOR,
@@ -80,13 +81,20 @@ class Fit(NamedTuple):
 def fit_from_decomposition(cfg: Config, x, sol: Decomposition, lam_nuc, width) -> Fit:
     """Rank, (masked) basis and offset of one decomposition, and the scores."""
     center = sol.offset if cfg.offset else jnp.zeros_like(x[0])
-    u, s = top_basis(x - center[None] - sol.sparse, width)
+    blocks = x - center[None] - sol.sparse
+    u, s = top_basis(blocks, width)
     if cfg.rank is None:
-        rank = jnp.minimum(jnp.sum(s > lam_nuc), width).astype(jnp.int32)
+        members = jnp.ones((x.shape[0],), bool)
+        u, rank = shared_directions(u, s, blocks, members, lam_nuc, width, robust_rank(cfg))
     else:
         rank = jnp.asarray(cfg.rank, jnp.int32)
     basis = masked_basis(u, rank)
     return Fit(rank, basis, center, prox.block_norms(off_subspace(x, center, basis)))
+
+
+def robust_rank(cfg: Config) -> bool:
+    """Whether the rank rule asks for the median client too (``consensus`` not ``"mean"``)."""
+    return cfg.consensus != "mean"
 
 
 def members_center(cfg: Config, x, weight) -> Array:
@@ -122,7 +130,9 @@ def majority_fit(cfg: Config, x, members, width, floor, given_sigma, detect):
 
     A plain (unshrunk) fit, as :func:`refit_subspace`, with the rank chosen by the rule
     of steps 1-3 on the members' matrix ``[X_j - c]_{j ∈ members}``: singular
-    values above ``λ_* = 2 σ̂ (sqrt(p) + sqrt(|members| q))``, ``σ̂`` started
+    values above ``λ_* = 2 σ̂ (sqrt(p) + sqrt(|members| q))`` (and carried by
+    the median member, :func:`~clair_jax._src.clair.consensus.shared_directions`,
+    unless ``consensus="mean"``), ``σ̂`` started
     from its Marchenko–Pastur median and re-estimated ``MAJORITY_PASSES``
     times from the off-subspace residuals (``given_sigma`` instead when the
     noise level is given).
@@ -153,10 +163,10 @@ def majority_fit(cfg: Config, x, members, width, floor, given_sigma, detect):
     def fit_at(sigma):
         if cfg.rank is None:
             lam = LAM_NUC_FACTOR * sigma * (float(np.sqrt(p)) + jnp.sqrt(count * q))
-            rank = jnp.minimum(jnp.sum(s > lam), width).astype(jnp.int32)
+            kept, rank = shared_directions(u, s, blocks, members, lam, width, robust_rank(cfg))
         else:
-            rank = jnp.asarray(cfg.rank, jnp.int32)
-        basis = masked_basis(u, rank)
+            kept, rank = u, jnp.asarray(cfg.rank, jnp.int32)
+        basis = masked_basis(kept, rank)
         return Fit(rank, basis, center, prox.block_norms(off_subspace(x, center, basis)))
 
     def one(_, sigma):
