@@ -31,7 +31,7 @@ def off_subspace(x: Array, center: Array, basis: Array) -> Array:
     return r - jnp.einsum("pk,nkq->npq", basis, jnp.einsum("pk,npq->nkq", basis, r))
 
 
-def detection_threshold(scores, sigma, iters: int = THRESHOLD_ITERS, z: float = THRESHOLD_Z):
+def detection_threshold(scores, sigma, iters: int = THRESHOLD_ITERS):
     """Robust threshold ``τ = m + z max(1.4826 MAD, σ̂ / sqrt(2), ρ m)`` on the scores.
 
     ``m`` and ``MAD`` are the median and median absolute deviation of the scores
@@ -42,13 +42,12 @@ def detection_threshold(scores, sigma, iters: int = THRESHOLD_ITERS, z: float = 
     the MAD. The spread is at least ``σ̂ / sqrt(2)`` (the standard deviation of
     a Gaussian noise block's norm) and ``ρ m``: benign clients' noise levels
     differ, and a contamination well below the noise is not worth a flag.
-    ``z = THRESHOLD_Z`` by default, ``ρ = RELATIVE_SPREAD``.
+    ``z = THRESHOLD_Z``, ``ρ = RELATIVE_SPREAD``.
 
     Args:
       scores: ``(n,)`` detection scores (``inf`` allowed for screened clients).
       sigma: the noise level ``σ̂``.
       iters: rounds of the benign set (static).
-      z: the robust z-score (static).
 
     Returns:
       The threshold ``τ``, a scalar.
@@ -58,7 +57,7 @@ def detection_threshold(scores, sigma, iters: int = THRESHOLD_ITERS, z: float = 
         center = masked_median(scores, keep)
         mad = 1.4826 * masked_median(jnp.abs(scores - center), keep)
         spread = jnp.maximum(jnp.maximum(mad, sigma / jnp.sqrt(2.0)), RELATIVE_SPREAD * center)
-        return center + z * spread
+        return center + THRESHOLD_Z * spread
 
     keep = scores <= jnp.median(scores)
     keep = jax.lax.fori_loop(0, iters - 1, lambda _, k: scores <= tau_of(k), keep)
