@@ -72,12 +72,12 @@ def test_a_small_coordinated_group_is_flagged():
     """2 of 25 clients (8%) in their own subspace: flagged (inside the subspace)."""
     factors, bad, _ = _federation(2, "group", 2, n=25)
     x = jnp.einsum("npr,nrq->npq", factors.B, factors.A)
-    res = cj.clair(x)
+    res = cj.clair(x, consensus="robust")
     np.testing.assert_array_equal(~np.asarray(res.collaborative), bad)
     # The rank rule takes (some of) the group's directions in.
     assert int(cj.clair(x, consensus="mean").rank) > R
     # The factored path flags the same clients with the same scores inside the subspace.
-    fact = clair_factored(factors)
+    fact = clair_factored(factors, consensus="robust")
     np.testing.assert_array_equal(fact.collaborative, res.collaborative)
 
 
@@ -91,8 +91,8 @@ def test_a_coordinated_group_of_several_clients_is_left_out_of_the_subspace():
 
 def test_factored_inside_scores_equal_the_dense_ones():
     factors, bad, _ = _federation(3, "flip", 6)
-    dense = cj.clair(jnp.einsum("npr,nrq->npq", factors.B, factors.A))
-    fact = clair_factored(factors)
+    dense = cj.clair(jnp.einsum("npr,nrq->npq", factors.B, factors.A), consensus="robust")
+    fact = clair_factored(factors, consensus="robust")
     np.testing.assert_array_equal(fact.collaborative, ~bad)
     np.testing.assert_array_equal(dense.collaborative, ~bad)
     np.testing.assert_allclose(
@@ -124,7 +124,7 @@ def test_geometric_median_matches_scipy(rng):
 def test_inside_scores_match_a_numpy_reference():
     factors, bad, _ = _federation(4, "flip", 6)
     x = np.asarray(jnp.einsum("npr,nrq->npq", factors.B, factors.A), np.float64)
-    res = cj.clair(jnp.asarray(x, jnp.float32))
+    res = cj.clair(jnp.asarray(x, jnp.float32), consensus="robust")
     basis = np.asarray(res.basis, np.float64)[:, : int(res.rank)]
     coords = np.einsum("pk,npq->nkq", basis, x).reshape(N, -1)
     # The centre: the geometric median of the clients collaborative before step 4b (the
@@ -141,7 +141,8 @@ def test_no_change_without_attackers_inside_the_subspace():
     fed = cj.simulate.shared_subspace_updates(
         jax.random.key(5), n=20, p=16, q=4, rank=2, fraction=0.25, noise=0.01
     )
-    robust, plain = cj.clair(fed.updates), cj.clair(fed.updates, consensus="mean")
+    robust = cj.clair(fed.updates, consensus="robust")
+    plain = cj.clair(fed.updates, consensus="mean")
     np.testing.assert_array_equal(robust.collaborative, ~np.asarray(fed.contaminated))
     np.testing.assert_array_equal(robust.collaborative, plain.collaborative)
     assert int(robust.rank) == int(plain.rank) == 2

@@ -45,8 +45,8 @@ def test_parse_args_defaults_and_errors(capsys):
         text_copy.parse_args(["--methods", "fedit,nope"])
     assert "unknown methods" in capsys.readouterr().err
     assert (quick.optimizer, quick.lr, quick.clair_measure) == ("adam", 5e-3, "adapter")
-    assert (quick.clair_flagged, quick.clair_space) == ("trained", "column")
-    assert text_copy.parse_args(["--clair-space", "row"]).clair_space == "row"
+    assert (quick.clair_flagged, quick.clair_space) == ("trained", "row")
+    assert text_copy.parse_args(["--clair-space", "column"]).clair_space == "column"
     assert (quick.clair_rank, text_copy.parse_args(["--clair-rank", "4"]).clair_rank) == (
         "lora",
         "4",

@@ -127,6 +127,9 @@ def clair_aggregator(
       CLAIR, arXiv:2605.21217.
     """
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
+    # The global adapter is a location estimate: robust consensus by default (cj.clair's
+    # own default, "rank", keeps heterogeneous benign coordinates unflagged).
+    clair_kwargs = {"consensus": "robust", **clair_kwargs}
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 

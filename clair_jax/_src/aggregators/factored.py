@@ -236,6 +236,9 @@ def clair_aggregator_factored(
       ValueError: as :func:`clair_jax.clair_aggregator`.
     """
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
+    # The global adapter is a location estimate: robust consensus by default (cj.clair's
+    # own default, "rank", keeps heterogeneous benign coordinates unflagged).
+    clair_kwargs = {"consensus": "robust", **clair_kwargs}
     if clair_kwargs.get("offset", False):
         raise ValueError("clair_aggregator_factored supports offset=False only.")
     keep_trained = flagged == "trained"

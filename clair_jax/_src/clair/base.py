@@ -84,4 +84,4 @@ class Config(NamedTuple):
     given_noise: bool
     benign_majority: bool
     solver: tuple
-    consensus: str = "robust"
+    consensus: str = "rank"

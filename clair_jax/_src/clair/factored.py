@@ -147,7 +147,7 @@ def clair_factored(
     *,
     offset: bool = False,
     contaminated: str = "consensus",
-    consensus: str = "robust",
+    consensus: str = "rank",
     svd: str = "auto",
     rank_cap: int | None = None,
     **clair_kwargs,

@@ -40,7 +40,7 @@ The steps (``M = [X_1 .. X_n]``, ``p x nq``; ``c`` the common offset when
    starts as the lower half of the scores and is re-estimated as
    ``{d_i <= τ}``. With ``refit=True`` detection runs again on the refitted
    subspace, with ``σ̂`` re-estimated from the collaborative residuals.
-   With ``consensus="robust"`` (default) two rules of
+   With ``consensus="robust"`` (the CLAIR aggregators' default) two rules of
    ``clair_jax._src.clair.consensus`` make the result resist attackers inside
    the shared subspace. In step 3 the directions a coordinated minority
    carries (more than one client's worth, at most half of the clients; each
@@ -109,7 +109,7 @@ def clair(
     refit: bool = True,
     noise_passes: int = 4,
     benign_majority: bool = False,
-    consensus: str = "robust",
+    consensus: str = "rank",
     method: str = "admm",
     tol: float = 1e-6,
     max_iter: int = 2000,
@@ -160,7 +160,10 @@ def clair(
       consensus: ``"robust"`` (both rules of the robust consensus, steps 3 and
         4b), ``"rank"`` (the shared-direction rule of step 3 alone) or
         ``"mean"`` (neither: the plain rank rule and detection off the subspace
-        only).
+        only). ``"rank"`` by default: step 4b assumes the benign clients'
+        coordinates inside the subspace cluster, which a heterogeneous federation
+        of few clients need not satisfy; the CLAIR aggregators, whose global
+        adapter is a location estimate, use ``"robust"``.
       method: ``"admm"`` (default: FISTA can stall in float32 on exactly
         low-rank updates) or ``"fista"``, see :func:`clair_jax.decompose`.
       tol: relative tolerance of the decomposition.

@@ -110,9 +110,9 @@ class Config:
         choices=("global", "trained"),
     )
     clair_space: str = _setting(
-        "column",
-        "CLAIR's shared subspace: column space (of the B factors: output side) or row space "
-        "(of A: input side)",
+        "row",
+        "CLAIR's shared subspace: row space (of the A factors: input side, the "
+        "down-projections clients share after one broadcast start) or column space (of B)",
         choices=("column", "row"),
     )
     clair_rank: str = _setting(

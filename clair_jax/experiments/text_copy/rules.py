@@ -14,7 +14,7 @@ def make_aggregator(
     clair_measure: str = "adapter",
     clair_detection: str = "module",
     clair_flagged: str = "trained",
-    clair_space: str = "column",
+    clair_space: str = "row",
     clair_rank: str = "lora",
 ) -> cj.Aggregator:
     """The rule ``name`` with the experiment's settings.

@@ -164,7 +164,7 @@ def aggregator(cfg: Mapping[str, Any]) -> cj.Aggregator:
     n, fraction = cfg["num-clients"], cfg["contaminated-fraction"]
     f = round(fraction * n)
     return {
-        "clair": lambda: cj.clair_aggregator(offset=True),
+        "clair": lambda: cj.clair_aggregator(offset=True, shared_space="row"),
         "fedit": cj.fedit,
         "flexlora": cj.flexlora,
         "fedrot": lambda: cj.fedrot(0.4),
