@@ -385,7 +385,7 @@ def test_non_finite_factors_are_screened_out_or_rejected_in_strict_mode():
         jax.block_until_ready(jax.jit(ag.fedit(screen="raise").aggregate)(bad, global_, w, 1, KEY))
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("dtype", [pytest.param(jnp.bfloat16, marks=pytest.mark.slow), jnp.float16])
 def test_half_precision_factors_are_factorised_in_float32(dtype):
     clients, global_, w = make_adapters(17, dtype=np.float32)
     half = jax.tree.map(lambda a: jnp.asarray(a, dtype), (clients, global_))
@@ -449,6 +449,7 @@ def test_clair_aggregator_needs_two_clients():
         run(ag.clair_aggregator(), clients, global_, np.ones(1))
 
 
+@pytest.mark.slow
 def test_clair_aggregator_zero_weight_collaborative_clients_are_averaged_equally(x64):
     rng = np.random.default_rng(18)
     n, p, r, q = 10, 14, 2, 12
@@ -499,6 +500,7 @@ def np_best_rank(x, r):
     return (u[..., :, :r] * s[..., None, :r]) @ vt[..., :r, :]
 
 
+@pytest.mark.slow
 def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x64):
     """Modules of one shape are stacked and mapped (one compiled CLAIR per shape); the
     diagnostics and adapters equal CLAIR run on each module alone."""
@@ -540,6 +542,7 @@ def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x
         )
 
 
+@pytest.mark.slow
 def test_clair_aggregator_on_products(x64):
     pytest.importorskip("clair_jax._src.clair")
     from clair_jax._src.clair.pipeline import clair
@@ -597,6 +600,7 @@ def test_clair_aggregator_on_products(x64):
     np.testing.assert_allclose((np.asarray(g_t.B) @ g_t.A).T, np.asarray(g.B) @ g.A, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_clair_aggregator_refines_on_at_most_the_lora_rank(x64):
     from clair_jax._src.clair.pipeline import clair
     from clair_jax._src.clair.refinement import refine
@@ -652,6 +656,7 @@ def np_threshold(scores, z=3.5, rho=0.1, iters=4):
     return tau_of(keep)
 
 
+@pytest.mark.slow
 def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     """``measure="update"`` + ``detection="client"`` against a NumPy reference.
 

@@ -815,7 +815,7 @@ def test_a_large_common_base_weight_converges_in_float32(method, constrained):
         np.testing.assert_allclose(sol.offset, ref.offset + w0, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("method", [pytest.param("fista", marks=pytest.mark.slow), "admm"])
 def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
     """Autodiff through the capped map's QR and SVD gave gradients of 1e86 (rank-1 data,
     cap 3) and NaN (zero data); it now uses the exact SVT's closed-form derivative.

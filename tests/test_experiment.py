@@ -198,6 +198,7 @@ def test_pretrain_cache_round_trip(tmp_path):
         text_copy.pretrain(config, length=5, steps=1, cache_dir=None)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_table_json_and_plot(tmp_path, capsys):
     out_dir = tmp_path / "out"
     argv = TINY + [

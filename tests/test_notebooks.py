@@ -73,6 +73,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert _images(notebook) == 2
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("CLAIR_JAX_NOTEBOOK_SMALL", "1")
     notebook = _execute("colab_tpu_federated.ipynb", tmp_path)
