@@ -30,7 +30,7 @@ its defaults). Reported per cell (rule, kind, fraction), averaged over seeds:
   update against the benign clients' mean update (``inf`` when the global adapter
   is not finite);
 * the F1 score of the flagged set against the attackers (rules that flag);
-* ``refused`` when the rule raises (today: NaN input, or Krum's ``n >= 2f + 3``).
+* ``refused`` when the rule raises (Krum's ``n >= 2f + 3``; NaN and huge clients are screened out).
 
 Krum and Multi-Krum are told the true number of attackers ``f`` (Multi-Krum averages
 ``n - f``); the trimmed mean trims ``β = 0.1``.

@@ -244,11 +244,13 @@ def clair_aggregator_factored(
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 
-    def module_fit(f: LoRAFactors, f0: LoRAFactors | None):
+    def module_fit(f: LoRAFactors, f0: LoRAFactors | None, excluded):
         b, a = f.B, f.A
         if f0 is not None:
             b = jnp.concatenate([b, -f0.B], axis=2)
             a = jnp.concatenate([a, f0.A], axis=1)
+        # Screened-out clients send nothing: zero updates (see clair_aggregator).
+        b = jnp.where(excluded[:, None, None], 0.0, b)
         if row:
             b, a = jnp.swapaxes(a, 1, 2), jnp.swapaxes(b, 1, 2)
         res = fcl.clair_factored(
@@ -270,7 +272,7 @@ def clair_aggregator_factored(
         diagnostics, fits = {}, {}
         outliers = jnp.zeros((n,), bool)
         for name, f in clients.items():
-            stacked, res = module_fit(f, start[name] if measure == "update" else None)
+            stacked, res = module_fit(f, start[name] if measure == "update" else None, excluded)
             r = f.A.shape[1]
             width = res.basis.shape[1]
             if refine_rank is not None:
