@@ -388,3 +388,23 @@ def test_round_refuses_to_commit_a_non_finite_global_from_any_aggregator():
         np.testing.assert_array_equal(g.B, start.global_[name].B)
         # client 0's own (non-finite) adapter is replaced by the global one
         np.testing.assert_array_equal(state.clients[name].A[0], g.A)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_clair_flags_only_the_screened_clients_when_many_are_screened(factored):
+    """30% of 20 clients send NaN: CLAIR's statistics run on the others (the screened
+    clients are its step-0 exclusions), so no benign client is flagged with them."""
+    n, p, q, r = 20, 24, 24, 2
+    k = jax.random.split(jax.random.key(3), 4)
+    shared = jnp.linalg.qr(jax.random.normal(k[0], (p, r)))[0]
+    B = shared[None] @ (jnp.eye(r)[None] + 0.3 * jax.random.normal(k[1], (n, r, r)))
+    B = B + 1e-3 * jax.random.normal(k[2], B.shape)
+    A = jax.random.normal(k[3], (n, r, q)) / np.sqrt(q)
+    bad = np.zeros(n, bool)
+    bad[[1, 4, 7, 11, 15, 18]] = True
+    B = jnp.where(jnp.asarray(bad)[:, None, None], jnp.nan, B)
+    global_ = {"m": cj.LoRAFactors(shared, jnp.zeros((r, q)))}
+    rule = cj.clair_aggregator_factored() if factored else cj.clair_aggregator()
+    res = rule.aggregate({"m": cj.LoRAFactors(B, A)}, global_, None, 1, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(res.flagged), bad)
+    assert np.all(np.isfinite(np.asarray(res.global_["m"].B)))

@@ -142,11 +142,11 @@ def clair_aggregator(
                 f"apart by comparing them), got factors with a client axis of {n}."
             )
         inputs, exponents = _module_inputs(clients, start if measure == "update" else None, row)
-        # Screened-out clients enter the decomposition as zero updates (they send
-        # nothing): their replacement factors would otherwise form a group of identical
+        # Screened-out clients are CLAIR's step-0 exclusions (zero blocks, out of every
+        # statistic): their replacement factors would otherwise form a group of identical
         # updates that the robust consensus reads as a coordinated one.
         results = _per_module(
-            partial(clair, benign_majority=benign_majority, **clair_kwargs),
+            partial(clair, benign_majority=benign_majority, exclude=excluded, **clair_kwargs),
             {name: jnp.where(excluded[:, None, None], 0.0, x) for name, (x, _) in inputs.items()},
         )
         diagnostics, widths = {}, {}

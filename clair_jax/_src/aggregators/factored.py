@@ -257,6 +257,7 @@ def clair_aggregator_factored(
             LoRAFactors(b, a),
             contaminated="refine",
             benign_majority=benign_majority,
+            exclude=excluded,
             **clair_kwargs,
         )
         return (b, a), res

@@ -110,6 +110,7 @@ def clair(
     noise_passes: int = 4,
     benign_majority: bool = False,
     consensus: str = "rank",
+    exclude=None,
     method: str = "admm",
     tol: float = 1e-6,
     max_iter: int = 2000,
@@ -157,6 +158,9 @@ def clair(
         final one.
       benign_majority: assume fewer than half of the clients are contaminated
         (step 6; ``majority_refit`` in the result says when it applied).
+      exclude: ``(n,)`` bool, clients to leave out as step 0 leaves out an
+        outsized one (e.g. those an aggregator's screening excluded): flagged,
+        and kept out of every statistic. None: nobody.
       consensus: ``"robust"`` (both rules of the robust consensus, steps 3 and
         4b), ``"rank"`` (the shared-direction rule of step 3 alone) or
         ``"mean"`` (neither: the plain rank rule and detection off the subspace
@@ -259,6 +263,14 @@ def clair(
     # Step 0 on the updates as given (the sizes are computed without overflow): a
     # client 1e30 times the others is screened out before anything is scaled.
     screened, typical = screen(x, cfg.offset)
+    if exclude is not None:
+        exclude = jnp.asarray(exclude)
+        if exclude.shape != (n,) or exclude.dtype != jnp.bool_:
+            raise ValueError(
+                f"exclude must be a bool array of shape (n,) = ({n},), got "
+                f"{exclude.dtype} {tuple(exclude.shape)}."
+            )
+        screened = screened | exclude
     # Every step is equivariant to the scale of the updates (σ̂, the λ's, τ and the
     # estimates scale with them): run on X 2^-e and scale back, 2^e the power of two
     # (scaling.working_exponent) of the typical (median non-zero, unscreened)
