@@ -14,6 +14,8 @@ from clair_jax import data
 from clair_jax._src.aggregators import screening
 from clair_jax._src.federated import training
 from clair_jax._src.federated.round import describe_screening
+from tests.test_federated import CONFIG, FED
+from tests.test_federated import N as FEDERATED_N
 
 N, P, R, Q = 8, 8, 2, 8
 BAD = 3
@@ -258,20 +260,8 @@ def test_huge_but_common_scale_is_aggregated_at_a_safe_scale(rule):
 
 # --- the federated round ---------------------------------------------------------------------
 
-RN = 6
-CONFIG = cj.TransformerConfig(
-    vocab_size=8, max_len=6, num_layers=1, width=8, num_heads=2, mlp_width=8, lora_rank=2
-)
-FED = data.FederationConfig(
-    num_clients=RN,
-    contaminated_fraction=0.0,
-    vocab_size=8,
-    length=3,
-    train_examples=4,
-    test_examples=5,
-    shared_tokens=2,
-    specific_tokens=1,
-)
+# The tiny model and federation of the round tests in test_federated.
+RN = FEDERATED_N
 
 
 @functools.lru_cache(maxsize=1)
