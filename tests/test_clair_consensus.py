@@ -100,6 +100,29 @@ def test_factored_inside_scores_equal_the_dense_ones():
     )
 
 
+def test_factored_inside_detection_on_the_basis_rank_columns_alone():
+    """The narrowed detection (columns up to a static width while the rank fits) equals the
+    full-width one, and falls back to it when the rank exceeds the width."""
+    from clair_jax._src.clair import factored as factored_lib
+    from clair_jax._src.solvers import factored as coordinates_lib
+
+    factors, bad, _ = _federation(3, "flip", 6)
+    fc = coordinates_lib.factored_coordinates(factors, common_right=False)
+    small = cj.clair(fc.coords, contaminated="refine", consensus="rank")
+    rank, full = int(small.rank), small.basis.shape[1]
+    assert 1 < rank < full
+    results = {
+        width: factored_lib._detect_inside(small, fc.left_coef, factors.A, width)
+        for width in (rank - 1, rank, full)
+    }
+    for width in (rank - 1, rank):
+        np.testing.assert_allclose(
+            results[width].inside_scores, results[full].inside_scores, rtol=1e-5
+        )
+        np.testing.assert_array_equal(results[width].collaborative, results[full].collaborative)
+    np.testing.assert_array_equal(results[full].collaborative, ~bad)
+
+
 def _numpy_geometric_median(points):
     """Minimiser of the sum of Euclidean distances (SciPy, from the coordinate mean)."""
     points = np.asarray(points, np.float64)

@@ -233,7 +233,8 @@ def clair_factored(
         **clair_kwargs,
     )
     if inner != consensus:
-        small = _detect_inside(small, fc.left_coef, jnp.asarray(factors[1]).astype(fc.coords.dtype))
+        a_factors = jnp.asarray(factors[1]).astype(fc.coords.dtype)
+        small = _detect_inside(small, fc.left_coef, a_factors, max(rank_cap or 0, 2 * r + 16))
     basis_c = small.basis  # (k, w), zero columns after the rank
     basis = jnp.matmul(fc.left, basis_c, precision=_HIGHEST)
     if offset:
@@ -271,20 +272,35 @@ def clair_factored(
     )
 
 
-def _detect_inside(small: ClairResult, beta: Array, a: Array) -> ClairResult:
+def _detect_inside(small: ClairResult, beta: Array, a: Array, width: int) -> ClairResult:
     """``small`` with CLAIR's detection inside the subspace run in a common right frame.
 
     Client ``i``'s coordinates ``Û^T X_i V_A = Û_c^T (U^T B_i)(A_i V_A)``, ``V_A`` an
     orthonormal basis of the rows of all the ``A``'s (``X_i`` restricted to it
     loses nothing), are scored by :func:`~clair_jax._src.clair.consensus.inside_detection`.
+    Columns of ``Û_c`` after the rank are zero and so are the coordinates' rows
+    after it: while the rank is at most ``width`` (static) only the first ``width``
+    rows are formed, the same scores at a fraction of the cost.
     """
     n, r, q = a.shape
     v_a, t = fd.thin_qr(a.reshape(n * r, q).T)  # A_stack^T = V_A T
     alpha = jnp.transpose(t.reshape(v_a.shape[1], n, r), (1, 2, 0))  # A_i V_A: (n, r, m)
-    coords = jnp.einsum("kw,nkr,nrm->nwm", small.basis, beta, alpha, precision=_HIGHEST)
-    active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
-    members = small.collaborative & jnp.isfinite(small.scores) & active
-    inliers, scores, tau = inside_detection(coords, members)
+    members = small.collaborative & jnp.isfinite(small.scores)
+
+    def detect(basis):
+        coords = jnp.einsum("kw,nkr,nrm->nwm", basis, beta, alpha, precision=_HIGHEST)
+        active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
+        return inside_detection(coords, members & active)
+
+    if width < small.basis.shape[1]:
+        inliers, scores, tau = jax.lax.cond(
+            small.rank <= width,
+            lambda basis: detect(basis[:, :width]),
+            detect,
+            small.basis,
+        )
+    else:
+        inliers, scores, tau = detect(small.basis)
     return small._replace(
         collaborative=small.collaborative & inliers,
         inside_scores=jnp.where(jnp.isfinite(small.scores), scores, jnp.inf),
