@@ -1,9 +1,10 @@
 """CLAIR's departures from the design notes, each measured against its alternative.
 
 ``python benchmarks/clair_departures.py [--quick]`` runs three comparisons on the
-synthetic federations of :mod:`clair_jax.simulate` (the trials of
-``clair_simulations.py``, imported) and writes ``benchmarks/out/clair_departures.json``
-(every number) and ``clair_departures.md`` (the tables):
+synthetic federations of :mod:`clair_jax.simulate` (``clair_simulations.py``'s
+noiseless trial is imported, its federations and sizes reused) and writes
+``benchmarks/out/clair_departures.json`` (every number) and ``clair_departures.md``
+(the tables):
 
 1. **detection**: the collaborative set by our rule (the off-subspace residual
    ``d_i = ||(I - Û Û^T)(X_i - c)||_F`` against CLAIR's robust threshold, the
