@@ -156,11 +156,12 @@ def regression_trial(key, *, n, p, q, rank, samples, fraction, kind, noise=1.0,
     }
 
 
-def updates_trial(key, noise, *, n, p, q, rank, fraction, kind="dense", noise_scale=None):
+def updates_trial(key, noise, *, n, p, q, rank, fraction, kind="dense", noise_scale=None,
+                  refit=True):  # fmt: skip
     fed = cj.simulate.shared_subspace_updates(
         key, n=n, p=p, q=q, rank=rank, fraction=fraction, kind=kind, noise=noise
     )
-    res = cj.clair(fed.updates, noise_scale=noise_scale)
+    res = cj.clair(fed.updates, noise_scale=noise_scale, refit=refit)
     exact_set = jnp.all(res.collaborative == ~fed.contaminated)
     subspace = cj.subspace_distance(fed.basis, res.basis)
     return {

@@ -204,6 +204,13 @@ def robustness(d: dict) -> str:
     return module.markdown(d)
 
 
+def clair_departures(d: dict) -> str:
+    spec = importlib.util.spec_from_file_location("clair_departures", HERE / "clair_departures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.markdown(d)
+
+
 def fedrot_alignment(d: dict) -> str:
     s = d["setup"]
     rows = []
@@ -378,6 +385,14 @@ SECTIONS = [
             **{f"clair_{k}.png": f"clair_{k}.png" for k in PNG_CLAIR},
         },
         clair_simulations,
+    ),
+    Section(
+        "clair_departures",
+        ["benchmarks/clair_departures.py"],
+        ["--quick"],
+        [],
+        {"clair_departures.json": "clair_departures.json"},
+        clair_departures,
     ),
     Section(
         "robustness",
