@@ -242,28 +242,19 @@ def test_personalised_adapters_go_back_to_their_nodes(identity):
 # --- the example app under Flower's simulation runtime -----------------------------------
 
 
-# Ray starts its processes with subprocess (fork + exec), which JAX warns about, leaves
-# /dev/null handles open and announces a change of its GPU defaults; as errors these warnings
-# would stop the simulation runtime.
-@pytest.mark.filterwarnings(
-    "ignore:os.fork:RuntimeWarning",
-    "ignore::ResourceWarning",
-    "ignore:Tip. In future versions of Ray:FutureWarning",
-)
-def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, monkeypatch):
-    """8 nodes (2 contaminated) x 3 rounds of CLAIR in Flower's simulation runtime: the
-    final round flags exactly the contaminated nodes, and every round's flags, the global
-    adapter and each client's refined adapter are those of the in-process round."""
+def _run_example_app(tmp_path, monkeypatch, overrides):
+    """The example app in Flower's simulation runtime, then the same run with make_round
+    and run_rounds in-process, compared round by round: returns ``(strategy, run, cfg,
+    LAST_RUN)``."""
     pytest.importorskip("ray")  # the simulation runtime's backend (flwr[simulation])
     from flwr.simulation import run_simulation
 
     from clair_jax.flower.example import client_app, server_app, task
 
     monkeypatch.setenv("CLAIR_JAX_CACHE", str(tmp_path))  # the nodes load the base from here
-    overrides = {"fraction-evaluate": 0.0, "wait-timeout": 120.0}  # fail, not hang
+    overrides = {"fraction-evaluate": 0.0, "wait-timeout": 120.0, **overrides}  # fail, not hang
     cfg = task.settings(overrides)
     run = task.task(cfg)  # pre-trains the base once, before the nodes start
-    assert (cfg["num-clients"], cfg["num-rounds"]) == (8, 3)
     run_simulation(
         server_app.make_server_app(overrides),
         client_app.make_client_app(overrides),
@@ -271,13 +262,8 @@ def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, mon
         backend_config={"client_resources": {"num_cpus": 1}},
     )
     strategy = server_app.LAST_RUN["strategy"]
-    truth = np.asarray(run.federation.contaminated)
-    assert truth.sum() == 2
-    np.testing.assert_array_equal(strategy.history[-1]["flagged"], truth)
-    assert server_app.LAST_RUN["detection"]["f1"] == 1.0
     assert all(h["replied"].all() for h in strategy.history)
     assert strategy.num_traces == 1
-
     round_fn = cj.make_round(
         run.graphdef,
         run.base,
@@ -295,14 +281,51 @@ def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, mon
         cfg["num-rounds"],
         progress=False,
     )
+    assert len(strategy.history) == len(history) == cfg["num-rounds"]
     for got, want in zip(strategy.history, history, strict=True):
         np.testing.assert_array_equal(got["flagged"], np.asarray(want.flagged))
     # Float tolerance: the nodes train one client per call, make_round's loop in its own
-    # jitted functions, and CLAIR's iterations carry the rounding through three rounds.
+    # jitted functions, and CLAIR's iterations carry the rounding through the rounds.
     close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)  # noqa: E731
     jax.tree.map(close, strategy.state.global_, state.global_)
     jax.tree.map(close, strategy.state.clients, state.clients)
     np.testing.assert_array_equal(strategy.state.flag_counts, state.flag_counts)
+    return strategy, run, cfg, server_app.LAST_RUN
+
+
+# Ray starts its processes with subprocess (fork + exec), which JAX warns about, leaves
+# /dev/null handles open and announces a change of its GPU defaults; as errors these warnings
+# would stop the simulation runtime.
+_RAY_WARNINGS = (
+    "ignore:os.fork:RuntimeWarning",
+    "ignore::ResourceWarning",
+    "ignore:Tip. In future versions of Ray:FutureWarning",
+)
+
+
+@pytest.mark.filterwarnings(*_RAY_WARNINGS)
+def test_example_app_with_fedit_matches_make_round(tmp_path, monkeypatch):
+    """4 nodes x 2 rounds of FedIT in Flower's simulation runtime (messages, Ray workers,
+    serialisation, padding): the same global and client adapters as make_round."""
+    _run_example_app(
+        tmp_path,
+        monkeypatch,
+        {"num-clients": 4, "num-rounds": 2, "aggregator": "fedit", "pretrain-steps": 50},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(*_RAY_WARNINGS)
+def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, monkeypatch):
+    """8 nodes (2 contaminated) x 3 rounds of CLAIR in Flower's simulation runtime: the
+    final round flags exactly the contaminated nodes, and every round's flags, the global
+    adapter and each client's refined adapter are those of the in-process round."""
+    strategy, run, cfg, last = _run_example_app(tmp_path, monkeypatch, {})
+    assert (cfg["num-clients"], cfg["num-rounds"]) == (8, 3)
+    truth = np.asarray(run.federation.contaminated)
+    assert truth.sum() == 2
+    np.testing.assert_array_equal(strategy.history[-1]["flagged"], truth)
+    assert last["detection"]["f1"] == 1.0
 
 
 @pytest.mark.parametrize("rule", [cj.fedit, cj.flexlora, lambda: cj.fedrot(0.4)])
