@@ -84,8 +84,12 @@ def main(argv=None) -> dict:
         for h in hogs:
             h.start()
     rows = []
+    # The snippets run where a user's clone is, but what they write lands in the output
+    # folder: a scratch directory whose tests/ is the repository's (the PEFT fixtures).
     workdir = os.path.join(args.out, "readme_snippets_cwd")
     os.makedirs(workdir, exist_ok=True)
+    if not os.path.exists(os.path.join(workdir, "tests")):
+        os.symlink(os.path.join(ROOT, "tests"), os.path.join(workdir, "tests"))
     try:
         for i, code in enumerate(blocks):
             first = code.strip().splitlines()[0] if code.strip() else ""
