@@ -42,7 +42,7 @@ from clair_jax._src.federated.checkpoint import (
     load_npz,
     sync_directory,
 )
-from clair_jax._src.federated.round import RoundMetrics, ServerState
+from clair_jax._src.federated.state import RoundMetrics, ServerState
 
 #: Version of the step layout written here (in the run record).
 FORMAT = 1
