@@ -1,12 +1,20 @@
-"""What a benchmark's JSON records about the machine it ran on."""
+"""What the benchmarks share: the record of the machine they ran on, writing their JSON, and
+the rules they compare."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
 import jax
 import numpy as np
+
+from clair_jax.experiments.text_copy.config import METHODS
+
+RULES = tuple(m for m in METHODS if m != "local_only")
+"""Every aggregation rule of ``clair_jax``, in table order (local-only, which aggregates
+nothing, left out): the text-copy experiment's rules."""
 
 
 def cpu_model() -> str:
@@ -44,3 +52,13 @@ def environment(**versions: str) -> dict:
         "python": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+def write_json(record: dict, folder: str, name: str) -> str:
+    """Writes ``record`` to ``<folder>/<name>`` (folder created), says so, returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+    return path

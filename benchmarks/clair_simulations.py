@@ -192,6 +192,23 @@ def _summ(values):
 # --- experiments -------------------------------------------------------------------------
 
 
+def _detection_panel(ax, x, rows, xlabel: str, title: str) -> None:
+    """Mean precision, recall and F1 of ``rows`` against ``x`` (log scale) on ``ax``."""
+    for key in ("precision", "recall", "f1"):
+        ax.semilogx(x, [r[key]["mean"] for r in rows], "o-", label=key)
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title)
+    ax.legend()
+
+
+def _save(fig, name: str) -> None:
+    """Lays out ``fig``, writes it to ``RESULTS / name`` and closes it."""
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=120)
+    plt.close(fig)
+
+
 def phase_transition(cfg, log):
     """Noiseless exact recovery, with σ estimated (defaults) and with σ = 0 given."""
     n, p, q = 40, 32, 4
@@ -265,15 +282,10 @@ def noise_stability(cfg, log):
     axes[0].set_ylabel(r"$\|P_U - P_{\hat U}\|_F$ (mean)")
     axes[0].set_title(f"Stable recovery (fitted slope {slope:.2f})")
     axes[0].legend()
-    for key in ("precision", "recall", "f1"):
-        axes[1].semilogx(noises, [r[key]["mean"] for r in rows], "o-", label=key)
-    axes[1].set_xlabel("noise std per entry")
-    axes[1].set_ylim(-0.05, 1.05)
-    axes[1].set_title("Detection (30% dense contamination)")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "clair_noise_stability.png", dpi=120)
-    plt.close(fig)
+    _detection_panel(
+        axes[1], noises, rows, "noise std per entry", "Detection (30% dense contamination)"
+    )
+    _save(fig, "clair_noise_stability.png")
     return {**size, "seeds": seeds, "slope": slope, "rows": rows}
 
 
@@ -296,19 +308,18 @@ def samples_consistency(cfg, log):
         )
     ms = [r["samples"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("precision", "recall", "f1"):
-        axes[0].semilogx(ms, [r[key]["mean"] for r in rows], "o-", label=key)
-    axes[0].set_xlabel("samples per client m (p = 64 features)")
-    axes[0].set_ylim(-0.05, 1.05)
-    axes[0].set_title("Detection (30%: dense, scaled, label noise)")
-    axes[0].legend()
+    _detection_panel(
+        axes[0],
+        ms,
+        rows,
+        "samples per client m (p = 64 features)",
+        "Detection (30%: dense, scaled, label noise)",
+    )
     axes[1].loglog(ms, [r["subspace"]["mean"] for r in rows], "o-", label="subspace error")
     axes[1].loglog(ms, [r["ratio_local"]["mean"] for r in rows], "s-", label="CLAIR / local")
     axes[1].set_xlabel("samples per client m")
     axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "clair_samples.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "clair_samples.png")
     return {**size, "seeds": cfg["seeds"], "kind": list(DETECTABLE), "rows": rows}
 
 
@@ -352,9 +363,7 @@ def refinement(cfg, log):
         ax.set_xlabel("contaminated fraction")
     axes[0].set_ylabel("mean benign-client error (Frobenius)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "clair_refinement.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "clair_refinement.png")
     return {**size, "seeds": cfg["seeds"], "kind": "dense", "grid": grid}
 
 
@@ -383,9 +392,7 @@ def clients_samples(cfg, log):
     ax.set_ylabel("clients n")
     ax.set_title(f"CLAIR / local error (20% dense, heterogeneity {het})")
     fig.colorbar(im)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "clair_clients_samples.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "clair_clients_samples.png")
     return {"p": p, "q": q, "rank": rank, "fraction": fraction, "heterogeneity": het,
             "seeds": cfg["seeds"],
             "clients": clients, "samples": samples, "ratio": ratio.tolist(),

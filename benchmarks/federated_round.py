@@ -16,7 +16,6 @@ writes ``benchmarks/out/federated_round.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import jax
 import numpy as np
 import optax
-from _environment import environment
+from _environment import environment, write_json
 from flax import nnx
 
 import clair_jax as cj
@@ -149,11 +148,7 @@ def main(argv=None) -> None:
         "results": rows,
         "environment": environment(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "federated_round.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    write_json(out, args.out, "federated_round.json")
 
 
 if __name__ == "__main__":

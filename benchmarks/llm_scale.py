@@ -393,6 +393,8 @@ def model_run(args) -> dict:
 
 
 def main(argv=None) -> None:
+    from _environment import RULES
+
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -430,22 +432,7 @@ def main(argv=None) -> None:
         "--noise", type=float, default=0.01, help="relative noise of the benign clients' B"
     )
     parser.add_argument("--gm-iters", type=int, default=5, help="Weiszfeld passes")
-    parser.add_argument(
-        "--rules",
-        nargs="*",
-        default=[
-            "fedit",
-            "flexlora",
-            "ffa_lora",
-            "fedrot",
-            "coordinate_median",
-            "trimmed_mean",
-            "multi_krum",
-            "krum",
-            "geometric_median",
-            "clair",
-        ],
-    )
+    parser.add_argument("--rules", nargs="*", default=list(RULES))
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument(
         "--quick",

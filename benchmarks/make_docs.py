@@ -335,6 +335,11 @@ class Section:
         return "OPENBLAS_NUM_THREADS=1 python " + args
 
 
+def json_and_png(src: str, dst: str) -> dict[str, str]:
+    """A section's JSON and PNG, ``<src>.json`` and ``<src>.png``, copied as ``<dst>.*``."""
+    return {f"{src}.{ext}": f"{dst}.{ext}" for ext in ("json", "png")}
+
+
 PNG_CLAIR = ["phase_transition", "noise_stability", "samples", "refinement", "clients_samples"]
 SECTIONS = [
     Section(
@@ -342,7 +347,7 @@ SECTIONS = [
         ["-m", "clair_jax.experiments.text_copy", "--no-progress"],
         ["--quick"],
         [],
-        {"text_copy.json": "text_copy.json", "text_copy.png": "text_copy.png"},
+        json_and_png("text_copy", "text_copy"),
         text_copy,
     ),
     Section(
@@ -350,10 +355,7 @@ SECTIONS = [
         ["benchmarks/solver_scaling.py", "--sections", "headline,n"],
         ["--quick", "--repeats", "7"],
         ["--repeats", "3"],
-        {
-            "solver_scaling_headline_n.json": "solver_scaling.json",
-            "solver_scaling_headline_n.png": "solver_scaling.png",
-        },
+        json_and_png("solver_scaling_headline_n", "solver_scaling"),
         solver_scaling,
     ),
     Section(
@@ -361,10 +363,7 @@ SECTIONS = [
         ["benchmarks/solver_scaling.py", "--sections", "batch"],
         ["--quick", "--repeats", "7"],
         ["--repeats", "3"],
-        {
-            "solver_scaling_batch.json": "solver_batch.json",
-            "solver_scaling_batch.png": "solver_batch.png",
-        },
+        json_and_png("solver_scaling_batch", "solver_batch"),
         batch_table,
     ),
     Section(
@@ -372,7 +371,7 @@ SECTIONS = [
         ["benchmarks/rpca_vs_tensorly.py"],
         ["--quick"],
         [],
-        {"rpca_vs_tensorly.json": "rpca.json", "rpca_vs_tensorly.png": "rpca.png"},
+        json_and_png("rpca_vs_tensorly", "rpca"),
         rpca,
     ),
     Section(
@@ -399,7 +398,7 @@ SECTIONS = [
         ["benchmarks/robustness.py"],
         ["--quick"],
         [],
-        {"robustness.json": "robustness.json", "robustness.png": "robustness.png"},
+        json_and_png("robustness", "robustness"),
         robustness,
     ),
     Section(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import multiprocessing
 import os
 import re
@@ -28,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from _environment import environment
+from _environment import environment, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRAS = {"safetensors": "peft", "flwr": "flower"}
@@ -124,11 +123,7 @@ def main(argv=None) -> dict:
         "snippets": rows,
         "environment": environment(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "readme_snippets.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_json(result, args.out, "readme_snippets.json")
     return result
 
 

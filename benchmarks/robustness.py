@@ -58,7 +58,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _environment import environment  # noqa: E402
+from _environment import RULES, environment  # noqa: E402
 
 import clair_jax as cj  # noqa: E402
 from clair_jax._src.federated.attacks import attack  # noqa: E402
@@ -73,18 +73,6 @@ KINDS = (
     "huge",
 )
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6)
-RULES = (
-    "fedit",
-    "flexlora",
-    "ffa_lora",
-    "fedrot",
-    "coordinate_median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "geometric_median",
-    "clair",
-)
 #: Kinds CLAIR claims to detect (all of them: a sign flip of one's own update is far
 #: from the benign clients' common update in this model).
 CLAIR_DETECTS = KINDS

@@ -30,7 +30,6 @@ Run ``python benchmarks/round_memory.py`` (64 .. 1024 clients; ``--quick``: 64 .
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,7 +37,7 @@ import time
 import jax
 import numpy as np
 import optax
-from _environment import environment
+from _environment import environment, write_json
 from flax import nnx
 
 import clair_jax as cj
@@ -283,11 +282,7 @@ def main(argv=None) -> None:
         **body,
         "environment": environment(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{name}.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {path}")
+    write_json(out, args.out, f"{name}.json")
 
 
 if __name__ == "__main__":

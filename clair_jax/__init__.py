@@ -39,10 +39,6 @@ from clair_jax._src.clair.factored import clair_factored as clair_factored
 from clair_jax._src.clair.pipeline import clair as clair
 from clair_jax._src.federated.checkpoint import CheckpointError as CheckpointError
 from clair_jax._src.federated.checkpoint import save_checkpoint as save_checkpoint
-from clair_jax._src.federated.round import RoundMetrics as RoundMetrics
-from clair_jax._src.federated.round import ServerState as ServerState
-from clair_jax._src.federated.round import describe_screening as describe_screening
-from clair_jax._src.federated.round import init_server_state as init_server_state
 from clair_jax._src.federated.round import make_round as make_round
 from clair_jax._src.federated.run import run_rounds as run_rounds
 from clair_jax._src.federated.run_checkpoint import load_checkpoint as load_checkpoint
@@ -52,6 +48,10 @@ from clair_jax._src.federated.sharding import make_sharded_round as make_sharded
 from clair_jax._src.federated.sharding import replicate as replicate
 from clair_jax._src.federated.sharding import shard_batch as shard_batch
 from clair_jax._src.federated.sharding import shard_clients as shard_clients
+from clair_jax._src.federated.state import RoundMetrics as RoundMetrics
+from clair_jax._src.federated.state import ServerState as ServerState
+from clair_jax._src.federated.state import describe_screening as describe_screening
+from clair_jax._src.federated.state import init_server_state as init_server_state
 from clair_jax._src.federated.training import Evaluation as Evaluation
 from clair_jax._src.federated.training import evaluate_clients as evaluate_clients
 from clair_jax._src.federated.training import local_train as local_train

@@ -175,8 +175,6 @@ def numpy_decompose(
         weights: Per-client weights, shape (n,); default all ones.
         offset: Whether to fit the common offset c.
         constrained: Solve the constrained instead of the penalised problem.
-        sparsity: ``"block"`` (Frobenius norm of each client's block) or
-            ``"entry"`` (sum of the block's absolute entries).
         tol: Stop when the largest change (and, for DR, the primal residual)
             is below ``tol * max(1, ||X||_F)``.
         max_iter: Iteration cap.

@@ -14,6 +14,7 @@ from flax import nnx
 
 import clair_jax as cj
 from clair_jax import data
+from clair_jax._src.federated import state as state_lib
 from clair_jax._src.federated import training
 
 N = 6
@@ -202,6 +203,38 @@ def test_partial_participation(parts):
     np.testing.assert_array_equal(
         new.participation_counts, np.isin(np.arange(N), np.asarray(metrics.participants))
     )
+
+
+def test_next_state_updates_participants_and_counters():
+    # Hand-made stacks: 4 clients, clients 1 and 3 took part.
+    ones = np.ones((4, 3, 2), np.float32)
+    state = cj.ServerState(
+        round=jnp.asarray(2, jnp.int32),
+        global_={"w": cj.LoRAFactors(B=jnp.zeros((3, 2)), A=jnp.zeros((2, 5)))},
+        clients={
+            "w": cj.LoRAFactors(
+                B=jnp.asarray(ones * np.arange(4)[:, None, None]), A=jnp.zeros((4, 2, 5))
+            )
+        },
+        flag_counts=jnp.asarray([0, 1, 0, 2], jnp.int32),
+        participation_counts=jnp.asarray([1, 1, 1, 1], jnp.int32),
+    )
+    idx = jnp.asarray([1, 3], jnp.int32)
+    new_global = {"w": cj.LoRAFactors(B=jnp.full((3, 2), 7.0), A=jnp.full((2, 5), 7.0))}
+    flagged = jnp.asarray([False, False, False, True])
+    personal = {
+        "w": cj.LoRAFactors(B=jnp.stack([ones[0] * 10, ones[0] * 30]), A=jnp.ones((2, 2, 5)))
+    }
+    new = state_lib.next_state(state, idx, personal, new_global, flagged)
+    np.testing.assert_array_equal(new.clients["w"].B[:, 0, 0], [0, 10, 2, 30])
+    np.testing.assert_array_equal(new.clients["w"].A[:, 0, 0], [0, 1, 0, 1])
+    np.testing.assert_array_equal(new.flag_counts, [0, 1, 0, 3])
+    np.testing.assert_array_equal(new.participation_counts, [1, 2, 1, 2])
+    assert int(new.round) == 3 and float(new.global_["w"].B[0, 0]) == 7.0
+    # Every participant got the global adapter: a broadcast rule, the others get it too.
+    stacked = jax.tree.map(lambda g: jnp.broadcast_to(g, (2, *g.shape)), new_global)
+    new = state_lib.next_state(state, idx, stacked, new_global, flagged)
+    np.testing.assert_array_equal(new.clients["w"].B, np.full((4, 3, 2), 7.0))
 
 
 def test_attack_model(parts):

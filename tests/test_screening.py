@@ -13,7 +13,7 @@ import clair_jax as cj
 from clair_jax import data
 from clair_jax._src.aggregators import screening
 from clair_jax._src.federated import training
-from clair_jax._src.federated.round import describe_screening
+from clair_jax._src.federated.state import describe_screening
 from tests.test_federated import CONFIG, FED
 from tests.test_federated import N as FEDERATED_N
 

@@ -99,6 +99,22 @@ def check_finite(x: jax.Array, name: str) -> jax.Array:
     return x
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every entry of every leaf of ``tree`` is finite (a scalar bool, traceable)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def finite_rows(stacked) -> jax.Array:
+    """``(n,)`` bool: whether each row (leading axis) of ``stacked``'s leaves is all finite.
+
+    For stacked per-client pytrees such as adapters ``B (n, p, r)``, ``A (n, r, q)``.
+    """
+    rows = [
+        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(stacked)
+    ]
+    return jnp.all(jnp.stack(rows), axis=0)
+
+
 def check_indices(x: jax.Array, size: int, name: str) -> jax.Array:
     """Rejects a non-integer array or entries outside ``[0, size)`` (token ids, labels).
 

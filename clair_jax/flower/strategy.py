@@ -19,11 +19,11 @@ Each round the strategy:
    ``"train-key"`` (the ``uint32`` data of a ``jax.random`` key, of the
    implementation named by ``"train-key-impl"``) from which the node derives its
    training key with ``jax.random.fold_in(train_key, slot)``;
-2. checks the replies: error replies (``failed``), replies that do not fit
-   (``invalid``: no ``ArrayRecord``, other modules, shapes or dtypes, a
-   non-finite factor, a bad weight or slot, a slot already taken this round)
-   and nodes that did not answer in time (``missing``) are left out of the
-   round and counted in its metrics;
+2. checks the replies (:mod:`clair_jax.flower.replies`): error replies
+   (``failed``), replies that do not fit (``invalid``: no ``ArrayRecord``, other
+   modules, shapes or dtypes, a non-finite factor, a bad weight or slot, a slot
+   already taken this round) and nodes that did not answer in time
+   (``missing``) are left out of the round and counted in its metrics;
 3. stacks the valid replies on the client axis and runs the aggregator, jitted.
    With ``pad=True`` the stack always has ``num_clients`` rows, one per slot: a
    slot without a valid reply holds the adapter it started from (an update of
@@ -66,25 +66,12 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import Aggregator
-from clair_jax._src.federated.round import ServerState, init_server_state
+from clair_jax._src.federated.state import ServerState, init_server_state, next_state
 from clair_jax._src.lora.types import Adapters, LoRAFactors
+from clair_jax.flower import replies as reply_io
 from clair_jax.flower.serialization import adapters_to_arrays, arrays_to_adapters
 
 logger = logging.getLogger("flwr")
-
-
-def _take(tree, i):
-    return jax.tree.map(lambda x: np.asarray(x[i]), tree)
-
-
-def _stack(trees: list) -> Any:
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
-
-
-def _finite(adapters: Adapters) -> bool:
-    return all(
-        bool(np.all(np.isfinite(np.asarray(x, np.float32)))) for x in jax.tree.leaves(adapters)
-    )
 
 
 class AdapterStrategy(Strategy):
@@ -189,7 +176,7 @@ class AdapterStrategy(Strategy):
         slot = self.slots.get(node_id)
         if slot is None:
             return jax.tree.map(np.asarray, self.state.global_)
-        return _take(self.state.clients, slot)
+        return reply_io.row(self.state.clients, slot)
 
     def _sample(self, grid: Grid, fraction: float) -> list[int]:
         """``ceil(fraction * connected)`` nodes, once ``min_available_nodes`` are connected."""
@@ -239,35 +226,26 @@ class AdapterStrategy(Strategy):
         }
         return self._messages(grid, self.fraction_train, MessageType.TRAIN, config, extra)
 
-    def _read_reply(self, msg: Message, taken: dict[int, int]) -> tuple[int, Adapters, float]:
-        """``(slot, adapter, weight)`` of a valid reply; ``ValueError`` saying why not."""
+    def _read_reply(self, msg: Message, taken: dict[int, int]) -> tuple[int, reply_io.Reply]:
+        """``(slot, reply)`` of a valid reply; ``ValueError`` saying why not."""
         node_id = msg.metadata.src_node_id
         if node_id not in self._sent:
             raise ValueError(f"node {node_id} was not sent a train message this round")
-        content = msg.content
-        if self.arrayrecord_key not in content.array_records:
-            raise ValueError(f"no ArrayRecord {self.arrayrecord_key!r}")
-        metrics = next(iter(content.metric_records.values()), MetricRecord())
-        adapter = arrays_to_adapters(content.array_records[self.arrayrecord_key], like=self._like)
-        if not _finite(adapter):
-            raise ValueError("a non-finite factor")
-        weight = metrics.get(self.weighted_by_key)
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
-            raise ValueError(f"metric {self.weighted_by_key!r} missing or not a number")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"metric {self.weighted_by_key!r} = {weight} is not finite and >= 0")
-        slot = metrics.get(self.client_key, self.slots.get(node_id))
-        if slot is None:
-            used = set(self.slots.values()) | set(taken)
-            slot = next((i for i in range(self.num_clients) if i not in used), None)
-            if slot is None:
-                raise ValueError(f"no free client slot of {self.num_clients}")
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_clients:
-            raise ValueError(f"slot {self.client_key!r} = {slot!r} not in [0, {self.num_clients})")
-        if slot in taken:
-            raise ValueError(f"slot {slot} already taken this round by node {taken[slot]}")
-        taken[slot] = node_id
-        return slot, adapter, float(weight)
+        adapter, weight, metrics = reply_io.read_content(
+            msg.content,
+            like=self._like,
+            arrayrecord_key=self.arrayrecord_key,
+            weighted_by_key=self.weighted_by_key,
+        )
+        slot = reply_io.claim_slot(
+            metrics.get(self.client_key, self.slots.get(node_id)),
+            node_id,
+            known=self.slots,
+            taken=taken,
+            num_clients=self.num_clients,
+            client_key=self.client_key,
+        )
+        return slot, reply_io.Reply(adapter, weight, node_id)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -276,7 +254,7 @@ class AdapterStrategy(Strategy):
         replies = list(replies)
         n = self.num_clients
         failed = invalid = 0
-        rows: dict[int, tuple[Adapters, float, int]] = {}
+        rows: dict[int, reply_io.Reply] = {}
         taken: dict[int, int] = {}
         answered = set()
         for msg in replies:
@@ -287,12 +265,12 @@ class AdapterStrategy(Strategy):
                 logger.info("aggregate_train: node %d failed: %s", node_id, msg.error.reason)
                 continue
             try:
-                slot, adapter, weight = self._read_reply(msg, taken)
+                slot, reply = self._read_reply(msg, taken)
             except (KeyError, TypeError, ValueError) as err:
                 invalid += 1
                 logger.warning("aggregate_train: reply of node %d left out: %s", node_id, err)
                 continue
-            rows[slot] = (adapter, weight, node_id)
+            rows[slot] = reply
         missing = len(set(self._sent) - answered)
         record = {"failed": failed, "invalid": invalid, "missing": missing}
         flagged = np.zeros((n,), bool)
@@ -304,7 +282,7 @@ class AdapterStrategy(Strategy):
             "num-invalid": invalid,
             "num-missing": missing,
         }
-        if not rows or sum(w for _, w, _ in rows.values()) <= 0:
+        if not rows or sum(r.weight for r in rows.values()) <= 0:
             logger.warning("aggregate_train: no valid reply with a positive weight; global kept")
             self.history.append(
                 {**record, "flagged": flagged, "replied": replied, "diagnostics": {}}
@@ -313,53 +291,18 @@ class AdapterStrategy(Strategy):
 
         state = self.state
         slots = list(range(n)) if self.pad else sorted(rows)
-        clients, starts, weights = [], [], []
-        for i in slots:
-            if i in rows:
-                adapter, weight, node_id = rows[i]
-                clients.append(adapter)
-                starts.append(self._sent[node_id])
-                weights.append(weight)
-            else:
-                old = _take(state.clients, i)
-                clients.append(old)
-                starts.append(old)
-                weights.append(0.0)
+        clients, starts, weights = reply_io.stack_rows(rows, slots, state.clients, self._sent)
         _, k_agg = self.round_keys(server_round)
-        result = self._aggregate(
-            _stack(clients),
-            state.global_,
-            np.asarray(weights, np.float32),
-            state.round,
-            k_agg,
-            _stack(starts),
-        )
+        result = self._aggregate(clients, state.global_, weights, state.round, k_agg, starts)
         result = jax.device_get(result)
         idx = np.asarray([j for j, i in enumerate(slots) if i in rows])
         took_part = np.asarray([slots[j] for j in idx])
         new_global = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.global_.items()}
-        kept = state.clients
-        broadcast = all(
-            np.array_equal(np.asarray(c)[idx], np.broadcast_to(g, (len(idx), *np.shape(g))))
-            for c, g in zip(
-                jax.tree.leaves(dict(result.clients)), jax.tree.leaves(result.global_), strict=True
-            )
-        )
-        if broadcast:
-            kept = jax.tree.map(lambda old, g: jnp.broadcast_to(g, old.shape), kept, new_global)
-        new_clients = jax.tree.map(
-            lambda old, r: old.at[took_part].set(jnp.asarray(r)[idx]), kept, dict(result.clients)
-        )
         flagged[took_part] = np.asarray(result.flagged, bool)[idx]
-        self.state = ServerState(
-            round=state.round + 1,
-            global_=new_global,
-            clients=new_clients,
-            flag_counts=state.flag_counts + jnp.asarray(flagged, jnp.int32),
-            participation_counts=state.participation_counts + jnp.asarray(replied, jnp.int32),
-        )
-        for i in rows:
-            self.slots[rows[i][2]] = i
+        result_clients = jax.tree.map(lambda x: np.asarray(x)[idx], dict(result.clients))
+        self.state = next_state(state, took_part, result_clients, new_global, flagged)
+        for i, reply in rows.items():
+            self.slots[reply.node_id] = i
         diagnostics = {k: np.asarray(v) for k, v in result.diagnostics.items()}
         self.history.append(
             {**record, "flagged": flagged, "replied": replied, "diagnostics": diagnostics}

@@ -13,14 +13,16 @@ import jax.numpy as jnp
 from clair_jax._src import validation
 from clair_jax._src.aggregators import alignment
 from clair_jax._src.aggregators.base import (
-    HIGHEST,
     AggregateResult,
     Aggregator,
     broadcast_result,
-    errors,
-    factorwise_mean,
     make_aggregator,
     num_clients,
+)
+from clair_jax._src.aggregators.factor_algebra import (
+    HIGHEST,
+    errors,
+    factorwise_mean,
     weighted_product_factors,
 )
 from clair_jax._src.lora.types import LoRAFactors

@@ -1,4 +1,4 @@
-"""The aggregation interface for federated LoRA and the factor algebra the rules share.
+"""The aggregation interface for federated LoRA and the screened constructor of the rules.
 
 Every adapted module (one weight matrix) carries LoRA factors ``B`` (``p x r``)
 and ``A`` (``r x q``) whose product ``B A`` is the weight update. Clients' factors
@@ -13,7 +13,10 @@ global adapter, the clients the rule flagged, and diagnostics. Factories build
 them (optax style: configuration in the closure, data traced): the averaging
 rules in :mod:`~clair_jax._src.aggregators.averaging`, the Byzantine-robust ones
 in :mod:`~clair_jax._src.aggregators.robust` and CLAIR's in
-:mod:`~clair_jax._src.aggregators.clair_rule`.
+:mod:`~clair_jax._src.aggregators.clair_rule`; the factor algebra they share
+(weighted means, best rank-``r`` factors, the aggregation error) is in
+:mod:`~clair_jax._src.aggregators.factor_algebra`, and :func:`make_aggregator`
+wraps a rule's core with the screening and the commit guard below.
 
 Conventions shared by all rules:
 
@@ -64,15 +67,23 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool
 
 from clair_jax._src import validation
-from clair_jax._src.aggregators import alignment, screening
-from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
-from clair_jax._src.lora.types import Adapters, LoRAFactors, check_adapters
+from clair_jax._src.aggregators import screening
 
-HIGHEST = jax.lax.Precision.HIGHEST
+# The rules' factor algebra lives in factor_algebra; these names stay importable from here
+# for the rule modules that still import them from base.
+from clair_jax._src.aggregators.factor_algebra import HIGHEST as HIGHEST
+from clair_jax._src.aggregators.factor_algebra import dense_factors as dense_factors
+from clair_jax._src.aggregators.factor_algebra import errors as errors
+from clair_jax._src.aggregators.factor_algebra import factorwise_mean as factorwise_mean
+from clair_jax._src.aggregators.factor_algebra import flatten_clients as flatten_clients
+from clair_jax._src.aggregators.factor_algebra import selected_mean as selected_mean
+from clair_jax._src.aggregators.factor_algebra import (
+    weighted_product_factors as weighted_product_factors,
+)
+from clair_jax._src.lora.types import Adapters, LoRAFactors, check_adapters
 
 
 class AggregateResult(NamedTuple):
@@ -122,48 +133,6 @@ def broadcast(global_: Adapters, n: int) -> Adapters:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), global_)
 
 
-def factorwise_mean(factors: LoRAFactors, p: Array) -> LoRAFactors:
-    """FedIT: ``(Σ p_i B_i, Σ p_i A_i)``, summed in ``p``'s dtype, in the factors' dtype."""
-    return LoRAFactors(
-        B=jnp.einsum("n,npr->pr", p, factors.B, precision=HIGHEST).astype(factors.B.dtype),
-        A=jnp.einsum("n,nrq->rq", p, factors.A, precision=HIGHEST).astype(factors.A.dtype),
-    )
-
-
-def selected_mean(factors: LoRAFactors, p: Array, selected: Array) -> LoRAFactors:
-    """:func:`factorwise_mean` over the ``selected`` clients only (the others' factors,
-    however large, never enter the sums: ``0 * inf`` would be NaN)."""
-    keep = selected[:, None, None]
-    return factorwise_mean(
-        LoRAFactors(B=jnp.where(keep, factors.B, 0), A=jnp.where(keep, factors.A, 0)), p
-    )
-
-
-def errors(clients: Adapters, global_: Adapters, p: Array, key: str = "aggregation_error"):
-    """``{key/<module>: ||Σ p_i B_i A_i - B_g A_g||_F}``, at a safe scale.
-
-    The ``B``'s and the ``A``'s are brought to unit size by powers of two before
-    the products are formed, and the norm scaled back (``inf`` only when the
-    error itself is beyond the dtype's range).
-    """
-    out = {}
-    for name, f in clients.items():
-        g = global_[name]
-        work = validation.working_dtype(f.B.dtype)
-        e_b = working_exponent(jnp.concatenate([f.B.reshape(-1), g.B.reshape(-1)]).astype(work))
-        e_a = working_exponent(jnp.concatenate([f.A.reshape(-1), g.A.reshape(-1)]).astype(work))
-        b, a = (
-            times_power_of_two(f.B.astype(work), -e_b),
-            times_power_of_two(f.A.astype(work), -e_a),
-        )
-        b_g = times_power_of_two(g.B.astype(work), -e_b)
-        a_g = times_power_of_two(g.A.astype(work), -e_a)
-        out[f"{key}/{name}"] = times_power_of_two(
-            alignment.product_error(a, b, p, a_g, b_g), e_a + e_b
-        )
-    return out
-
-
 def num_clients(clients: Adapters) -> int:
     """Length of the client axis of stacked adapters (static)."""
     return next(iter(clients.values())).A.shape[0]
@@ -190,102 +159,6 @@ def broadcast_result(clients, new_global, p, flagged=None, extra=None) -> Aggreg
     return AggregateResult(broadcast(new_global, n), new_global, flagged, diagnostics)
 
 
-def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRAFactors:
-    """Best rank-``rank`` factors of ``b_cat @ a_cat`` (``p x k`` times ``k x q``).
-
-    Returns ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_r^T`` from the truncated SVD of
-    the product, computed through thin QR factorisations of both factors, so the
-    ``p x q`` product is never formed: ``O((p + q) k^2 + k^3)``. Ranks beyond that
-    of the product come out as zero columns/rows.
-
-    Args:
-      b_cat: ``(p, k)`` left factor.
-      a_cat: ``(k, q)`` right factor.
-      rank: the rank kept (static).
-      dtype: dtype of the result (default: ``b_cat``'s); factorised in at least float32.
-
-    Returns:
-      :class:`LoRAFactors` ``(B (p, rank), A (rank, q))``.
-    """
-    dtype = b_cat.dtype if dtype is None else dtype
-    work = validation.working_dtype(dtype)
-    # Safe scale: both factors at unit size (exact powers of two), scaled back at the end.
-    # An even total keeps the returned factors balanced (each scaled back by half of it).
-    e_b, e_a = working_exponent(b_cat.astype(work)), working_exponent(a_cat.astype(work))
-    e_b = e_b + (e_a + e_b) % 2
-    q_b, r_b = jnp.linalg.qr(times_power_of_two(b_cat.astype(work), -e_b))  # (p, k1), (k1, k)
-    q_a, r_a = jnp.linalg.qr(times_power_of_two(a_cat.T.astype(work), -e_a))  # (q, k2), (k2, k)
-    u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=HIGHEST), full_matrices=False)
-    u = jnp.matmul(q_b, u, precision=HIGHEST)
-    v = jnp.matmul(q_a, vt.T, precision=HIGHEST)
-    k = s.shape[0]
-    if k < rank:  # the product has fewer than `rank` singular values: pad with zeros
-        u = jnp.pad(u, ((0, 0), (0, rank - k)))
-        v = jnp.pad(v, ((0, 0), (0, rank - k)))
-        s = jnp.pad(s, (0, rank - k))
-    root = jnp.sqrt(s[:rank])
-    b, a = u[:, :rank] * root[None, :], (v[:, :rank] * root[None, :]).T
-    half = (e_a + e_b) // 2
-    b, a = times_power_of_two(b, half), times_power_of_two(a, half)
-    return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
-
-
-def weighted_product_factors(factors: LoRAFactors, p: Array) -> LoRAFactors:
-    """Best rank-``r`` factors of ``Σ_i p_i B_i A_i`` (FlexLoRA), in the factors' dtype.
-
-    The stacked ``[p_1 B_1 .. p_n B_n]`` (``p x nr``) and ``[A_1; ..; A_n]``
-    (``nr x q``) go to :func:`truncated_factors`; the product is never formed.
-    """
-    n, rows, r = factors.B.shape
-    b_cat = jnp.transpose(factors.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
-    a_cat = factors.A.reshape(n * r, factors.A.shape[2])
-    return truncated_factors(b_cat, a_cat, r, factors.B.dtype)
-
-
-def dense_factors(m: Array, rank: int) -> LoRAFactors:
-    """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
-    u, s, vt = jnp.linalg.svd(m.astype(validation.working_dtype(m.dtype)), full_matrices=False)
-    k = s.shape[0]
-    if k < rank:
-        u = jnp.pad(u, ((0, 0), (0, rank - k)))
-        vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
-        s = jnp.pad(s, (0, rank - k))
-    root = jnp.sqrt(s[:rank])
-    b, a = u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
-    return LoRAFactors(B=b.astype(m.dtype), A=a.astype(m.dtype))
-
-
-def flatten_clients(clients: Adapters) -> tuple[Array, Callable[[Array], Adapters]]:
-    """Clients' factors as rows ``(n, d)`` and a map from a ``(d,)`` row to an adapter.
-
-    The rows are in the working dtype (at least float32, where the robust rules'
-    squared distances do not overflow); ``unflatten`` returns each factor in its
-    own dtype.
-
-    Args:
-      clients: stacked client adapters.
-
-    Returns:
-      ``(rows, unflatten)``: ``(n, d)`` rows and the map back to an unstacked adapter.
-    """
-    leaves, treedef = jax.tree.flatten(clients)
-    n = leaves[0].shape[0]
-    shapes = [leaf.shape[1:] for leaf in leaves]
-    dtypes = [leaf.dtype for leaf in leaves]
-    sizes = [int(np.prod(s)) for s in shapes]
-    work = validation.working_dtype(jnp.result_type(*dtypes))
-    rows = jnp.concatenate([leaf.reshape(n, -1).astype(work) for leaf in leaves], axis=1)
-
-    def unflatten(v: Array) -> Adapters:
-        parts, start = [], 0
-        for shape, dtype, size in zip(shapes, dtypes, sizes, strict=True):
-            parts.append(v[start : start + size].reshape(shape).astype(dtype))
-            start += size
-        return jax.tree.unflatten(treedef, parts)
-
-    return rows, unflatten
-
-
 def checked_start(start, global_: Adapters, weights) -> Adapters:
     """The adapters of the round start (``start=``), checked like the clients' and finite.
 
@@ -300,20 +173,6 @@ def checked_start(start, global_: Adapters, weights) -> Adapters:
     except ValueError as err:
         raise ValueError(f"start (the adapters of the round start): {err}") from None
     return start
-
-
-def _finite(tree) -> Array:
-    """Whether every leaf of ``tree`` is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
-
-
-def _finite_rows(clients: Adapters) -> Array:
-    """``(n,)`` whether each client's factors are all finite."""
-    rows = [
-        jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(clients)
-    ]
-    return jnp.all(jnp.stack(rows), axis=0)
 
 
 def make_aggregator(
@@ -387,10 +246,10 @@ def make_aggregator(
         extra = {"start": start} if uses_start else {}
         res = core(clean, global_, p_eff, excluded, round_index, key, **extra)
         new_global = {k: LoRAFactors(*map(jnp.asarray, g)) for k, g in res.global_.items()}
-        committed = live & _finite(new_global)
+        committed = live & validation.all_finite(new_global)
         new_global = jax.tree.map(lambda a, b: jnp.where(committed, a, b), new_global, global_)
         result_clients = {k: LoRAFactors(*map(jnp.asarray, f)) for k, f in res.clients.items()}
-        bad_result = keep & ~_finite_rows(result_clients)
+        bad_result = keep & ~validation.finite_rows(result_clients)
         take = (keep & ~bad_result)[:, None, None]
         next_clients = {
             k: LoRAFactors(

@@ -1,8 +1,9 @@
 """The federated LoRA round: a pure function of the server state, client data and a key.
 
-The server state is a pytree of arrays (:class:`ServerState`): the global
-adapter, every client's adapter (stacked on a leading client axis) and
-counters. A round is a pure function
+The server state is a pytree of arrays
+(:class:`~clair_jax._src.federated.state.ServerState`): the global adapter,
+every client's adapter (stacked on a leading client axis) and counters. A round
+is a pure function
 
 ``round(server_state, client_data, key) -> (server_state, metrics)``
 
@@ -36,9 +37,9 @@ from the global adapter (the built-in rules give it that adapter).
 
 Clients that did not take part keep their adapter, except under a broadcast
 rule (one whose per-client output equals its global adapter for every
-participant, e.g. FedIT), where they receive the new global adapter too.
-With an aggregator whose ``frozen_factor`` is ``"A"`` (FFA-LoRA) clients
-train ``B`` only.
+participant, e.g. FedIT), where they receive the new global adapter too
+(:func:`~clair_jax._src.federated.state.next_state`). With an aggregator whose
+``frozen_factor`` is ``"A"`` (FFA-LoRA) clients train ``B`` only.
 
 :func:`clair_jax.run_rounds` drives many rounds with checkpoint and resume.
 """
@@ -46,14 +47,13 @@ train ``B`` only.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators import screening
@@ -61,106 +61,14 @@ from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
 from clair_jax._src.federated.attacks import attack
 from clair_jax._src.federated.padding import client_parts, pad_index, padded_size
+from clair_jax._src.federated.state import RoundMetrics, ServerState, next_state
 from clair_jax._src.federated.training import (
     check_train_args,
     local_train,
 )
-from clair_jax._src.lora.types import Adapters, LoRAFactors
+from clair_jax._src.lora.types import LoRAFactors
 
 CLIENT_MAPS = ("vmap", "loop")
-
-
-class ServerState(NamedTuple):
-    """Everything the server carries from one round to the next (arrays only).
-
-    Attributes:
-      round: int32 scalar, rounds completed.
-      global_: the global adapter (unstacked ``Adapters``).
-      clients: ``(n, ...)`` the adapter each client starts its next round from.
-      flag_counts: ``(n,)`` int32, rounds in which each client was flagged.
-      participation_counts: ``(n,)`` int32, rounds each client took part in.
-    """
-
-    round: Int[Array, ""]
-    global_: Adapters
-    clients: Adapters
-    flag_counts: Int[Array, " n"]
-    participation_counts: Int[Array, " n"]
-
-
-class RoundMetrics(NamedTuple):
-    """What a round reports.
-
-    Attributes:
-      participants: ``(k,)`` int32 indices of the clients that took part (sorted).
-      local_losses: ``(k, local_steps)`` each participant's minibatch loss per step.
-      flagged: ``(n,)`` bool, clients the aggregator flagged this round (the
-        screened-out ones included).
-      diagnostics: the aggregator's diagnostics (the built-in rules' include
-        ``screened/*`` over the participants, see
-        :func:`~clair_jax._src.aggregators.base.make_aggregator`).
-      screened: ``(n,)`` int32 screening reason of every client (0: not
-        screened out, or did not take part), codes into
-        :data:`~clair_jax._src.aggregators.screening.REASONS`; render them with
-        :func:`describe_screening`.
-      refused: bool scalar, the round kept the previous global adapter because
-        the new one was non-finite (or no included client had a positive weight).
-    """
-
-    participants: Int[Array, " k"]
-    local_losses: Float[Array, "k s"]
-    flagged: Bool[Array, " n"]
-    diagnostics: dict[str, Array]
-    screened: Int[Array, " n"] | None = None
-    refused: Bool[Array, ""] | None = None
-
-
-def describe_screening(metrics: RoundMetrics, module_names=()) -> list[str]:
-    """One line per client screened out this round, e.g. ``"client 3: non-finite B in
-    module 'w'"``.
-
-    Args:
-      metrics: a round's :class:`RoundMetrics`.
-      module_names: the adapter's module names (e.g. ``state.global_.keys()``),
-        to name the module of a non-finite factor.
-
-    Returns:
-      The lines, in client order (empty when nobody was screened out).
-    """
-    if metrics.screened is None:
-        return []
-    n = np.asarray(metrics.screened).shape[0]
-    idx = np.asarray(metrics.participants)
-    module = np.full(n, -1)
-    factor = np.full(n, -1)
-    if "screened/module" in metrics.diagnostics:
-        module[idx] = np.asarray(metrics.diagnostics["screened/module"])
-        factor[idx] = np.asarray(metrics.diagnostics["screened/factor"])
-    return screening.describe(metrics.screened, module, factor, list(module_names))
-
-
-def init_server_state(adapters: Adapters, num_clients: int) -> ServerState:
-    """The state before round 0: every client starts from the initial ``adapters``.
-
-    Args:
-      adapters: unstacked initial adapters (e.g. from :func:`clair_jax.split_lora`).
-      num_clients: ``n``.
-
-    Returns:
-      A :class:`ServerState` at round 0 with zero counters.
-
-    Raises:
-      ValueError: ``num_clients`` not a positive int.
-    """
-    n = validation.check_positive_int(num_clients, "num_clients")
-    clients = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), adapters)
-    return ServerState(
-        round=jnp.zeros((), jnp.int32),
-        global_=dict(adapters),
-        clients=clients,
-        flag_counts=jnp.zeros((n,), jnp.int32),
-        participation_counts=jnp.zeros((n,), jnp.int32),
-    )
 
 
 def _take(tree, idx):
@@ -168,31 +76,11 @@ def _take(tree, idx):
     return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _all_finite(tree) -> Bool[Array, ""]:
-    """Whether every leaf of ``tree`` is finite."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _finite_rows(stacked) -> Bool[Array, " k"]:
-    """Per client (leading axis), whether all its entries are finite."""
-    leaves = jax.tree.leaves(stacked)
-    return jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]),
-        axis=0,
-    )
-
-
 def _largest_entry(stacked) -> Float[Array, " k"]:
     """Per client, its largest absolute entry (``inf`` for a non-finite one)."""
     leaves = jax.tree.leaves(stacked)
     big = [jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
     return jnp.nan_to_num(jnp.max(jnp.stack(big), axis=0), nan=jnp.inf)
-
-
-def _is_broadcast(result_clients: Adapters, result_global: Adapters) -> Bool[Array, ""]:
-    """Whether every client's adapter equals the global one (a broadcast rule)."""
-    same = jax.tree.map(lambda c, g: jnp.all(c == g[None]), result_clients, result_global)
-    return jnp.all(jnp.stack(jax.tree.leaves(same)))
 
 
 def _num_participants(participation, n: int) -> int:
@@ -322,11 +210,11 @@ def make_round(
         result_clients = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.clients.items()}
         new_global = {k: LoRAFactors(*map(jnp.asarray, v)) for k, v in result.global_.items()}
         # Commit guard: never a non-finite global adapter or next client adapter.
-        committed = _all_finite(new_global)
+        committed = validation.all_finite(new_global)
         new_global = jax.tree.map(
             lambda a, b: jnp.where(committed, a, b), new_global, dict(state.global_)
         )
-        rows_ok = _finite_rows(result_clients)
+        rows_ok = validation.finite_rows(result_clients)
         result_clients = {
             k: LoRAFactors(
                 B=jnp.where(rows_ok[:, None, None], f.B, new_global[k].B[None]),
@@ -342,27 +230,11 @@ def make_round(
         late = jnp.where(~rows_ok | blame, screening.NON_FINITE_RESULT, screening.OK)
         reason = jnp.where(reason > 0, reason, late).astype(jnp.int32)
         refused = ~committed | jnp.asarray(result.diagnostics.get("screened/refused", False))
-        if idx.shape[0] == n:
-            clients = result_clients
-        else:
-            broadcast = _is_broadcast(result_clients, new_global)
-            kept = jax.tree.map(
-                lambda old, g: jnp.where(broadcast, jnp.broadcast_to(g, old.shape), old),
-                state.clients,
-                new_global,
-            )
-            clients = jax.tree.map(lambda c, r: c.at[idx].set(r), kept, result_clients)
         flagged = (
             jnp.zeros((n,), bool).at[idx].set(jnp.asarray(result.flagged, bool) | (reason > 0))
         )
         screened = jnp.zeros((n,), jnp.int32).at[idx].set(reason)
-        new_state = ServerState(
-            round=state.round + 1,
-            global_=new_global,
-            clients=clients,
-            flag_counts=state.flag_counts + flagged.astype(jnp.int32),
-            participation_counts=state.participation_counts.at[idx].add(1),
-        )
+        new_state = next_state(state, idx, result_clients, new_global, flagged)
         metrics = RoundMetrics(idx, losses, flagged, dict(result.diagnostics), screened, refused)
         return new_state, metrics
 

@@ -13,8 +13,8 @@ from jaxtyping import PRNGKeyArray
 
 from clair_jax._src.data import ClientData
 from clair_jax._src.federated.checkpoint import CheckpointError, run_identity
-from clair_jax._src.federated.round import RoundMetrics, ServerState
 from clair_jax._src.federated.run_checkpoint import RunCheckpoint
+from clair_jax._src.federated.state import RoundMetrics, ServerState
 from clair_jax._src.progress import ProgressBar
 
 

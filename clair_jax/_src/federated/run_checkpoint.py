@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -42,7 +43,7 @@ from clair_jax._src.federated.checkpoint import (
     load_npz,
     sync_directory,
 )
-from clair_jax._src.federated.round import RoundMetrics, ServerState
+from clair_jax._src.federated.state import RoundMetrics, ServerState
 
 #: Version of the step layout written here (in the run record).
 FORMAT = 1
@@ -50,8 +51,15 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def _ocp():
-    """``orbax.checkpoint``, imported on first use (it is slow to import)."""
-    import orbax.checkpoint as ocp
+    """``orbax.checkpoint``, imported on first use (it is slow to import).
+
+    orbax-checkpoint 0.12 reads, when imported, names that JAX 0.12 deprecates
+    (``jax.sharding.SingleDeviceSharding``); that ``DeprecationWarning`` is about
+    orbax's code, not the caller's, and is silenced for the import.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"orbax\.")
+        import orbax.checkpoint as ocp
 
     return ocp
 

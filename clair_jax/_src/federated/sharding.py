@@ -42,7 +42,8 @@ from jaxtyping import PRNGKeyArray
 
 from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
-from clair_jax._src.federated.round import RoundMetrics, ServerState, make_round
+from clair_jax._src.federated.round import make_round
+from clair_jax._src.federated.state import RoundMetrics, ServerState
 
 DEFAULT_AXIS = "clients"
 """Name of the mesh axis :func:`client_mesh` creates."""

@@ -219,6 +219,21 @@ class LoRALinear(nnx.Module):
         return y
 
 
+def projection(
+    config: TransformerConfig, name: str, p: int, q: int, *, param_dtype: Any, rngs: nnx.Rngs
+) -> LoRALinear:
+    """The ``p -> q`` projection ``name``, with the config's adapter if it is a LoRA target."""
+    return LoRALinear(
+        p,
+        q,
+        lora_rank=config.lora_rank if name in config.lora_targets else 0,
+        lora_alpha=config.lora_alpha,
+        use_rslora=config.use_rslora,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
 class CausalSelfAttention(nnx.Module):
     """Multi-head causal self-attention with LoRA-capable projections."""
 
@@ -226,20 +241,9 @@ class CausalSelfAttention(nnx.Module):
         d = config.width
         self.num_heads = config.num_heads
 
-        def proj(name):
-            rank = config.lora_rank if name in config.lora_targets else 0
-            return LoRALinear(
-                d,
-                d,
-                lora_rank=rank,
-                lora_alpha=config.lora_alpha,
-                use_rslora=config.use_rslora,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
-
         self.query, self.key, self.value, self.out = (
-            proj(name) for name in ("query", "key", "value", "out")
+            projection(config, name, d, d, param_dtype=param_dtype, rngs=rngs)
+            for name in ("query", "key", "value", "out")
         )
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
@@ -264,16 +268,7 @@ class Block(nnx.Module):
         d = config.width
 
         def dense(name, p, q):
-            rank = config.lora_rank if name in config.lora_targets else 0
-            return LoRALinear(
-                p,
-                q,
-                lora_rank=rank,
-                lora_alpha=config.lora_alpha,
-                use_rslora=config.use_rslora,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+            return projection(config, name, p, q, param_dtype=param_dtype, rngs=rngs)
 
         self.ln1 = nnx.LayerNorm(d, param_dtype=param_dtype, rngs=rngs)
         self.attn = CausalSelfAttention(config, param_dtype=param_dtype, rngs=rngs)
@@ -329,14 +324,8 @@ class LoRATransformer(nnx.Module):
             [Block(config, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
         self.ln_f = nnx.LayerNorm(config.width, param_dtype=param_dtype, rngs=rngs)
-        self.head = LoRALinear(
-            config.width,
-            config.vocab_size,
-            lora_rank=config.lora_rank if "head" in config.lora_targets else 0,
-            lora_alpha=config.lora_alpha,
-            use_rslora=config.use_rslora,
-            param_dtype=param_dtype,
-            rngs=rngs,
+        self.head = projection(
+            config, "head", config.width, config.vocab_size, param_dtype=param_dtype, rngs=rngs
         )
 
     def __call__(self, tokens: Int[Array, "b t"]) -> Float[Array, "b t v"]:

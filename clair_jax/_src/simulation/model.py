@@ -108,6 +108,32 @@ def check_sizes(n, p, q, rank, fraction, samples=None) -> int:
     return validation.contaminated_count(fraction, n, "fraction", "n")
 
 
+def prepare(
+    n, p, q, rank, fraction, kind, allowed, dtype, samples=None, **values
+) -> tuple[np.ndarray, list[Array], np.dtype]:
+    """Checks a federation's arguments for its jitted draw.
+
+    Args:
+      n, p, q, rank, fraction, samples: as :func:`check_sizes`.
+      kind: one kind name or several, from ``allowed`` (:func:`check_kinds`).
+      allowed: the kinds this federation supports.
+      dtype: floating dtype, or None for JAX's default float.
+      **values: the scalar parameters (:func:`float_args`), in the draw's order.
+
+    Returns:
+      ``(per_position, floats, dtype)``: the kind code of every position of the
+      random order (:func:`kind_codes`), the scalars as arrays, and the dtype.
+
+    Raises:
+      ValueError, TypeError: as :func:`check_sizes`, :func:`check_kinds` and
+        :func:`float_args`.
+    """
+    count = check_sizes(n, p, q, rank, fraction, samples)
+    kinds = check_kinds(kind, allowed)
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
+    return kind_codes(n, count, kinds), float_args(dtype, **values), dtype
+
+
 def orthonormal_basis(key, p: int, r: int, dtype) -> Array:
     """A random ``(p, r)`` matrix with orthonormal columns."""
     return q_factor(jax.random.normal(key, (p, r), dtype))

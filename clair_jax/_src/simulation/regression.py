@@ -13,12 +13,9 @@ from clair_jax._src import validation
 from clair_jax._src.linalg import batching
 from clair_jax._src.simulation.model import (
     REGRESSION_KINDS,
-    check_kinds,
-    check_sizes,
     draw_model,
-    float_args,
-    kind_codes,
     model_shapes,
+    prepare,
     select_by_kind,
     standard_normals,
 )
@@ -134,19 +131,11 @@ def linear_regression(
       >>> least_squares(data.features, data.responses).shape
       (6, 5, 2)
     """
-    count = check_sizes(n, p, q, rank, fraction, samples)
-    kinds = check_kinds(kind, REGRESSION_KINDS)
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    floats = float_args(
-        dtype,
-        noise=noise,
-        spread=spread,
-        heterogeneity=heterogeneity,
-        offset_scale=offset_scale,
-        dense_scale=dense_scale,
-        attack_scale=attack_scale,
-    )
-    per_position = kind_codes(n, count, kinds)
+    per_position, floats, dtype = prepare(
+        n, p, q, rank, fraction, kind, REGRESSION_KINDS, dtype, samples,
+        noise=noise, spread=spread, heterogeneity=heterogeneity, offset_scale=offset_scale,
+        dense_scale=dense_scale, attack_scale=attack_scale,
+    )  # fmt: skip
     return _regression(
         key, per_position, *floats, n=n, p=p, q=q, rank=rank, samples=samples, dtype=dtype
     )

@@ -11,12 +11,9 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from clair_jax._src.simulation.model import (
     UPDATE_KINDS,
-    check_kinds,
-    check_sizes,
     draw_model,
-    float_args,
-    kind_codes,
     model_shapes,
+    prepare,
     select_by_kind,
     standard_normals,
 )
@@ -130,18 +127,9 @@ def shared_subspace_updates(
       >>> bool(jnp.abs(off).max() < 1e-5)
       True
     """
-    count = check_sizes(n, p, q, rank, fraction)
-    kinds = check_kinds(kind, UPDATE_KINDS)
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
-    floats = float_args(
-        dtype,
-        noise=noise,
-        spread=spread,
-        heterogeneity=heterogeneity,
-        offset_scale=offset_scale,
-        dense_scale=dense_scale,
-        attack_scale=attack_scale,
-        noise_factor=noise_factor,
-    )
-    per_position = kind_codes(n, count, kinds)
+    per_position, floats, dtype = prepare(
+        n, p, q, rank, fraction, kind, UPDATE_KINDS, dtype,
+        noise=noise, spread=spread, heterogeneity=heterogeneity, offset_scale=offset_scale,
+        dense_scale=dense_scale, attack_scale=attack_scale, noise_factor=noise_factor,
+    )  # fmt: skip
     return _updates(key, per_position, *floats, n=n, p=p, q=q, rank=rank, dtype=dtype)

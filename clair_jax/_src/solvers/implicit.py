@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.sparse.linalg import gmres
 
+from clair_jax._src import validation
+
 
 def _solve_tol(tree) -> float:
     leaves = jax.tree.leaves(tree)
@@ -61,7 +63,7 @@ def _attach_bwd(fixed_point_map, residuals, cotangent):
     # A singular system (the point is not a fixed point of T: a solve stopped by
     # max_iter; or the fixed point is not unique) breaks GMRES down into NaN: an
     # error naming the cause, not a silent NaN gradient.
-    failed = _all_finite(cotangent) & ~_all_finite(u)
+    failed = validation.all_finite(cotangent) & ~validation.all_finite(u)
     params_bar = eqx.error_if(params_bar, failed, _SINGULAR)
     return jax.tree.map(jnp.zeros_like, solution), params_bar
 
@@ -71,10 +73,6 @@ _SINGULAR = (
     "solution is singular. The solve may not have converged (check `converged`), or "
     "the solution is not unique (e.g. both λ's zero); use diff='unrolled' there."
 )
-
-
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
 attach_fixed_point.defvjp(_attach_fwd, _attach_bwd)
