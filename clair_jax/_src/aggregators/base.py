@@ -71,18 +71,7 @@ from jaxtyping import Array, Bool
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators import screening
-
-# The rules' factor algebra lives in factor_algebra; these names stay importable from here
-# for the rule modules that still import them from base.
-from clair_jax._src.aggregators.factor_algebra import HIGHEST as HIGHEST
-from clair_jax._src.aggregators.factor_algebra import dense_factors as dense_factors
-from clair_jax._src.aggregators.factor_algebra import errors as errors
-from clair_jax._src.aggregators.factor_algebra import factorwise_mean as factorwise_mean
-from clair_jax._src.aggregators.factor_algebra import flatten_clients as flatten_clients
-from clair_jax._src.aggregators.factor_algebra import selected_mean as selected_mean
-from clair_jax._src.aggregators.factor_algebra import (
-    weighted_product_factors as weighted_product_factors,
-)
+from clair_jax._src.aggregators.factor_algebra import errors
 from clair_jax._src.lora.types import Adapters, LoRAFactors, check_adapters
 
 

@@ -11,13 +11,15 @@ from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import (
-    HIGHEST,
     AggregateResult,
     Aggregator,
-    dense_factors,
-    errors,
     make_aggregator,
     num_clients,
+)
+from clair_jax._src.aggregators.factor_algebra import (
+    HIGHEST,
+    dense_factors,
+    errors,
     weighted_product_factors,
 )
 from clair_jax._src.clair.detection import detection_threshold

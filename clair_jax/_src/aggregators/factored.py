@@ -24,10 +24,12 @@ from clair_jax._src import validation
 from clair_jax._src.aggregators.base import (
     AggregateResult,
     Aggregator,
-    factorwise_mean,
     make_aggregator,
 )
 from clair_jax._src.aggregators.clair_rule import check_rule_options
+from clair_jax._src.aggregators.factor_algebra import (
+    factorwise_mean,
+)
 from clair_jax._src.clair import factored as fcl
 from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.linalg import batching

@@ -21,12 +21,14 @@ from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import (
-    HIGHEST,
     AggregateResult,
     Aggregator,
     broadcast_result,
-    flatten_clients,
     make_aggregator,
+)
+from clair_jax._src.aggregators.factor_algebra import (
+    HIGHEST,
+    flatten_clients,
     selected_mean,
 )
 from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
