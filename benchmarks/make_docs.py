@@ -304,6 +304,56 @@ def round_memory_devices(d: dict) -> str:
     return _table(head, rows)
 
 
+def llm_scale_model(d: dict) -> str:
+    m = d["model"]
+    names = {
+        "clair": "CLAIR (factored)",
+        "fedit": "FedIT",
+        "ffa_lora": "FFA-LoRA",
+        "fedrot": "FedRot-LoRA",
+        "flexlora": "FlexLoRA (factored, error included)",
+        "coordinate_median": "coordinate median",
+        "trimmed_mean": "trimmed mean",
+        "multi_krum": "Multi-Krum",
+        "krum": "Krum",
+        "geometric_median": "geometric median",
+    }
+    rows = []
+    for key, label in names.items():
+        r = m["rules"].get(key)
+        if r is None:
+            continue
+        det = r.get("module_rule") or r.get("detection") or {}
+        f1 = _f(det["f1"], ".2f") if "f1" in det else "–"
+        rows.append([label, f"{r['seconds']:.1f} s", f"{r['first_calls_s']:.1f} s", f1])
+    shapes = ", ".join(f"{p} × {q}" for p, q in m["shapes"])
+    head = ["rule", "one aggregation of the model", "first call (compilation)", "detection F1"]
+    return (
+        f"{m['modules']} modules ({shapes}); peak RSS of the whole pass "
+        f"{m['peak_rss_mib_whole_pass'] / 1024:.1f} GiB.\n\n" + _table(head, rows)
+    )
+
+
+def readme_snippets(d: dict) -> str:
+    rows = []
+    for r in d["snippets"]:
+        if "skipped" in r:
+            rows.append([r["snippet"] + 1, f"`{r['first_line']}`", r["skipped"], "", ""])
+            continue
+        rows.append(
+            [
+                r["snippet"] + 1,
+                f"`{r['first_line']}`",
+                f"{r['as is']['seconds']:.1f} s",
+                f"{r['OPENBLAS_NUM_THREADS=1']['seconds']:.1f} s",
+                f"{r['ratio']:.2f}",
+            ]
+        )
+    head = ["README snippet", "first statement", "as is", "OPENBLAS_NUM_THREADS=1", "ratio"]
+    where = "beside one busy process per core" if d["hog"] else "on an otherwise idle machine"
+    return f"Each snippet in a fresh interpreter, {where}:\n\n" + _table(head, rows)
+
+
 # --- sections ----------------------------------------------------------------------------
 
 
@@ -408,6 +458,30 @@ SECTIONS = [
         [],
         {"fedrot_alignment.json": "fedrot_alignment.json"},
         fedrot_alignment,
+    ),
+    Section(
+        "llm_scale_model",
+        ["benchmarks/llm_scale.py", "--sizes"],
+        ["--quick"],
+        [],
+        {"llm_scale.json": "llm_scale_model.json"},
+        llm_scale_model,
+    ),
+    Section(
+        "readme_snippets",
+        ["benchmarks/readme_snippets.py"],
+        [],
+        [],
+        {"readme_snippets.json": "readme_snippets.json"},
+        readme_snippets,
+    ),
+    Section(
+        "readme_snippets_hog",
+        ["benchmarks/readme_snippets.py", "--hog"],
+        [],
+        [],
+        {"readme_snippets.json": "readme_snippets_hog.json"},
+        readme_snippets,
     ),
     Section(
         "federated_round",

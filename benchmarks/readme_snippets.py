@@ -38,6 +38,15 @@ def snippets(readme: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", readme, flags=re.M | re.S)
 
 
+def title(code: str) -> str:
+    """The snippet's first line that is not an import, a comment or blank (its subject)."""
+    for line in code.splitlines():
+        text = line.split("  #")[0].strip()
+        if text and not text.startswith(("import ", "from ", "#")):
+            return text if len(text) <= 60 else text[:57] + "..."
+    return ""
+
+
 def missing_extra(code: str) -> str | None:
     """The optional extra a snippet needs and that is not installed, else None."""
     for module, extra in EXTRAS.items():
@@ -91,7 +100,7 @@ def main(argv=None) -> dict:
         os.symlink(os.path.join(ROOT, "tests"), os.path.join(workdir, "tests"))
     try:
         for i, code in enumerate(blocks):
-            first = code.strip().splitlines()[0] if code.strip() else ""
+            first = title(code)
             extra = missing_extra(code)
             if extra:
                 rows.append({"snippet": i, "first_line": first, "skipped": f"needs [{extra}]"})
