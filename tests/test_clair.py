@@ -416,7 +416,14 @@ def test_benign_majority_trades_away_a_low_rank_minority():
     assert np.sum(np.asarray(ruled.collaborative)) > 10
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"offset": True}, {"benign_majority": True}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        pytest.param({"offset": True}, marks=pytest.mark.slow),
+        pytest.param({"benign_majority": True}, marks=pytest.mark.slow),
+    ],
+)
 def test_float32_data_stays_float32_with_x64_enabled(x64, kwargs):
     """NumPy scalars in the λ and σ̂ rules used to promote σ̂ to float64 under x64, and the
     noise passes' while_loop then failed on mismatched carry dtypes."""

@@ -667,7 +667,7 @@ def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64):
     np.testing.assert_array_equal(zero, 0.0)
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_cache_sized_cpu_batches_equal_a_loop(x64, monkeypatch, chunk):
     # A vmapped solve on CPU runs in chunks of `chunk` problems (here 5 problems: with
     # a remainder for chunk 2); values and gradients must equal one solve at a time.
