@@ -316,7 +316,7 @@ def llm_scale_model(d: dict) -> str:
         "trimmed_mean": "trimmed mean",
         "multi_krum": "Multi-Krum",
         "krum": "Krum",
-        "geometric_median": "geometric median",
+        "geometric_median": "geometric median (estimate from the first layer)",
     }
     rows = []
     for key, label in names.items():
@@ -325,9 +325,17 @@ def llm_scale_model(d: dict) -> str:
             continue
         det = r.get("module_rule") or r.get("detection") or {}
         f1 = _f(det["f1"], ".2f") if "f1" in det else "–"
-        rows.append([label, f"{r['seconds']:.1f} s", f"{r['first_calls_s']:.1f} s", f1])
+        seconds = r.get("seconds", r.get("seconds_estimate"))
+        first = r.get("first_calls_s")
+        first = f"{first:.1f} s" if first is not None else "–"
+        rows.append([label, f"{seconds:.1f} s", first, f1])
     shapes = ", ".join(f"{p} × {q}" for p, q in m["shapes"])
-    head = ["rule", "one aggregation of the model", "first call (compilation)", "detection F1"]
+    head = [
+        "rule",
+        "one aggregation of the model",
+        "first calls (compiling, one per shape)",
+        "detection F1",
+    ]
     return (
         f"{m['modules']} modules ({shapes}); peak RSS of the whole pass "
         f"{m['peak_rss_mib_whole_pass'] / 1024:.1f} GiB.\n\n" + _table(head, rows)
