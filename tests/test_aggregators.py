@@ -519,7 +519,9 @@ def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x
             B=B + 0.01 * rng.normal(size=B.shape), A=rng.normal(size=(n, r, q))
         )
     global_ = {k: ag.LoRAFactors(B=f.B[0], A=f.A[0]) for k, f in clients.items()}
-    res = jax.jit(ag.clair_aggregator().aggregate)(clients, global_, np.ones(n), 0, KEY)
+    # cj.clair's consensus rule: the comparison is of the batching, not of the rules.
+    agg = ag.clair_aggregator(consensus="rank")
+    res = jax.jit(agg.aggregate)(clients, global_, np.ones(n), 0, KEY)
     for name, f in clients.items():
         x = np.einsum("npr,nrq->npq", f.B, f.A)
         alone = clair(x, benign_majority=True)
@@ -621,9 +623,11 @@ def test_clair_aggregator_refines_on_at_most_the_lora_rank(x64):
     assert int(reference.rank) > r
     outliers = ~np.asarray(reference.collaborative)
     for refine_rank, width in (("lora", r), (3, 3), (None, int(reference.rank))):
-        res = ag.clair_aggregator(offset=True, refine_rank=refine_rank).aggregate(
-            clients, global_, w, jnp.int32(0), KEY
-        )
+        res = ag.clair_aggregator(
+            offset=True,
+            refine_rank=refine_rank,
+            consensus="rank",  # the reference's rule
+        ).aggregate(clients, global_, w, jnp.int32(0), KEY)
         np.testing.assert_array_equal(res.flagged, outliers)
         assert int(res.diagnostics["rank/w"]) == int(reference.rank)
         assert int(res.diagnostics["refine_rank/w"]) == width
