@@ -122,16 +122,23 @@ def weighted_product_factors(factors: LoRAFactors, p: Array) -> LoRAFactors:
     return truncated_factors(b_cat, a_cat, r, factors.B.dtype)
 
 
-def dense_factors(m: Array, rank: int) -> LoRAFactors:
-    """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
-    u, s, vt = jnp.linalg.svd(m.astype(validation.working_dtype(m.dtype)), full_matrices=False)
+def leading_singular(m: Array, rank: int) -> tuple[Array, Array, Array]:
+    """``(U_r, s, V_r^T)``: the ``rank`` leading singular vectors of ``m`` and all its
+    singular values, zero-padded to ``rank`` when ``m`` has fewer (zero factors)."""
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     k = s.shape[0]
     if k < rank:
         u = jnp.pad(u, ((0, 0), (0, rank - k)))
         vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
         s = jnp.pad(s, (0, rank - k))
+    return u[:, :rank], s, vt[:rank]
+
+
+def dense_factors(m: Array, rank: int) -> LoRAFactors:
+    """Best rank-``rank`` factors ``(U_r Σ_r^{1/2}, Σ_r^{1/2} V_r^T)`` of a ``p x q`` matrix."""
+    u, s, vt = leading_singular(m.astype(validation.working_dtype(m.dtype)), rank)
     root = jnp.sqrt(s[:rank])
-    b, a = u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+    b, a = u * root[None, :], root[:, None] * vt
     return LoRAFactors(B=b.astype(m.dtype), A=a.astype(m.dtype))
 
 

@@ -27,9 +27,7 @@ from clair_jax._src.aggregators.base import (
     make_aggregator,
 )
 from clair_jax._src.aggregators.clair_rule import check_rule_options
-from clair_jax._src.aggregators.factor_algebra import (
-    factorwise_mean,
-)
+from clair_jax._src.aggregators.factor_algebra import factorwise_mean, leading_singular
 from clair_jax._src.clair import factored as fcl
 from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.linalg import batching
@@ -67,15 +65,10 @@ def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors)
 def _top_product_factors(u, small, v, rank: int, dtype):
     """Best rank-``rank`` factors of ``u @ small @ v.T`` (orthonormal ``u``, ``v``) and the
     Frobenius norm of the discarded part."""
-    uu, s, vt = jnp.linalg.svd(small, full_matrices=False)
-    k = s.shape[0]
-    if k < rank:
-        uu = jnp.pad(uu, ((0, 0), (0, rank - k)))
-        vt = jnp.pad(vt, ((0, rank - k), (0, 0)))
-        s = jnp.pad(s, (0, rank - k))
+    uu, s, vt = leading_singular(small, rank)
     root = jnp.sqrt(s[:rank])
-    b = _mm(u, uu[:, :rank]) * root[None, :]
-    a = root[:, None] * _mm(vt[:rank], v.T)
+    b = _mm(u, uu) * root[None, :]
+    a = root[:, None] * _mm(vt, v.T)
     tail = jnp.sqrt(jnp.sum(s[rank:] ** 2))
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype)), tail
 
