@@ -84,6 +84,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 CAPPED_FROM = 128
 
 
+def _capped_width(r: int) -> int:
+    """``2 r + 16``: columns of the shared basis the factored path works on while the rank
+    fits (the rank-capped SVD's cap, and the detection's coordinates)."""
+    return 2 * r + 16
+
+
 class FactoredUpdates(NamedTuple):
     """Per-client matrices ``X_i = left @ coef[i] @ right`` (``p x q`` each, never formed).
 
@@ -218,7 +224,7 @@ def clair_factored(
     n, k, m = fc.coords.shape
     r = fc.left_coef.shape[2]
     if svd == "auto" and rank_cap is None and min(k, n * m) >= CAPPED_FROM:
-        rank_cap = min(k, n * m, 2 * r + 16)
+        rank_cap = min(k, n * m, _capped_width(r))
     # Per-client right frames (offset=False) do not compare clients' coordinates inside
     # the subspace: the small problem runs the shared-direction rule alone, and the
     # detection inside the subspace runs below in the common frame of the stacked A's.
@@ -234,7 +240,7 @@ def clair_factored(
     )
     if inner != consensus:
         a_factors = jnp.asarray(factors[1]).astype(fc.coords.dtype)
-        small = _detect_inside(small, fc.left_coef, a_factors, max(rank_cap or 0, 2 * r + 16))
+        small = _detect_inside(small, fc.left_coef, a_factors, max(rank_cap or 0, _capped_width(r)))
     basis_c = small.basis  # (k, w), zero columns after the rank
     basis = jnp.matmul(fc.left, basis_c, precision=_HIGHEST)
     if offset:
