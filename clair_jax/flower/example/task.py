@@ -28,6 +28,7 @@ from flax import nnx
 import clair_jax as cj
 from clair_jax.experiments.text_copy.config import default_cache_dir
 from clair_jax.experiments.text_copy.pretrain import pretrain
+from clair_jax.experiments.text_copy.rules import make_aggregator
 
 #: The run's settings (Flower's ``run_config`` keys) and their defaults: the CI run.
 DEFAULTS: dict[str, Any] = {
@@ -160,19 +161,13 @@ def task(cfg: Mapping[str, Any]) -> Task:
 
 
 def aggregator(cfg: Mapping[str, Any]) -> cj.Aggregator:
-    """The server's rule; the robust ones assume ``f = round(fraction * clients)`` attackers."""
-    n, fraction = cfg["num-clients"], cfg["contaminated-fraction"]
-    f = round(fraction * n)
-    return {
-        "clair": lambda: cj.clair_aggregator(offset=True, shared_space="row"),
-        "fedit": cj.fedit,
-        "flexlora": cj.flexlora,
-        "fedrot": lambda: cj.fedrot(0.4),
-        "coordinate_median": cj.coordinate_median,
-        "trimmed_mean": lambda: cj.trimmed_mean(min(fraction, 0.49)),
-        "krum": lambda: cj.krum(f),
-        "multi_krum": lambda: cj.multi_krum(f, max(n - f, 1)),
-    }[cfg["aggregator"]]()
+    """The server's rule with the text-copy experiment's settings
+    (:func:`clair_jax.experiments.text_copy.rules.make_aggregator`): the robust ones
+    assume ``f = round(fraction * clients)`` attackers; CLAIR runs with an offset and its
+    shared subspace on the input side."""
+    return make_aggregator(
+        cfg["aggregator"], participants=cfg["num-clients"], fraction=cfg["contaminated-fraction"]
+    )
 
 
 def round_keys(cfg: Mapping[str, Any], server_round: int) -> tuple[jax.Array, jax.Array]:
