@@ -520,7 +520,7 @@ def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x
         )
     global_ = {k: ag.LoRAFactors(B=f.B[0], A=f.A[0]) for k, f in clients.items()}
     # cj.clair's consensus rule: the comparison is of the batching, not of the rules.
-    agg = ag.clair_aggregator(consensus="rank")
+    agg = ag.clair_aggregator(consensus="rank", server_math="dense")
     res = jax.jit(agg.aggregate)(clients, global_, np.ones(n), 0, KEY)
     for name, f in clients.items():
         x = np.einsum("npr,nrq->npq", f.B, f.A)
@@ -694,7 +694,8 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     }
     w = rng.uniform(0.5, 2.0, size=n)
 
-    module_rule = ag.clair_aggregator(rank=r, measure="update")
+    # The rule on the products: the reference below is dense CLAIR's.
+    module_rule = ag.clair_aggregator(rank=r, measure="update", server_math="dense")
     assert module_rule.uses_start
     res_module = module_rule.aggregate(clients, global_, w, jnp.int32(0), KEY, start=start)
     expected_module = outliers.copy()
@@ -712,7 +713,9 @@ def test_clair_aggregator_on_round_updates_with_client_detection(x64):
     )
 
     client_rule = jax.jit(
-        ag.clair_aggregator(rank=r, measure="update", detection="client").aggregate
+        ag.clair_aggregator(
+            rank=r, measure="update", detection="client", server_math="dense"
+        ).aggregate
     )
     res = client_rule(clients, global_, w, jnp.int32(0), KEY, start=start)
     np.testing.assert_array_equal(res.flagged, outliers)

@@ -111,8 +111,9 @@ def test_factored_inside_detection_on_the_basis_rank_columns_alone():
     small = cj.clair(fc.coords, contaminated="refine", consensus="rank")
     rank, full = int(small.rank), small.basis.shape[1]
     assert 1 < rank < full
+    frame = coordinates_lib.common_right_basis(factors.A)
     results = {
-        width: factored_lib._detect_inside(small, fc.left_coef, factors.A, width)
+        width: factored_lib._detect_inside(small, fc.left_coef, frame, width)
         for width in (rank - 1, rank, full)
     }
     for width in (rank - 1, rank):

@@ -200,7 +200,9 @@ def test_clair_aggregator_factored_equals_dense(x64):
         start, _ = adapters(17, bad=())
         extra["start"] = start
     stats = {"lam_nuc": 0.4, "lam_block": 0.5, "noise_scale": 0.05, "tol": 1e-10, "rank": 2}
-    dense = call(cj.clair_aggregator(**kw, **stats), clients, global_, w, **extra)
+    dense = call(
+        cj.clair_aggregator(**kw, **stats, server_math="dense"), clients, global_, w, **extra
+    )
     fac = call(fag.clair_aggregator_factored(**kw, **stats), clients, global_, w, **extra)
     np.testing.assert_array_equal(fac.flagged, dense.flagged)
     for name in clients:
@@ -233,3 +235,103 @@ def test_best_rank_factors_krylov_matches_svd(x64):
         np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
         approx = (np.asarray(left[i]) * np.asarray(s[i])) @ np.asarray(right[i]).T
         np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
+
+
+def test_best_rank_factors_krylov_matches_svd_when_the_shared_part_is_orthogonal(x64):
+    """``orthogonal=True`` (``F^T Y_i = 0``, ``Y_i`` one orthonormal basis: the adapters'
+    refinement) against dense SVDs, on a frame larger than its Krylov space."""
+    rng = np.random.default_rng(9)
+    k, m, c, n, rank = 60, 70, 3, 4, 3
+    basis = np.linalg.qr(rng.normal(size=(k, c)))[0]
+    shared = (rng.normal(size=(k, 4)) * [8.0, 6.0, 5.0, 4.0]) @ rng.normal(size=(4, m)) / 8
+    shared = shared + 0.01 * rng.normal(size=(k, m))
+    shared = shared - basis @ (basis.T @ shared)
+    ys = np.broadcast_to(basis, (n, k, c))
+    zs = rng.normal(size=(n, m, c)) * [3.0, 2.0, 1.0]
+    s, left, right = fag._best_rank_factors(
+        jnp.asarray(shared), jnp.asarray(ys), jnp.asarray(zs), rank, orthogonal=True
+    )
+    for i in range(n):
+        h = shared + ys[i] @ zs[i].T
+        u, sv, vt = np.linalg.svd(h)
+        np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
+        approx = (np.asarray(left[i]) * np.asarray(s[i])) @ np.asarray(right[i]).T
+        np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"offset": True, "shared_space": "row"},
+        pytest.param(
+            {"offset": True, "measure": "update", "detection": "client"}, marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_clair_aggregator_default_equals_dense_where_coordinates_are_rotated_products(x64, kw):
+    """``n r >= p`` and, with an offset, ``n r >= q``: the coordinates are the products
+    rotated, so the default (factored) rule with its own statistics is the dense rule."""
+    shapes = (("q", 12, 10),)
+
+    def federation(seed, bad=(0,)):
+        clients, global_ = adapters(seed, shapes=shapes, bad=bad)
+        if kw.get("shared_space") != "row":
+            return clients, global_
+
+        # Clients sharing a row space: the transposed federation.
+        def swap(f):
+            return cj.LoRAFactors(jnp.swapaxes(f.A, -1, -2), jnp.swapaxes(f.B, -1, -2))
+
+        return ({k: swap(f) for k, f in clients.items()}, {k: swap(f) for k, f in global_.items()})
+
+    clients, global_ = federation(7)
+    w = jnp.arange(1.0, 9.0)
+    extra = {}
+    if kw.get("measure") == "update":
+        extra["start"] = federation(17, bad=())[0]
+    dense = call(
+        cj.clair_aggregator(**kw, server_math="dense", tol=1e-10), clients, global_, w, **extra
+    )
+    fac = call(cj.clair_aggregator(**kw, tol=1e-10), clients, global_, w, **extra)
+    np.testing.assert_array_equal(fac.flagged, dense.flagged)
+    assert np.asarray(dense.flagged)[0]  # the contaminated client
+    for name in clients:
+        np.testing.assert_allclose(
+            products(fac.clients[name]), products(dense.clients[name]), atol=1e-10
+        )
+        np.testing.assert_allclose(
+            products(fac.global_[name]), products(dense.global_[name]), atol=1e-10
+        )
+        for key in ("aggregation_error", "scores", "threshold", "rank"):
+            np.testing.assert_allclose(
+                fac.diagnostics[f"{key}/{name}"], dense.diagnostics[f"{key}/{name}"], rtol=1e-9
+            )
+
+
+def test_clair_aggregator_rejects_an_unknown_server_math():
+    with pytest.raises(ValueError, match="server_math"):
+        cj.clair_aggregator(server_math="sparse")
+
+
+def test_clair_aggregator_maps_modules_of_one_shape_like_one_by_one(x64):
+    """Modules of one shape share one compiled solve (``jax.lax.map``): every module's
+    diagnostics and adapters equal those of the rule run on that module alone."""
+    shapes = (("a", 16, 12), ("b", 16, 12), ("c", 12, 16), ("d", 16, 12))
+    clients, global_ = adapters(11, shapes=shapes)
+    w = jnp.arange(1.0, 9.0)
+    rule = cj.clair_aggregator()
+    together = call(rule, clients, global_, w)
+    assert np.asarray(together.flagged)[0]
+    for name in clients:
+        alone = call(rule, {name: clients[name]}, {name: global_[name]}, w)
+        for key, value in alone.diagnostics.items():
+            if key.startswith("screened/"):  # the screening's statistics are over all modules
+                continue
+            np.testing.assert_allclose(together.diagnostics[key], value, rtol=1e-9, err_msg=key)
+        np.testing.assert_allclose(
+            products(together.global_[name]), products(alone.global_[name]), atol=1e-10
+        )
+        keep = ~np.asarray(together.flagged)  # flagged anywhere: keeps its own adapter
+        np.testing.assert_allclose(
+            products(together.clients[name])[keep], products(alone.clients[name])[keep], atol=1e-9
+        )

@@ -27,7 +27,7 @@ RULES = {
     "flexlora": cj.flexlora,
     "ffa_lora": cj.ffa_lora,
     "fedrot": cj.fedrot,
-    "clair": cj.clair_aggregator,
+    "clair": functools.partial(cj.clair_aggregator, server_math="dense"),
     "coordinate_median": cj.coordinate_median,
     "trimmed_mean": functools.partial(cj.trimmed_mean, 0.2),
     "krum": functools.partial(cj.krum, 1),
@@ -394,7 +394,7 @@ def test_clair_flags_only_the_screened_clients_when_many_are_screened(factored):
     bad[[1, 4, 7, 11, 15, 18]] = True
     B = jnp.where(jnp.asarray(bad)[:, None, None], jnp.nan, B)
     global_ = {"m": cj.LoRAFactors(shared, jnp.zeros((r, q)))}
-    rule = cj.clair_aggregator_factored() if factored else cj.clair_aggregator()
+    rule = cj.clair_aggregator(server_math="factored" if factored else "dense")
     res = rule.aggregate({"m": cj.LoRAFactors(B, A)}, global_, None, 1, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(res.flagged), bad)
     assert np.all(np.isfinite(np.asarray(res.global_["m"].B)))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from functools import partial
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
@@ -16,13 +14,19 @@ from clair_jax._src.aggregators.base import (
     make_aggregator,
     num_clients,
 )
+from clair_jax._src.aggregators.clair_common import (
+    check_rule_options,
+    map_modules,
+    pooled_detection,
+    refine_width,
+)
 from clair_jax._src.aggregators.factor_algebra import (
     HIGHEST,
     dense_factors,
     errors,
     weighted_product_factors,
 )
-from clair_jax._src.clair.detection import detection_threshold
+from clair_jax._src.aggregators.factored import clair_aggregator_factored
 from clair_jax._src.clair.pipeline import clair
 from clair_jax._src.clair.refinement import refine
 from clair_jax._src.linalg import batching
@@ -39,6 +43,7 @@ def clair_aggregator(
     refine_rank: int | str | None = "lora",
     benign_majority: bool = True,
     screen: str = "exclude",
+    server_math: str = "factored",
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -112,6 +117,14 @@ def clair_aggregator(
       benign_majority: passed to :func:`clair_jax.clair`; True here (the
         Byzantine threat model: fewer than half of the clients contaminated).
       screen: ``"exclude"``, ``"raise"`` or ``"off"``.
+      server_math: ``"factored"`` (default) runs CLAIR on the exact small
+        coordinates of the updates (:func:`clair_jax.clair_aggregator_factored`):
+        no ``p x q`` product is formed and the statistics follow the coordinates'
+        dimensions, which keeps detection working when ``n r < min(p, q)``;
+        ``"dense"`` forms the products and runs :func:`clair_jax.clair` on them.
+        Both give the same flags and refined updates when ``n r >= p`` and
+        ``r >= q`` (``n r >= q`` with ``offset=True``), or with given
+        ``lam_nuc``, ``lam_block``, ``noise_scale`` and ``rank``.
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
         (``"robust"`` by default, ``"mean"`` for the plain rule), ``method``, ...).
@@ -128,6 +141,18 @@ def clair_aggregator(
     References:
       CLAIR, arXiv:2605.21217.
     """
+    validation.check_choice(server_math, "server_math", ("factored", "dense"))
+    if server_math == "factored":
+        return clair_aggregator_factored(
+            shared_space=shared_space,
+            measure=measure,
+            detection=detection,
+            flagged=flagged,
+            refine_rank=refine_rank,
+            benign_majority=benign_majority,
+            screen=screen,
+            **clair_kwargs,
+        )
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
     # The global adapter is a location estimate: robust consensus by default (cj.clair's
     # own default, "rank", keeps heterogeneous benign coordinates unflagged).
@@ -147,7 +172,7 @@ def clair_aggregator(
         # Screened-out clients are CLAIR's step-0 exclusions (zero blocks, out of every
         # statistic): their replacement factors would otherwise form a group of identical
         # updates that the robust consensus reads as a coordinated one.
-        results = _per_module(
+        results = map_modules(
             partial(clair, benign_majority=benign_majority, exclude=excluded, **clair_kwargs),
             {name: jnp.where(excluded[:, None, None], 0.0, x) for name, (x, _) in inputs.items()},
         )
@@ -155,11 +180,12 @@ def clair_aggregator(
         outliers = jnp.zeros((n,), bool)
         for name, f in clients.items():
             res = results[name]
-            widths[name] = _refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
+            widths[name] = refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
             outliers = outliers | ~res.collaborative
             diagnostics.update(_module_diagnostics(name, res, widths[name]))
         if detection == "client":
-            outliers, client_scores, client_threshold = _pooled_detection(results)
+            scores = jnp.stack([res.scores for res in results.values()])
+            outliers, client_scores, client_threshold = pooled_detection(scores)
             diagnostics["client_scores"] = client_scores
             diagnostics["client_threshold"] = client_threshold
         collaborative = ~outliers
@@ -191,60 +217,6 @@ def clair_aggregator(
         return AggregateResult(new_clients, new_global, outliers, diagnostics)
 
     return make_aggregator("clair", core, screen=screen, uses_start=measure == "update")
-
-
-def check_rule_options(
-    shared_space: str, measure: str, detection: str, flagged: str, refine_rank, clair_kwargs
-) -> None:
-    """Checks the options of :func:`clair_aggregator` (and of its factored twin).
-
-    Raises:
-      ValueError: an option outside its choices, ``refine_rank`` not ``"lora"``,
-        ``None`` or an int ``>= 1``, or ``contaminated=`` among ``clair_kwargs``.
-    """
-    validation.check_choice(shared_space, "shared_space", ("column", "row"))
-    validation.check_choice(measure, "measure", ("adapter", "update"))
-    validation.check_choice(detection, "detection", ("module", "client"))
-    validation.check_choice(flagged, "flagged", ("global", "trained"))
-    if not (refine_rank is None or refine_rank == "lora"):
-        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
-            raise ValueError(
-                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
-            )
-    if "contaminated" in clair_kwargs:
-        raise ValueError(
-            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
-            "next is set by flagged= ('trained' or 'global')."
-        )
-
-
-def _per_module(fn: Callable, xs: Mapping[str, Array]) -> dict:
-    """``fn`` on every module's array; modules of one shape and dtype share one solve.
-
-    Those are stacked and mapped with ``jax.lax.map`` (sequentially, one
-    compiled copy of ``fn`` per shape instead of one per module: CLAIR's round
-    of a two-layer text-copying model compiled 12 copies). The results equal
-    ``{name: fn(x)}``.
-    """
-    groups: dict[tuple, list[str]] = {}
-    for name, x in xs.items():
-        groups.setdefault((x.shape, x.dtype), []).append(name)
-    out = {}
-    for names in groups.values():
-        if len(names) == 1:
-            out[names[0]] = fn(xs[names[0]])
-            continue
-        stacked = jax.lax.map(fn, jnp.stack([xs[name] for name in names]))
-        for i, name in enumerate(names):
-            out[name] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    return {name: out[name] for name in xs}
-
-
-def _refine_width(refine_rank, lora_rank: int, width: int) -> int:
-    """Columns of CLAIR's basis the refinement keeps (static)."""
-    if refine_rank is None:
-        return width
-    return min(width, lora_rank if refine_rank == "lora" else refine_rank)
 
 
 def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> tuple[dict, dict]:
@@ -293,21 +265,6 @@ def _module_diagnostics(name: str, res, width: int) -> dict[str, Array]:
         f"converged/{name}": res.decomposition.converged,
         f"num_iters/{name}": res.decomposition.num_iters,
     }
-
-
-def _pooled_detection(results: Mapping) -> tuple[Array, Array, Array]:
-    """``detection="client"``: ``(outliers, client_scores, client_threshold)``.
-
-    The client score is the median over modules of the CLAIR score relative to
-    the module's median score; CLAIR's robust threshold (with no noise floor)
-    flags the outliers.
-    """
-    scores = jnp.stack([res.scores for res in results.values()])  # (K, n)
-    typical = jnp.median(scores, axis=1, keepdims=True)
-    relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
-    client_scores = jnp.median(relative, axis=0)
-    client_threshold = detection_threshold(client_scores, jnp.zeros((), scores.dtype))
-    return client_scores > client_threshold, client_scores, client_threshold
 
 
 def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool, exponent=0):

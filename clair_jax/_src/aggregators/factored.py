@@ -26,10 +26,14 @@ from clair_jax._src.aggregators.base import (
     Aggregator,
     make_aggregator,
 )
-from clair_jax._src.aggregators.clair_rule import check_rule_options
+from clair_jax._src.aggregators.clair_common import (
+    check_rule_options,
+    map_modules,
+    pooled_detection,
+    refine_width,
+)
 from clair_jax._src.aggregators.factor_algebra import factorwise_mean, leading_singular
 from clair_jax._src.clair import factored as fcl
-from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.linalg import batching
 from clair_jax._src.lora.types import LoRAFactors, check_adapters
 from clair_jax._src.solvers import factored as fd
@@ -144,7 +148,7 @@ def with_factored_errors(aggregator: Aggregator) -> Aggregator:
 # --- CLAIR ---------------------------------------------------------------------------------
 
 
-def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
+def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3, orthogonal: bool = False):
     """Best rank-``rank`` right/left factors of ``H_i = F + Y_i Z_i^T`` for every client.
 
     ``F`` (``k x m``) is shared, ``Y_i`` (``k x c``) and ``Z_i`` (``m x c``) per
@@ -158,7 +162,9 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
     eigenvector for ``θ`` is ``(θ - D)^{-1}`` times a vector in ``span(G)``,
     whose expansion in powers of ``D / θ`` the Krylov blocks hold). Returns
     ``(s (n, rank), left (n, k, rank), right (n, m, rank))`` with
-    ``H_i ≈ left_i diag(s_i) right_i^T``.
+    ``H_i ≈ left_i diag(s_i) right_i^T``. With ``orthogonal`` (static: ``F^T Y_i = 0``,
+    as when ``Y_i`` spans the refinement's subspace and ``F`` the consensus outside
+    it) ``P_i = 0`` and ``G = Z̃_i``, a Krylov space half as wide.
     """
     k, m = shared.shape
     n, _, c = ys.shape
@@ -167,7 +173,8 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
     d = jnp.maximum(d, 0.0)
     fw = _mm(shared, w)  # (k, m)
     t = min(m, 2 * rank + c)
-    dim = min(m, t + krylov * 2 * c)
+    width = c if orthogonal else 2 * c
+    dim = min(m, t + krylov * width)
     exact = dim >= m
 
     def one(y, z):
@@ -178,7 +185,7 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3):
             s_basis = jnp.eye(m, dtype=shared.dtype)
         else:
             blocks = [jnp.eye(m, t, dtype=shared.dtype)]
-            cur = jnp.concatenate([pp, zt], axis=1)
+            cur = zt if orthogonal else jnp.concatenate([pp, zt], axis=1)
             for _ in range(krylov):
                 blocks.append(cur)
                 cur = d[:, None] * cur
@@ -214,6 +221,7 @@ def clair_aggregator_factored(
 ) -> Aggregator:
     """:func:`clair_jax.clair_aggregator` on LoRA factors, with no ``p x q`` product.
 
+    What ``clair_aggregator()`` returns by default (``server_math="factored"``).
     Same arguments, diagnostics and returned adapters as
     :func:`clair_jax.clair_aggregator` (read its docstring for the rules);
     CLAIR runs as :func:`clair_factored` on the exact coordinates of
@@ -225,7 +233,9 @@ def clair_aggregator_factored(
     client's is ``F + Y_i Z_i^T`` with ``F`` shared; the rank-``r`` factors each
     client receives come from :func:`_best_rank_factors` (exact for small frames,
     Rayleigh–Ritz on a Krylov space otherwise) and the global adapter from one
-    SVD of the frame's ``nr x nr`` coefficient matrix.
+    SVD of the frame's ``nr x nr`` coefficient matrix. With ``offset=True`` the
+    coordinates use the common right frame ``V_A`` (:func:`clair_factored`),
+    the one the refinement works in.
 
     Raises:
       ValueError: as :func:`clair_jax.clair_aggregator`.
@@ -234,8 +244,6 @@ def clair_aggregator_factored(
     # The global adapter is a location estimate: robust consensus by default (cj.clair's
     # own default, "rank", keeps heterogeneous benign coordinates unflagged).
     clair_kwargs = {"consensus": "robust", **clair_kwargs}
-    if clair_kwargs.get("offset", False):
-        raise ValueError("clair_aggregator_factored supports offset=False only.")
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 
@@ -265,16 +273,18 @@ def clair_aggregator_factored(
                 f"clair_aggregator needs clients from at least 2 clients (CLAIR tells them "
                 f"apart by comparing them), got factors with a client axis of {n}."
             )
-        diagnostics, fits = {}, {}
+        update = measure == "update"
+        # Modules of one shape share one compiled CLAIR (and one compiled output step).
+        fits = map_modules(
+            lambda inputs: module_fit(*inputs, excluded),
+            {name: (f, start[name] if update else None) for name, f in clients.items()},
+        )
+        diagnostics = {}
         outliers = jnp.zeros((n,), bool)
         for name, f in clients.items():
-            stacked, res = module_fit(f, start[name] if measure == "update" else None, excluded)
-            r = f.A.shape[1]
-            width = res.basis.shape[1]
-            if refine_rank is not None:
-                width = min(width, r if refine_rank == "lora" else refine_rank)
-            fits[name] = (stacked, res, width)
+            _, res = fits[name]
             outliers = outliers | ~res.collaborative
+            width = refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
             diagnostics[f"flagged/{name}"] = ~res.collaborative
             diagnostics[f"scores/{name}"] = res.scores
             diagnostics[f"threshold/{name}"] = res.threshold
@@ -285,23 +295,29 @@ def clair_aggregator_factored(
             diagnostics[f"num_iters/{name}"] = res.coordinates.decomposition.num_iters
             diagnostics[f"noise_scale/{name}"] = res.noise_scale
         if detection == "client":
-            scores = jnp.stack([fit[1].scores for fit in fits.values()])
-            typical = jnp.median(scores, axis=1, keepdims=True)
-            relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
-            client_scores = jnp.median(relative, axis=0)
-            client_threshold = detection_threshold(client_scores, jnp.zeros((), scores.dtype))
-            outliers = client_scores > client_threshold
+            scores = jnp.stack([res.scores for _, res in fits.values()])
+            outliers, client_scores, client_threshold = pooled_detection(scores)
             diagnostics["client_scores"] = client_scores
             diagnostics["client_threshold"] = client_threshold
         collaborative = ~outliers
-        new_clients, new_global = {}, {}
-        for name, ((b, a), res, width) in fits.items():
-            f = clients[name]
+
+        def outputs(inputs):
+            f, (b, a), res, members = inputs
+            width = refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
+            return _module_outputs(f, b, a, res, width, members, p, row, update)
+
+        def members_of(res):
             members = collaborative if detection == "client" else res.collaborative
-            members = members & ~excluded  # screened-out clients join no consensus
-            new_clients[name], new_global[name], diagnostics[f"aggregation_error/{name}"] = (
-                _module_outputs(f, b, a, res, width, members, p, row, measure == "update")
-            )
+            return members & ~excluded  # screened-out clients join no consensus
+
+        outs = map_modules(
+            outputs,
+            {name: (f, *fits[name], members_of(fits[name][1])) for name, f in clients.items()},
+        )
+        new_clients, new_global = {}, {}
+        for name, (client_factors, global_factors, error) in outs.items():
+            new_clients[name], new_global[name] = client_factors, global_factors
+            diagnostics[f"aggregation_error/{name}"] = error
         keep = collaborative[:, None, None]
         if keep_trained:
             fallback = clients
@@ -331,10 +347,12 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
     r = f.A.shape[1]
     dtype = f.B.dtype
     u = res.left_basis
-    v_a, t = fd.thin_qr(a.reshape(n * s_r, a.shape[2]).T)  # (q', m), (m, n s_r)
-    m = v_a.shape[1]
+    # V_A and A_i V_A: (q', m), (n, s_r, m), from CLAIR's run when it computed them.
+    if res.right_frame is None:
+        v_a, t_blocks = fd.common_right_basis(a.astype(res.left_coef.dtype))
+    else:
+        v_a, t_blocks = res.right_frame
     beta = res.left_coef  # U^T B_i (n, k, s_r), from the QR that gave U
-    t_blocks = jnp.transpose(t.reshape(m, n, s_r), (1, 2, 0))  # A_i V_A: (n, s_r, m)
     # Client i's update in the frame: beta_i @ t_blocks_i (k x m); with "update"
     # the first r columns are the adapter B_i A_i, the rest minus the start.
     x_c = jnp.einsum("nkr,nrm->nkm", beta, t_blocks, precision=_HIGHEST)
@@ -358,7 +376,8 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
         zs = jnp.concatenate([z_own, -jnp.swapaxes(t_blocks[:, r:], 1, 2)], axis=2)
     else:
         zs = z_own
-    svals, left, right = _best_rank_factors(shared, ys, zs, r)
+    # Adapters: Y_i = Û_c for all clients and F = (I - P) X̄ is orthogonal to it.
+    svals, left, right = _best_rank_factors(shared, ys, zs, r, orthogonal=not update)
     root = jnp.sqrt(svals)  # (n, r)
     new_b = jnp.einsum("pk,nkr->npr", u, left * root[:, None, :], precision=_HIGHEST)
     new_a = jnp.einsum("qm,nmr->nrq", v_a, right * root[:, None, :], precision=_HIGHEST)

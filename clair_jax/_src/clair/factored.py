@@ -129,6 +129,10 @@ class FactoredClairResult(NamedTuple):
       left_basis: ``(p, k)`` orthonormal ``U``.
       left_coef: ``(n, k, r)`` ``U^T B_i`` (the column blocks of the stacked ``B``'s
         ``R`` factor).
+      right_frame: ``(V_A, A V_A)``: orthonormal ``V_A`` (``q x min(q, nr)``) of the
+        rows of all the ``A``'s and the ``(n, r, min(q, nr))`` coefficients
+        ``A_i V_A``, when the run computed them (``offset=True``, or the robust
+        consensus), else None.
     """
 
     basis: Float[Array, "p w"]
@@ -146,6 +150,7 @@ class FactoredClairResult(NamedTuple):
     coordinates: ClairResult
     left_basis: Float[Array, "p k"]
     left_coef: Float[Array, "n k r"]
+    right_frame: tuple[Array, Array] | None
 
 
 def clair_factored(
@@ -238,9 +243,15 @@ def clair_factored(
         consensus=inner,
         **clair_kwargs,
     )
+    if offset:
+        right_frame = (fc.right, fc.right_coef)  # the coordinates' common right basis
+    elif inner != consensus:
+        right_frame = fd.common_right_basis(jnp.asarray(factors[1]).astype(fc.coords.dtype))
+    else:
+        right_frame = None
     if inner != consensus:
-        a_factors = jnp.asarray(factors[1]).astype(fc.coords.dtype)
-        small = _detect_inside(small, fc.left_coef, a_factors, max(rank_cap or 0, _capped_width(r)))
+        width = max(rank_cap or 0, _capped_width(r))
+        small = _detect_inside(small, fc.left_coef, right_frame, width)
     basis_c = small.basis  # (k, w), zero columns after the rank
     basis = jnp.matmul(fc.left, basis_c, precision=_HIGHEST)
     if offset:
@@ -275,22 +286,23 @@ def clair_factored(
         coordinates=small,
         left_basis=fc.left,
         left_coef=fc.left_coef,
+        right_frame=right_frame,
     )
 
 
-def _detect_inside(small: ClairResult, beta: Array, a: Array, width: int) -> ClairResult:
+def _detect_inside(small: ClairResult, beta: Array, right_frame, width: int) -> ClairResult:
     """``small`` with CLAIR's detection inside the subspace run in a common right frame.
 
     Client ``i``'s coordinates ``Û^T X_i V_A = Û_c^T (U^T B_i)(A_i V_A)``, ``V_A`` an
     orthonormal basis of the rows of all the ``A``'s (``X_i`` restricted to it
-    loses nothing), are scored by :func:`~clair_jax._src.clair.consensus.inside_detection`.
+    loses nothing; ``right_frame = (V_A, A V_A)``), are scored by
+    :func:`~clair_jax._src.clair.consensus.inside_detection`.
     Columns of ``Û_c`` after the rank are zero and so are the coordinates' rows
     after it: while the rank is at most ``width`` (static) only the first ``width``
     rows are formed, the same scores at a fraction of the cost.
     """
-    n, r, q = a.shape
-    v_a, t = fd.thin_qr(a.reshape(n * r, q).T)  # A_stack^T = V_A T
-    alpha = jnp.transpose(t.reshape(v_a.shape[1], n, r), (1, 2, 0))  # A_i V_A: (n, r, m)
+    _, alpha = right_frame  # A_i V_A: (n, r, m)
+    n = alpha.shape[0]
     members = small.collaborative & jnp.isfinite(small.scores)
 
     def detect(basis):

@@ -117,6 +117,15 @@ def left_basis(b: Float[Array, "n p r"]) -> tuple[Array, Array]:
     return u, jnp.transpose(rr.reshape(k, n, r), (1, 0, 2))
 
 
+def common_right_basis(a: Float[Array, "n r q"]) -> tuple[Array, Array]:
+    """``(V_A, A V_A)``: orthonormal ``V_A`` (``q x min(q, nr)``) of the rows of all the
+    ``A``'s, and the ``(n, r, s)`` coefficients ``A_i V_A`` (blocks of the ``R`` factor
+    of the stacked ``A``'s transposed)."""
+    n, r, q = a.shape
+    v, t = thin_qr(a.reshape(n * r, q).T)  # A_stack^T = V_A T: (q, s), (s, nr)
+    return v, jnp.transpose(t.reshape(v.shape[1], n, r), (1, 2, 0))
+
+
 def factored_coordinates(
     factors: LoRAFactors, *, common_right: bool = False
 ) -> FactoredCoordinates:
@@ -133,12 +142,9 @@ def factored_coordinates(
       A :class:`FactoredCoordinates`.
     """
     b, a = _checked(factors)
-    n, r, q = a.shape
     u, beta = left_basis(b)
     if common_right:
-        v, t = thin_qr(a.reshape(n * r, q).T)  # (q, m), (m, nr)
-        m = v.shape[1]
-        alpha = jnp.transpose(t.reshape(m, n, r), (1, 2, 0))  # A_i V = T_i^T: (n, r, m)
+        v, alpha = common_right_basis(a)  # (q, m), A_i V: (n, r, m)
     else:
         v, t = batching.map_matrices(thin_qr, jnp.swapaxes(a, 1, 2))  # (n, q, m), (n, m, r)
         alpha = jnp.swapaxes(t, 1, 2)

@@ -1,0 +1,94 @@
+"""What the CLAIR aggregation rules share: their options, the detection pooled over
+modules, and one compiled solve per module shape.
+
+Used by the rule on products (:mod:`~clair_jax._src.aggregators.clair_rule`) and on
+factors (:mod:`~clair_jax._src.aggregators.factored`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from clair_jax._src import validation
+from clair_jax._src.clair.detection import detection_threshold
+
+
+def check_rule_options(
+    shared_space: str, measure: str, detection: str, flagged: str, refine_rank, clair_kwargs
+) -> None:
+    """Checks the options of :func:`clair_aggregator` (and of its factored twin).
+
+    Raises:
+      ValueError: an option outside its choices, ``refine_rank`` not ``"lora"``,
+        ``None`` or an int ``>= 1``, or ``contaminated=`` among ``clair_kwargs``.
+    """
+    validation.check_choice(shared_space, "shared_space", ("column", "row"))
+    validation.check_choice(measure, "measure", ("adapter", "update"))
+    validation.check_choice(detection, "detection", ("module", "client"))
+    validation.check_choice(flagged, "flagged", ("global", "trained"))
+    if not (refine_rank is None or refine_rank == "lora"):
+        if isinstance(refine_rank, bool) or not isinstance(refine_rank, int) or refine_rank < 1:
+            raise ValueError(
+                f"refine_rank must be 'lora', None or an int >= 1, got {refine_rank!r}."
+            )
+    if "contaminated" in clair_kwargs:
+        raise ValueError(
+            "contaminated= has no effect in clair_aggregator: what a flagged client holds "
+            "next is set by flagged= ('trained' or 'global')."
+        )
+
+
+def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
+    """``detection="client"``: ``(outliers, client_scores, client_threshold)``.
+
+    The client score is the median over modules of the CLAIR score relative to
+    the module's median score; CLAIR's robust threshold (with no noise floor)
+    flags the outliers.
+
+    Args:
+      scores: ``(K, n)`` CLAIR scores of the ``n`` clients in each of ``K`` modules.
+    """
+    typical = jnp.median(scores, axis=1, keepdims=True)
+    relative = scores / jnp.maximum(typical, jnp.finfo(scores.dtype).tiny)
+    client_scores = jnp.median(relative, axis=0)
+    client_threshold = detection_threshold(client_scores, jnp.zeros((), scores.dtype))
+    return client_scores > client_threshold, client_scores, client_threshold
+
+
+def map_modules(fn: Callable, inputs: Mapping[str, Any]) -> dict:
+    """``{name: fn(inputs[name])}``, modules of one shape solved by one compiled ``fn``.
+
+    Modules whose inputs (pytrees of arrays) have the same structure, shapes and
+    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially): one copy
+    of ``fn`` per shape in the compiled program instead of one per module, which
+    keeps the compilation of a many-module round short. ``fn`` must map one
+    module's inputs to a pytree of arrays.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, tree in inputs.items():
+        leaves, structure = jax.tree.flatten(tree)
+        signature = (structure, *((x.shape, jnp.result_type(x)) for x in leaves))
+        groups.setdefault(signature, []).append(name)
+    out = {}
+    for names in groups.values():
+        if len(names) == 1:
+            out[names[0]] = fn(inputs[names[0]])
+            continue
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in names))
+        mapped = jax.lax.map(fn, stacked)
+        for i, name in enumerate(names):
+            out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
+    return {name: out[name] for name in inputs}
+
+
+def refine_width(refine_rank, lora_rank: int, width: int) -> int:
+    """Columns of CLAIR's basis the refinement keeps (static): ``width`` for ``None``,
+    at most the LoRA rank for ``"lora"``, at most ``refine_rank`` for an int."""
+    if refine_rank is None:
+        return width
+    return min(width, lora_rank if refine_rank == "lora" else refine_rank)
