@@ -13,6 +13,7 @@ minimiser.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,10 @@ from clair_jax._src.aggregators.base import (
     broadcast_result,
     make_aggregator,
 )
+from clair_jax._src.aggregators.distances import log_squared_distances, scaled_norms
 from clair_jax._src.aggregators.factor_algebra import (
     HIGHEST,
+    client_blocks,
     flatten_clients,
     selected_mean,
 )
@@ -48,8 +51,9 @@ def coordinate_median(*, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, unflatten = flatten_clients(clients)
-        return broadcast_result(clients, unflatten(_median_rows(rows, excluded)), p)
+        blocks, unblock = client_blocks(clients)
+        median = unblock([_by_column_tiles(lambda x: _median_rows(x, excluded), b) for b in blocks])
+        return broadcast_result(clients, median, p)
 
     return make_aggregator("coordinate_median", core, screen=screen)
 
@@ -74,21 +78,59 @@ def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, unflatten = flatten_clients(clients)
-        n = rows.shape[0]
+        blocks, unblock = client_blocks(clients)
+        n = blocks[0].shape[0]
         m = n - jnp.sum(excluded)
         # k = floor(β m) from a table of the static values (exactly as in float64).
         k = jnp.asarray(np.floor(beta * np.arange(n + 1)).astype(np.int32))[m]
-        pos = jnp.arange(n)
-        kept = (pos >= k) & (pos < m - k)
-        # Summed at unit size (a power of two), so the sum of finite rows cannot overflow.
-        exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
-        ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
-        total = jnp.sum(jnp.where(kept[:, None], ordered, 0), axis=0)
-        mean = total / jnp.maximum(m - 2 * k, 1).astype(rows.dtype)
-        return broadcast_result(clients, unflatten(times_power_of_two(mean, exponent)), p)
+        kept = [(j >= k) & (j < m - k) for j in range(n)]
+        count = jnp.maximum(m - 2 * k, 1)
+        # Summed at unit size (one power of two for all factors), so the sum of finite
+        # rows cannot overflow.
+        exponent = jnp.max(
+            jnp.stack([working_exponent(jnp.where(excluded[:, None], 0, b)) for b in blocks])
+        )
+
+        def trimmed(rows):
+            ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
+            if isinstance(ordered, jax.Array):
+                total = jnp.sum(jnp.where(jnp.stack(kept)[:, None], ordered, 0), axis=0)
+            else:  # one elementwise pass over the network's outputs
+                total = jnp.where(kept[0], ordered[0], 0)
+                for j in range(1, n):
+                    total = total + jnp.where(kept[j], ordered[j], 0)
+            return times_power_of_two(total / count.astype(rows.dtype), exponent)
+
+        return broadcast_result(clients, unblock([_by_column_tiles(trimmed, b) for b in blocks]), p)
 
     return make_aggregator("trimmed_mean", core, screen=screen)
+
+
+#: Entries (clients x columns) of one tile of the coordinate-wise rules.
+TILE_ENTRIES = 1 << 18
+
+
+def _by_column_tiles(fn: Callable[[Array], Array], rows: Array) -> Array:
+    """``fn`` (``(n, t) -> (t,)``, column by column) applied to ``(n, d)`` rows, tile by tile.
+
+    A loop over cache-sized column tiles (at least two; the last one overlapping
+    its predecessor, so every tile has the same width). Besides keeping a tile
+    in cache, the loop computes each column once: XLA would otherwise fuse a
+    sorting network into every consumer of its result (the finiteness checks,
+    each client's copy of the broadcast result) and run it again there.
+    """
+    n, d = rows.shape
+    if d < 2:
+        return fn(rows)
+    tile = min(-(-d // 2), max(1, TILE_ENTRIES // max(n, 1)))
+    count = -(-d // tile)
+
+    def body(i, out):
+        start = jnp.minimum(i * tile, d - tile)
+        cols = jax.lax.dynamic_slice_in_dim(rows, start, tile, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(out, fn(cols).astype(out.dtype), start, 0)
+
+    return jax.lax.fori_loop(0, count, body, jnp.zeros((d,), rows.dtype))
 
 
 #: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
@@ -131,15 +173,27 @@ def _sorted_rows(rows: Array) -> list[Array] | Array:
     return out[:n]
 
 
-def _ordered_rows(rows: Array, excluded: Array) -> Array:
-    """``(n, d)``: the included rows sorted along the client axis, then ``+inf`` rows.
+def _ordered_rows(rows: Array, excluded: Array) -> list[Array] | Array:
+    """The included rows sorted along the client axis, then ``+inf`` rows.
 
     The excluded rows are replaced by ``+inf`` (with ``jnp.where``) before the
-    sort, so the ``m`` included values of every coordinate come first.
+    sort, so the ``m`` included values of every coordinate come first. A list of
+    ``n`` rows from the sorting network (consumers select from it elementwise,
+    so that XLA fuses the network and the selection into one pass over the
+    coordinates instead of writing the ``n`` sorted rows out), or the ``(n, d)``
+    array of ``jnp.sort`` beyond ``NETWORK_MAX_CLIENTS``.
     """
-    rows = jnp.where(excluded[:, None], jnp.inf, rows)
-    ordered = _sorted_rows(rows)
-    return ordered if isinstance(ordered, jax.Array) else jnp.stack(ordered)
+    return _sorted_rows(jnp.where(excluded[:, None], jnp.inf, rows))
+
+
+def _pick(ordered: list[Array] | Array, index: Array, last: int) -> Array:
+    """``ordered[index]`` for a traced ``0 <= index <= last`` (elementwise on a list)."""
+    if isinstance(ordered, jax.Array):
+        return ordered[index]
+    out = ordered[0]
+    for j in range(1, last + 1):
+        out = jnp.where(index == j, ordered[j], out)
+    return out
 
 
 def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
@@ -154,8 +208,8 @@ def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
         excluded = jnp.zeros((n,), bool)
     m = n - jnp.sum(excluded)
     ordered = _ordered_rows(rows, excluded)
-    lo = ordered[jnp.maximum(m - 1, 0) // 2]
-    hi = ordered[m // 2]
+    lo = _pick(ordered, jnp.maximum(m - 1, 0) // 2, (n - 1) // 2)
+    hi = _pick(ordered, m // 2, n // 2)
     return jnp.where(m > 0, 0.5 * lo + 0.5 * hi, 0)  # halves first: no overflow
 
 
@@ -165,47 +219,41 @@ def unit_rows(rows: Array, excluded: Array) -> Array:
     return times_power_of_two(rows, -working_exponent(rows))
 
 
-def scaled_norms(diff: Array) -> Array:
-    """``(n,)`` row norms ``m ||diff / m||`` with ``m`` each row's largest entry.
-
-    Neither overflows nor underflows for finite rows of any magnitude (the
-    squares are of entries in ``[-1, 1]``, the largest equal to 1).
-    """
-    m = jnp.max(jnp.abs(diff), axis=1)
-    scaled = diff / jnp.where(m > 0, m, 1)[:, None]
-    return m * jnp.sqrt(jnp.sum(scaled * scaled, axis=1))
-
-
-def _log_squared_distances(rows: Array) -> Array:
-    """``(n, n)`` logs of the squared Euclidean distances, one row at a time.
-
-    ``2 log ||x_i - x_j||`` from :func:`scaled_norms`, so finite rows of any
-    magnitude give exact finite logs (``-inf`` for equal rows).
-    """
-    return jax.lax.map(lambda x: 2 * jnp.log(scaled_norms(rows - x[None, :])), rows)
-
-
-def krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+def krum_scores(clients, f: int, excluded: Array | None = None) -> Array:
     """Krum scores: sum of squared distances to the ``m - f - 2`` nearest other clients.
 
     Over the ``m`` included clients (the excluded get ``+inf``; with fewer than
     ``f + 3`` included, one neighbour). ``inf`` where a score exceeds the dtype;
     rank by :func:`log_krum_scores`, which does not overflow.
     """
-    return jnp.exp(log_krum_scores(rows, f, excluded))
+    return jnp.exp(log_krum_scores(clients, f, excluded))
 
 
-def log_krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+def log_krum_scores(clients, f: int, excluded: Array | None = None) -> Array:
     """Logs of the Krum scores of :func:`krum_scores`, at a safe scale.
 
-    Computed in the log domain (distances from :func:`scaled_norms`, sums by
-    ``logsumexp``), so the ranking is exact for finite factors of any magnitude.
+    ``clients``: rows ``(n, d)`` or any pytree with a leading client axis (its
+    leaves together are each client's vector). The distances are exact
+    (:func:`~clair_jax._src.aggregators.distances.log_squared_distances`) and
+    summed in the log domain, so the ranking is exact for finite factors of any
+    magnitude.
     """
-    n = rows.shape[0]
+    log_d = log_squared_distances(clients, excluded)
+    return log_krum_scores_from_distances(log_d, f, excluded)
+
+
+def log_krum_scores_from_distances(log_d: Array, f: int, excluded: Array | None = None) -> Array:
+    """Logs of the Krum scores from ``(n, n)`` logs of squared distances.
+
+    ``log_d`` as from
+    :func:`~clair_jax._src.aggregators.distances.log_squared_distances`, or
+    several modules' combined by ``logaddexp``; the diagonal and the pairs with
+    an excluded client are ignored, and excluded clients score ``+inf``.
+    """
+    n = log_d.shape[0]
     if excluded is None:
         excluded = jnp.zeros((n,), bool)
-    logd = _log_squared_distances(jnp.where(excluded[:, None], 0, rows))
-    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, logd)
+    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, log_d)
     neighbours = jnp.maximum(n - jnp.sum(excluded) - f - 2, 1)
     ordered = jnp.sort(logd, axis=1)
     near = jnp.arange(n)[None, :] < neighbours
@@ -249,10 +297,9 @@ def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, _ = flatten_clients(clients)
-        n = rows.shape[0]
+        n = excluded.shape[0]
         _check_krum(n, f, m)
-        log_scores = log_krum_scores(rows, f, excluded)
+        log_scores = log_krum_scores(clients, f, excluded)
         scores = jnp.exp(log_scores)
         selected = jnp.zeros((n,), bool).at[jnp.argsort(log_scores, stable=True)[:m]].set(True)
         selected = selected & ~excluded
