@@ -56,12 +56,14 @@ def _tile_width(n: int, d: int) -> int:
     return max(1, min(d, max(8, TILE_PAIR_ELEMENTS // (n * n))))
 
 
-def _scaled_sums(x: Array, scale: Array) -> Array:
-    """``(n, n)`` sums over the columns of ``((x_i - x_j) scale_ij)^2``, tile by tile."""
+def _scaled_sums(x: Array, scale: Array, excluded: Array) -> Array:
+    """``(n, n)`` sums over the columns of ``((x_i - x_j) scale_ij)^2``, tile by tile
+    (excluded rows read as zeros)."""
     n, d = x.shape
     tile = _tile_width(n, d)
 
     def part(cols: Array) -> Array:
+        cols = jnp.where(excluded[:, None], 0, cols)
         diff = (cols[:, None, :] - cols[None, :, :]) * scale[:, :, None]
         return jnp.sum(diff * diff, axis=2)
 
@@ -132,14 +134,13 @@ def log_squared_distances(clients, excluded: Array | None = None) -> Array:
     dtype = blocks[0].dtype
     info = jnp.finfo(dtype)
     ln2 = np.log(2.0).astype(dtype)
-    blocks = [jnp.where(excluded[:, None], 0, b) for b in blocks]
     logs, exponents = [], []
     for b in blocks:
-        _, e = jnp.frexp(jnp.max(jnp.abs(b), axis=1))  # |b_i| < 2^e_i
+        _, e = jnp.frexp(jnp.max(jnp.where(excluded[:, None], 0, jnp.abs(b)), axis=1))  # < 2^e_i
         # |b_i - b_j| < 2^(max + 1); clipped so that 2^-E is a normal number.
         big = jnp.clip(jnp.maximum(e[:, None], e[None, :]) + 1, info.minexp, info.maxexp - 2)
         scale = jnp.ldexp(jnp.ones((), dtype), -big)
-        logs.append(jnp.log(_scaled_sums(b, scale)) + 2 * big.astype(dtype) * ln2)
+        logs.append(jnp.log(_scaled_sums(b, scale, excluded)) + 2 * big.astype(dtype) * ln2)
         exponents.append(big)
     log_d = jax.nn.logsumexp(jnp.stack(logs), axis=0) if len(logs) > 1 else logs[0]
     bound = 2 * jnp.max(jnp.stack(exponents), axis=0).astype(dtype) * ln2
@@ -147,6 +148,6 @@ def log_squared_distances(clients, excluded: Array | None = None) -> Array:
     suspect = upper & (log_d < bound - SUSPECT_BITS * ln2)
     log_d = jax.lax.cond(
         jnp.any(suspect), lambda v: _exact_pairs(blocks, v, suspect), lambda v: v, log_d
-    )
+    )  # the excluded rows are not read: no suspect pair holds one
     log_d = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, log_d)
     return jnp.where(excluded[:, None] | excluded[None, :], jnp.inf, log_d)

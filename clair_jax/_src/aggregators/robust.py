@@ -4,10 +4,16 @@ Every factory takes ``screen=`` (see
 :func:`~clair_jax._src.aggregators.base.make_aggregator`). The rules act on the
 included clients only: the medians, the trimmed means and the Krum scores are
 taken over them (the excluded rows never enter a sort or a distance), and the
-geometric median gives the excluded ones zero weight. Distances are computed
-on rows brought to unit size by a power of two (a safe scale: squared
-distances of finite factors do not overflow), which changes no ranking and no
-minimiser.
+geometric median gives the excluded ones zero weight.
+
+The coordinate-wise rules (median, trimmed mean) run leaf by leaf (no
+concatenated copy of all factors), sorting each coordinate over the clients by
+a compare-exchange network in cache-sized column tiles. Krum's distances are
+exact pairwise sums of squared differences
+(:func:`~clair_jax._src.aggregators.distances.log_squared_distances`), never
+Gram-matrix shortcuts, at a safe scale (powers of two and, for tiny distances,
+each difference divided by its largest entry), which changes no ranking and no
+minimiser; the geometric median's distances are scaled the same way.
 """
 
 from __future__ import annotations
