@@ -49,10 +49,10 @@ def np_log_sq_distances(x):
 
 
 def aggregate(rule, clients, global_, n):
-    return rule.aggregate(clients, global_, jnp.ones((n,)), jnp.int32(1), KEY)
+    return jax.jit(rule.aggregate)(clients, global_, jnp.ones((n,)), jnp.int32(1), KEY)
 
 
-@pytest.mark.parametrize("n", [5, 8, 33, 70])
+@pytest.mark.parametrize("n", [8, pytest.param(70, marks=pytest.mark.slow)])  # 70: jnp.sort
 def test_median_and_trimmed_mean_in_tiles_match_numpy_with_excluded_clients(small_tiles, rng, n):
     clients, global_ = make(rng, n)
     bad = [1, 3]
@@ -79,7 +79,7 @@ def test_median_and_trimmed_mean_in_tiles_match_numpy_with_excluded_clients(smal
             )
 
 
-@pytest.mark.parametrize("n", [6, 7])
+@pytest.mark.parametrize("n", [7])
 def test_tiles_do_not_change_the_median_or_trimmed_mean(monkeypatch, rng, n):
     """Bit for bit: the tiles only split the columns the network sorts."""
     clients, global_ = make(rng, n, shapes=((37, 4, 29),))
@@ -94,7 +94,7 @@ def _rules():
     return cj.coordinate_median(), cj.trimmed_mean(0.25)
 
 
-@pytest.mark.parametrize("n", [3, 6, 9, 33])
+@pytest.mark.parametrize("n", [3, 33])
 def test_log_squared_distances_match_numpy(small_tiles, rng, n):
     clients, _ = make(rng, n)
     got = np.asarray(distances.log_squared_distances(clients))
@@ -158,7 +158,7 @@ def test_distances_skip_excluded_clients_and_propagate_nan(small_tiles, rng):
         distances.log_squared_distances({"a": np.zeros((3, 2)), "b": np.zeros((4, 2))})
 
 
-@pytest.mark.parametrize("n,f,m", [(9, 2, 1), (12, 3, 5), (70, 5, 40)])
+@pytest.mark.parametrize("n,f,m", [(9, 2, 1), pytest.param(70, 5, 40, marks=pytest.mark.slow)])
 def test_krum_in_tiles_matches_numpy_distances(small_tiles, n, f, m):
     rng = np.random.default_rng(n)
     clients, global_ = make(rng, n, shapes=((5, 2, 6),))
