@@ -14,14 +14,14 @@ import pytest
 import scipy.stats
 
 import clair_jax as cj
-from clair_jax._src.aggregators import distances, robust
+from clair_jax._src.aggregators import distances, robust, sorting
 
 KEY = jax.random.key(0)
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(robust, "TILE_ENTRIES", 64)
+    monkeypatch.setattr(sorting, "TILE_ENTRIES", 64)
     monkeypatch.setattr(distances, "TILE_PAIR_ELEMENTS", 64)
 
 
@@ -84,7 +84,7 @@ def test_tiles_do_not_change_the_median_or_trimmed_mean(monkeypatch, rng, n):
     """Bit for bit: the tiles only split the columns the network sorts."""
     clients, global_ = make(rng, n, shapes=((37, 4, 29),))
     untiled = [aggregate(rule, clients, global_, n).global_ for rule in _rules()]
-    monkeypatch.setattr(robust, "TILE_ENTRIES", 5 * n)  # 5 columns: overlapping last tile
+    monkeypatch.setattr(sorting, "TILE_ENTRIES", 5 * n)  # 5 columns: overlapping last tile
     tiled = [aggregate(rule, clients, global_, n).global_ for rule in _rules()]
     for a, b in zip(jax.tree.leaves(untiled), jax.tree.leaves(tiled), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -19,7 +19,6 @@ minimiser; the geometric median's distances are scaled the same way.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +39,7 @@ from clair_jax._src.aggregators.factor_algebra import (
     flatten_clients,
     selected_mean,
 )
+from clair_jax._src.aggregators.sorting import by_column_tiles, median_rows, ordered_rows
 from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
 
 
@@ -58,7 +58,7 @@ def coordinate_median(*, screen: str = "exclude") -> Aggregator:
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
         blocks, unblock = client_blocks(clients)
-        median = unblock([_by_column_tiles(lambda x: _median_rows(x, excluded), b) for b in blocks])
+        median = unblock([by_column_tiles(lambda x: median_rows(x, excluded), b) for b in blocks])
         return broadcast_result(clients, median, p)
 
     return make_aggregator("coordinate_median", core, screen=screen)
@@ -98,7 +98,7 @@ def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
         )
 
         def trimmed(rows):
-            ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
+            ordered = ordered_rows(times_power_of_two(rows, -exponent), excluded)
             if isinstance(ordered, jax.Array):
                 total = jnp.sum(jnp.where(jnp.stack(kept)[:, None], ordered, 0), axis=0)
             else:  # one elementwise pass over the network's outputs
@@ -107,116 +107,9 @@ def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
                     total = total + jnp.where(kept[j], ordered[j], 0)
             return times_power_of_two(total / count.astype(rows.dtype), exponent)
 
-        return broadcast_result(clients, unblock([_by_column_tiles(trimmed, b) for b in blocks]), p)
+        return broadcast_result(clients, unblock([by_column_tiles(trimmed, b) for b in blocks]), p)
 
     return make_aggregator("trimmed_mean", core, screen=screen)
-
-
-#: Entries (clients x columns) of one tile of the coordinate-wise rules.
-TILE_ENTRIES = 1 << 18
-
-
-def _by_column_tiles(fn: Callable[[Array], Array], rows: Array) -> Array:
-    """``fn`` (``(n, t) -> (t,)``, column by column) applied to ``(n, d)`` rows, tile by tile.
-
-    A loop over cache-sized column tiles (at least two; the last one overlapping
-    its predecessor, so every tile has the same width). Besides keeping a tile
-    in cache, the loop computes each column once: XLA would otherwise fuse a
-    sorting network into every consumer of its result (the finiteness checks,
-    each client's copy of the broadcast result) and run it again there.
-    """
-    n, d = rows.shape
-    if d < 2:
-        return fn(rows)
-    tile = min(-(-d // 2), max(1, TILE_ENTRIES // max(n, 1)))
-    count = -(-d // tile)
-
-    def body(i, out):
-        start = jnp.minimum(i * tile, d - tile)
-        cols = jax.lax.dynamic_slice_in_dim(rows, start, tile, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(out, fn(cols).astype(out.dtype), start, 0)
-
-    return jax.lax.fori_loop(0, count, body, jnp.zeros((d,), rows.dtype))
-
-
-#: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
-NETWORK_MAX_CLIENTS = 64
-
-
-def _network_pairs(size: int) -> list[tuple[int, int]]:
-    """Compare-exchange pairs of Batcher's odd-even merge sort of ``size`` (a power of two)."""
-    pairs, p = [], 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return pairs
-
-
-def _sorted_rows(rows: Array) -> list[Array] | Array:
-    """The ``(n, d)`` rows sorted along the client axis, as a list of ``n`` rows (or an array).
-
-    For ``n <= NETWORK_MAX_CLIENTS`` a Batcher odd-even merge sorting network of
-    element-wise ``minimum``/``maximum`` (``O(n log^2 n)`` comparators), which XLA
-    fuses into one pass over the ``d`` coordinates: at ``n = 32`` and a
-    7B-shaped module (``d = 131072``) it is hundreds of times faster on CPU than
-    ``jnp.sort(rows, axis=0)``, which sorts ``d`` separate length-``n`` segments.
-    Rows are padded with ``+inf`` to a power of two; NaNs propagate.
-    """
-    n = rows.shape[0]
-    if n > NETWORK_MAX_CLIENTS:
-        return jnp.sort(rows, axis=0)
-    size = 1 << max(n - 1, 0).bit_length()
-    out = [rows[i] for i in range(n)]
-    out += [jnp.full_like(rows[0], jnp.inf)] * (size - n)
-    for a, b in _network_pairs(size):
-        out[a], out[b] = jnp.minimum(out[a], out[b]), jnp.maximum(out[a], out[b])
-    return out[:n]
-
-
-def _ordered_rows(rows: Array, excluded: Array) -> list[Array] | Array:
-    """The included rows sorted along the client axis, then ``+inf`` rows.
-
-    The excluded rows are replaced by ``+inf`` (with ``jnp.where``) before the
-    sort, so the ``m`` included values of every coordinate come first. A list of
-    ``n`` rows from the sorting network (consumers select from it elementwise,
-    so that XLA fuses the network and the selection into one pass over the
-    coordinates instead of writing the ``n`` sorted rows out), or the ``(n, d)``
-    array of ``jnp.sort`` beyond ``NETWORK_MAX_CLIENTS``.
-    """
-    return _sorted_rows(jnp.where(excluded[:, None], jnp.inf, rows))
-
-
-def _pick(ordered: list[Array] | Array, index: Array, last: int) -> Array:
-    """``ordered[index]`` for a traced ``0 <= index <= last`` (elementwise on a list)."""
-    if isinstance(ordered, jax.Array):
-        return ordered[index]
-    out = ordered[0]
-    for j in range(1, last + 1):
-        out = jnp.where(index == j, ordered[j], out)
-    return out
-
-
-def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
-    """Median over the client axis of the included ``(n, d)`` rows (mean of the two middle).
-
-    With ``m`` included rows, the mean of the sorted rows ``(m - 1) // 2`` and
-    ``m // 2``; when every row is excluded, zeros (the aggregator keeps the
-    previous global adapter then).
-    """
-    n = rows.shape[0]
-    if excluded is None:
-        excluded = jnp.zeros((n,), bool)
-    m = n - jnp.sum(excluded)
-    ordered = _ordered_rows(rows, excluded)
-    lo = _pick(ordered, jnp.maximum(m - 1, 0) // 2, (n - 1) // 2)
-    hi = _pick(ordered, m // 2, n // 2)
-    return jnp.where(m > 0, 0.5 * lo + 0.5 * hi, 0)  # halves first: no overflow
 
 
 def unit_rows(rows: Array, excluded: Array) -> Array:
