@@ -357,7 +357,7 @@ def model_run(args) -> dict:
             sel[np.argsort(np.asarray(log_scores), kind="stable")[:m]] = True
             sel_j = jnp.asarray(sel)
             p_sel = jnp.asarray(sel / sel.sum(), jnp.float32)
-            mean_fn = jax.jit(lambda c, p=p_sel, s=sel_j: selected_mean(c, p, s))
+            mean_fn = jax.jit(lambda c, p=p_sel, s=sel_j, m=m: selected_mean(c, p, s, m))
             t_avg = 0.0
             for c in layer:
                 jax.block_until_ready(mean_fn(c))

@@ -181,3 +181,24 @@ def test_krum_in_tiles_matches_numpy_distances(small_tiles, n, f, m):
         robust.log_krum_scores_from_distances(log_d, f),
         robust.log_krum_scores(clients, f),
     )
+
+
+def test_selected_mean_reading_only_the_selected_clients_is_the_masked_mean(rng):
+    from clair_jax._src.aggregators.factor_algebra import selected_mean
+
+    n = 7
+    f = cj.LoRAFactors(
+        B=rng.normal(size=(n, 4, 2)).astype(np.float32),
+        A=rng.normal(size=(n, 2, 5)).astype(np.float32),
+    )
+    f.B[0] = np.inf  # not selected: never read
+    p = jnp.asarray(rng.uniform(size=n), jnp.float32)
+    selected = jnp.asarray([False, True, False, True, True, False, False])
+    want = [
+        np.einsum("n,n...->...", np.where(selected, p, 0), np.where(selected[:, None, None], x, 0))
+        for x in (f.B, f.A)
+    ]
+    for at_most in (None, 3, 5):
+        got = selected_mean(f, p, selected, at_most)
+        np.testing.assert_allclose(got.B, want[0], rtol=1e-6)
+        np.testing.assert_allclose(got.A, want[1], rtol=1e-6)

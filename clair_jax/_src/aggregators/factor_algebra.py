@@ -36,9 +36,21 @@ def factorwise_mean(factors: LoRAFactors, p: Array) -> LoRAFactors:
     )
 
 
-def selected_mean(factors: LoRAFactors, p: Array, selected: Array) -> LoRAFactors:
+def selected_mean(
+    factors: LoRAFactors, p: Array, selected: Array, at_most: int | None = None
+) -> LoRAFactors:
     """:func:`factorwise_mean` over the ``selected`` clients only (the others' factors,
-    however large, never enter the sums: ``0 * inf`` would be NaN)."""
+    however large, never enter the sums: ``0 * inf`` would be NaN).
+
+    With a static ``at_most`` (at least the number of selected clients), only the
+    selected clients' factors are read: the first ``at_most`` of them are gathered,
+    the positions left over get weight zero and zero factors.
+    """
+    if at_most is not None and at_most < selected.shape[0]:
+        (index,) = jnp.nonzero(selected, size=at_most, fill_value=0)
+        take = selected[index]
+        factors = LoRAFactors(B=factors.B[index], A=factors.A[index])
+        p, selected = jnp.where(take, p[index], 0), take
     keep = selected[:, None, None]
     return factorwise_mean(
         LoRAFactors(B=jnp.where(keep, factors.B, 0), A=jnp.where(keep, factors.A, 0)), p

@@ -206,7 +206,7 @@ def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
         # All selected weights zero (zero-weight clients): average them equally.
         w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
         w = w / jnp.sum(w)
-        new_global = {name: selected_mean(fac, w, selected) for name, fac in clients.items()}
+        new_global = {name: selected_mean(fac, w, selected, m) for name, fac in clients.items()}
         return broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
 
     return make_aggregator("krum" if m == 1 else "multi_krum", core, screen=screen)
