@@ -19,8 +19,10 @@ Two parts, one run:
    (the whole federation is 5 GB in float32), so every rule is run module by
    module: exactly the whole-model rule for the per-module rules (FedIT,
    FlexLoRA, FFA-LoRA, FedRot, coordinate median, trimmed mean, CLAIR with
-   module detection); Multi-Krum and Krum accumulate the clients' squared
-   distances over all modules (a second pass averages the selected clients);
+   module detection); Multi-Krum and Krum accumulate the clients' exact squared
+   distances over all modules (the library's ``log_squared_distances``, summed by
+   ``logaddexp``), score them with the library's Krum scores, and a second pass
+   averages the selected clients (the library's ``selected_mean``);
    the geometric median runs ``--gm-iters`` Weiszfeld passes over all modules.
    Times exclude generating the data (timed apart); memory is the process's peak
    RSS during each rule's passes (``VmHWM``, reset between rules through
@@ -50,6 +52,9 @@ from _environment import environment
 
 import clair_jax as cj
 from clair_jax._src.aggregators import factored as fag
+from clair_jax._src.aggregators import robust
+from clair_jax._src.aggregators.distances import log_squared_distances
+from clair_jax._src.aggregators.factor_algebra import selected_mean
 from clair_jax._src.clair.detection import detection_threshold
 from clair_jax._src.clair.factored import clair_factored
 
@@ -256,9 +261,7 @@ def model_run(args) -> dict:
     }
     rules = {k: v for k, v in rules.items() if k in args.rules}
     flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
-    dist_fn = jax.jit(
-        lambda c: jax.lax.map(lambda x: jnp.sum((flat(c) - x[None]) ** 2, axis=1), flat(c))
-    )
+    dist_fn = jax.jit(log_squared_distances)
     err_fn = jax.jit(
         lambda c, w: fag.product_error_factored(
             c, w / jnp.sum(w), cj.LoRAFactors(jnp.mean(c.B, axis=0), jnp.mean(c.A, axis=0))
@@ -270,7 +273,7 @@ def model_run(args) -> dict:
     first_calls = dict.fromkeys(names, 0.0)
     t_gen, errors, seen = 0.0, {k: [] for k in rules}, set()
     flags = {k: [] for k in rules}
-    scores, d = [], np.zeros((n, n))
+    scores, log_d = [], np.full((n, n), -np.inf)
     first_layer = []
     reset_peak()
     for count, (index, _, p, q) in enumerate(mods):
@@ -302,7 +305,7 @@ def model_run(args) -> dict:
                 if name == "clair":
                     scores.append(np.asarray(diag["scores/m"]))
             elif name == "krum_distances":
-                d += np.asarray(out, np.float64)
+                log_d = np.logaddexp(log_d, np.asarray(out, np.float64))
         if count % 7 == 6:
             print(
                 f"  {count + 1}/{len(mods)} modules, "
@@ -347,12 +350,14 @@ def model_run(args) -> dict:
         for name, m in (("multi_krum", n - f_byz), ("krum", 1)):
             if name not in args.rules:
                 continue
-            dd = np.where(np.eye(n, dtype=bool), np.inf, d)
-            krum_scores = np.sort(dd, axis=1)[:, : n - f_byz - 2].sum(axis=1)
+            log_scores = robust.log_krum_scores_from_distances(
+                jnp.asarray(log_d, jnp.float32), f_byz
+            )
             sel = np.zeros(n, bool)
-            sel[np.argsort(krum_scores, kind="stable")[:m]] = True
-            idx = jnp.asarray(np.flatnonzero(sel))
-            mean_fn = jax.jit(lambda c, i=idx: jax.tree.map(lambda x: jnp.mean(x[i], axis=0), c))
+            sel[np.argsort(np.asarray(log_scores), kind="stable")[:m]] = True
+            sel_j = jnp.asarray(sel)
+            p_sel = jnp.asarray(sel / sel.sum(), jnp.float32)
+            mean_fn = jax.jit(lambda c, p=p_sel, s=sel_j, m=m: selected_mean(c, p, s, m))
             t_avg = 0.0
             for c in layer:
                 jax.block_until_ready(mean_fn(c))

@@ -772,10 +772,10 @@ def test_clair_aggregator_update_measure_needs_a_matching_start():
 def test_sorting_network_matches_sort(n):
     """The compare-exchange network behind the median and trimmed mean (and its jnp.sort
     fallback above NETWORK_MAX_CLIENTS) against NumPy, with ties."""
-    from clair_jax._src.aggregators import robust
+    from clair_jax._src.aggregators import sorting
 
     rows = np.random.default_rng(n).integers(-3, 4, size=(n, 37)).astype(np.float32)
     np.testing.assert_array_equal(
-        np.stack(robust._sorted_rows(jnp.asarray(rows))), np.sort(rows, 0)
+        np.stack(sorting.sorted_rows(jnp.asarray(rows))), np.sort(rows, 0)
     )
-    np.testing.assert_array_equal(robust._median_rows(jnp.asarray(rows)), np.median(rows, 0))
+    np.testing.assert_array_equal(sorting.median_rows(jnp.asarray(rows)), np.median(rows, 0))

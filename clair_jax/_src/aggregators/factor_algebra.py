@@ -36,9 +36,21 @@ def factorwise_mean(factors: LoRAFactors, p: Array) -> LoRAFactors:
     )
 
 
-def selected_mean(factors: LoRAFactors, p: Array, selected: Array) -> LoRAFactors:
+def selected_mean(
+    factors: LoRAFactors, p: Array, selected: Array, at_most: int | None = None
+) -> LoRAFactors:
     """:func:`factorwise_mean` over the ``selected`` clients only (the others' factors,
-    however large, never enter the sums: ``0 * inf`` would be NaN)."""
+    however large, never enter the sums: ``0 * inf`` would be NaN).
+
+    With a static ``at_most`` (at least the number of selected clients), only the
+    selected clients' factors are read: the first ``at_most`` of them are gathered,
+    the positions left over get weight zero and zero factors.
+    """
+    if at_most is not None and at_most < selected.shape[0]:
+        (index,) = jnp.nonzero(selected, size=at_most, fill_value=0)
+        take = selected[index]
+        factors = LoRAFactors(B=factors.B[index], A=factors.A[index])
+        p, selected = jnp.where(take, p[index], 0), take
     keep = selected[:, None, None]
     return factorwise_mean(
         LoRAFactors(B=jnp.where(keep, factors.B, 0), A=jnp.where(keep, factors.A, 0)), p
@@ -140,6 +152,45 @@ def dense_factors(m: Array, rank: int) -> LoRAFactors:
     root = jnp.sqrt(s[:rank])
     b, a = u * root[None, :], root[:, None] * vt
     return LoRAFactors(B=b.astype(m.dtype), A=a.astype(m.dtype))
+
+
+def client_blocks(clients) -> tuple[list[Array], Callable[[list[Array]], Adapters]]:
+    """Clients' factors as one ``(n, d_l)`` block of rows per leaf, and the map back.
+
+    Like :func:`flatten_clients` without the concatenation: the coordinate-wise
+    rules and the distances run leaf by leaf, so no ``(n, d)`` copy of all
+    factors is made. The blocks are in the working dtype (at least float32);
+    ``unblock`` maps one ``(d_l,)`` row per leaf to a pytree like one client's,
+    each leaf in its own dtype.
+
+    Args:
+      clients: a pytree of arrays with a leading client axis (stacked adapters,
+        a ``LoRAFactors``, rows).
+
+    Returns:
+      ``(blocks, unblock)``.
+
+    Raises:
+      ValueError: no arrays, or arrays without a common leading client axis.
+    """
+    leaves, treedef = jax.tree.flatten(clients)
+    if not leaves:
+        raise ValueError("clients holds no arrays.")
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    n = leaves[0].shape[0] if leaves[0].ndim else None
+    if any(leaf.ndim == 0 or leaf.shape[0] != n for leaf in leaves):
+        shapes = [tuple(leaf.shape) for leaf in leaves]
+        raise ValueError(f"clients' arrays must share a leading client axis, got {shapes}.")
+    shapes = [leaf.shape[1:] for leaf in leaves]
+    dtypes = [leaf.dtype for leaf in leaves]
+    work = validation.working_dtype(jnp.result_type(*dtypes))
+    blocks = [leaf.reshape(n, -1).astype(work) for leaf in leaves]
+
+    def unblock(parts: list[Array]) -> Adapters:
+        out = [v.reshape(s).astype(t) for v, s, t in zip(parts, shapes, dtypes, strict=True)]
+        return jax.tree.unflatten(treedef, out)
+
+    return blocks, unblock
 
 
 def flatten_clients(clients: Adapters) -> tuple[Array, Callable[[Array], Adapters]]:

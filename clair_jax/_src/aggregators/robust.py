@@ -4,10 +4,16 @@ Every factory takes ``screen=`` (see
 :func:`~clair_jax._src.aggregators.base.make_aggregator`). The rules act on the
 included clients only: the medians, the trimmed means and the Krum scores are
 taken over them (the excluded rows never enter a sort or a distance), and the
-geometric median gives the excluded ones zero weight. Distances are computed
-on rows brought to unit size by a power of two (a safe scale: squared
-distances of finite factors do not overflow), which changes no ranking and no
-minimiser.
+geometric median gives the excluded ones zero weight.
+
+The coordinate-wise rules (median, trimmed mean) run leaf by leaf (no
+concatenated copy of all factors), sorting each coordinate over the clients by
+a compare-exchange network in cache-sized column tiles. Krum's distances are
+exact pairwise sums of squared differences
+(:func:`~clair_jax._src.aggregators.distances.log_squared_distances`), never
+Gram-matrix shortcuts, at a safe scale (powers of two and, for tiny distances,
+each difference divided by its largest entry), which changes no ranking and no
+minimiser; the geometric median's distances are scaled the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ from clair_jax._src.aggregators.base import (
     broadcast_result,
     make_aggregator,
 )
+from clair_jax._src.aggregators.distances import log_squared_distances, scaled_norms
 from clair_jax._src.aggregators.factor_algebra import (
     HIGHEST,
+    client_blocks,
     flatten_clients,
     selected_mean,
 )
+from clair_jax._src.aggregators.sorting import by_column_tiles, median_rows, ordered_rows
 from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
 
 
@@ -48,8 +57,9 @@ def coordinate_median(*, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, unflatten = flatten_clients(clients)
-        return broadcast_result(clients, unflatten(_median_rows(rows, excluded)), p)
+        blocks, unblock = client_blocks(clients)
+        median = unblock([by_column_tiles(lambda x: median_rows(x, excluded), b) for b in blocks])
+        return broadcast_result(clients, median, p)
 
     return make_aggregator("coordinate_median", core, screen=screen)
 
@@ -74,89 +84,32 @@ def trimmed_mean(beta: float = 0.1, *, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, unflatten = flatten_clients(clients)
-        n = rows.shape[0]
+        blocks, unblock = client_blocks(clients)
+        n = blocks[0].shape[0]
         m = n - jnp.sum(excluded)
         # k = floor(β m) from a table of the static values (exactly as in float64).
         k = jnp.asarray(np.floor(beta * np.arange(n + 1)).astype(np.int32))[m]
-        pos = jnp.arange(n)
-        kept = (pos >= k) & (pos < m - k)
-        # Summed at unit size (a power of two), so the sum of finite rows cannot overflow.
-        exponent = working_exponent(jnp.where(excluded[:, None], 0, rows))
-        ordered = _ordered_rows(times_power_of_two(rows, -exponent), excluded)
-        total = jnp.sum(jnp.where(kept[:, None], ordered, 0), axis=0)
-        mean = total / jnp.maximum(m - 2 * k, 1).astype(rows.dtype)
-        return broadcast_result(clients, unflatten(times_power_of_two(mean, exponent)), p)
+        kept = [(j >= k) & (j < m - k) for j in range(n)]
+        count = jnp.maximum(m - 2 * k, 1)
+        # Summed at unit size (one power of two for all factors), so the sum of finite
+        # rows cannot overflow.
+        exponent = jnp.max(
+            jnp.stack([working_exponent(jnp.where(excluded[:, None], 0, b)) for b in blocks])
+        )
+
+        def trimmed(rows):
+            ordered = ordered_rows(times_power_of_two(rows, -exponent), excluded)
+            if isinstance(ordered, jax.Array):
+                total = jnp.sum(jnp.where(jnp.stack(kept)[:, None], ordered, 0), axis=0)
+            else:  # one elementwise pass over the network's outputs
+                total = jnp.where(kept[0], ordered[0], 0)
+                for j in range(1, n):
+                    total = total + jnp.where(kept[j], ordered[j], 0)
+            return times_power_of_two(total / count.astype(rows.dtype), exponent)
+
+        return broadcast_result(clients, unblock([by_column_tiles(trimmed, b) for b in blocks]), p)
 
     return make_aggregator("trimmed_mean", core, screen=screen)
-
-
-#: Largest number of clients sorted by a compare-exchange network (beyond it, ``jnp.sort``).
-NETWORK_MAX_CLIENTS = 64
-
-
-def _network_pairs(size: int) -> list[tuple[int, int]]:
-    """Compare-exchange pairs of Batcher's odd-even merge sort of ``size`` (a power of two)."""
-    pairs, p = [], 1
-    while p < size:
-        k = p
-        while k >= 1:
-            for j in range(k % p, size - k, 2 * k):
-                for i in range(min(k, size - j - k)):
-                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
-                        pairs.append((i + j, i + j + k))
-            k //= 2
-        p *= 2
-    return pairs
-
-
-def _sorted_rows(rows: Array) -> list[Array] | Array:
-    """The ``(n, d)`` rows sorted along the client axis, as a list of ``n`` rows (or an array).
-
-    For ``n <= NETWORK_MAX_CLIENTS`` a Batcher odd-even merge sorting network of
-    element-wise ``minimum``/``maximum`` (``O(n log^2 n)`` comparators), which XLA
-    fuses into one pass over the ``d`` coordinates: at ``n = 32`` and a
-    7B-shaped module (``d = 131072``) it is hundreds of times faster on CPU than
-    ``jnp.sort(rows, axis=0)``, which sorts ``d`` separate length-``n`` segments.
-    Rows are padded with ``+inf`` to a power of two; NaNs propagate.
-    """
-    n = rows.shape[0]
-    if n > NETWORK_MAX_CLIENTS:
-        return jnp.sort(rows, axis=0)
-    size = 1 << max(n - 1, 0).bit_length()
-    out = [rows[i] for i in range(n)]
-    out += [jnp.full_like(rows[0], jnp.inf)] * (size - n)
-    for a, b in _network_pairs(size):
-        out[a], out[b] = jnp.minimum(out[a], out[b]), jnp.maximum(out[a], out[b])
-    return out[:n]
-
-
-def _ordered_rows(rows: Array, excluded: Array) -> Array:
-    """``(n, d)``: the included rows sorted along the client axis, then ``+inf`` rows.
-
-    The excluded rows are replaced by ``+inf`` (with ``jnp.where``) before the
-    sort, so the ``m`` included values of every coordinate come first.
-    """
-    rows = jnp.where(excluded[:, None], jnp.inf, rows)
-    ordered = _sorted_rows(rows)
-    return ordered if isinstance(ordered, jax.Array) else jnp.stack(ordered)
-
-
-def _median_rows(rows: Array, excluded: Array | None = None) -> Array:
-    """Median over the client axis of the included ``(n, d)`` rows (mean of the two middle).
-
-    With ``m`` included rows, the mean of the sorted rows ``(m - 1) // 2`` and
-    ``m // 2``; when every row is excluded, zeros (the aggregator keeps the
-    previous global adapter then).
-    """
-    n = rows.shape[0]
-    if excluded is None:
-        excluded = jnp.zeros((n,), bool)
-    m = n - jnp.sum(excluded)
-    ordered = _ordered_rows(rows, excluded)
-    lo = ordered[jnp.maximum(m - 1, 0) // 2]
-    hi = ordered[m // 2]
-    return jnp.where(m > 0, 0.5 * lo + 0.5 * hi, 0)  # halves first: no overflow
 
 
 def unit_rows(rows: Array, excluded: Array) -> Array:
@@ -165,47 +118,41 @@ def unit_rows(rows: Array, excluded: Array) -> Array:
     return times_power_of_two(rows, -working_exponent(rows))
 
 
-def scaled_norms(diff: Array) -> Array:
-    """``(n,)`` row norms ``m ||diff / m||`` with ``m`` each row's largest entry.
-
-    Neither overflows nor underflows for finite rows of any magnitude (the
-    squares are of entries in ``[-1, 1]``, the largest equal to 1).
-    """
-    m = jnp.max(jnp.abs(diff), axis=1)
-    scaled = diff / jnp.where(m > 0, m, 1)[:, None]
-    return m * jnp.sqrt(jnp.sum(scaled * scaled, axis=1))
-
-
-def _log_squared_distances(rows: Array) -> Array:
-    """``(n, n)`` logs of the squared Euclidean distances, one row at a time.
-
-    ``2 log ||x_i - x_j||`` from :func:`scaled_norms`, so finite rows of any
-    magnitude give exact finite logs (``-inf`` for equal rows).
-    """
-    return jax.lax.map(lambda x: 2 * jnp.log(scaled_norms(rows - x[None, :])), rows)
-
-
-def krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+def krum_scores(clients, f: int, excluded: Array | None = None) -> Array:
     """Krum scores: sum of squared distances to the ``m - f - 2`` nearest other clients.
 
     Over the ``m`` included clients (the excluded get ``+inf``; with fewer than
     ``f + 3`` included, one neighbour). ``inf`` where a score exceeds the dtype;
     rank by :func:`log_krum_scores`, which does not overflow.
     """
-    return jnp.exp(log_krum_scores(rows, f, excluded))
+    return jnp.exp(log_krum_scores(clients, f, excluded))
 
 
-def log_krum_scores(rows: Array, f: int, excluded: Array | None = None) -> Array:
+def log_krum_scores(clients, f: int, excluded: Array | None = None) -> Array:
     """Logs of the Krum scores of :func:`krum_scores`, at a safe scale.
 
-    Computed in the log domain (distances from :func:`scaled_norms`, sums by
-    ``logsumexp``), so the ranking is exact for finite factors of any magnitude.
+    ``clients``: rows ``(n, d)`` or any pytree with a leading client axis (its
+    leaves together are each client's vector). The distances are exact
+    (:func:`~clair_jax._src.aggregators.distances.log_squared_distances`) and
+    summed in the log domain, so the ranking is exact for finite factors of any
+    magnitude.
     """
-    n = rows.shape[0]
+    log_d = log_squared_distances(clients, excluded)
+    return log_krum_scores_from_distances(log_d, f, excluded)
+
+
+def log_krum_scores_from_distances(log_d: Array, f: int, excluded: Array | None = None) -> Array:
+    """Logs of the Krum scores from ``(n, n)`` logs of squared distances.
+
+    ``log_d`` as from
+    :func:`~clair_jax._src.aggregators.distances.log_squared_distances`, or
+    several modules' combined by ``logaddexp``; the diagonal and the pairs with
+    an excluded client are ignored, and excluded clients score ``+inf``.
+    """
+    n = log_d.shape[0]
     if excluded is None:
         excluded = jnp.zeros((n,), bool)
-    logd = _log_squared_distances(jnp.where(excluded[:, None], 0, rows))
-    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, logd)
+    logd = jnp.where(jnp.eye(n, dtype=bool) | excluded[None, :] | excluded[:, None], jnp.inf, log_d)
     neighbours = jnp.maximum(n - jnp.sum(excluded) - f - 2, 1)
     ordered = jnp.sort(logd, axis=1)
     near = jnp.arange(n)[None, :] < neighbours
@@ -249,10 +196,9 @@ def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
 
     def core(clients, global_, p, excluded, round_index, key) -> AggregateResult:
         del round_index, key
-        rows, _ = flatten_clients(clients)
-        n = rows.shape[0]
+        n = excluded.shape[0]
         _check_krum(n, f, m)
-        log_scores = log_krum_scores(rows, f, excluded)
+        log_scores = log_krum_scores(clients, f, excluded)
         scores = jnp.exp(log_scores)
         selected = jnp.zeros((n,), bool).at[jnp.argsort(log_scores, stable=True)[:m]].set(True)
         selected = selected & ~excluded
@@ -260,7 +206,7 @@ def multi_krum(f: int, m: int, *, screen: str = "exclude") -> Aggregator:
         # All selected weights zero (zero-weight clients): average them equally.
         w = jnp.where(jnp.sum(w) > 0, w, selected.astype(p.dtype))
         w = w / jnp.sum(w)
-        new_global = {name: selected_mean(fac, w, selected) for name, fac in clients.items()}
+        new_global = {name: selected_mean(fac, w, selected, m) for name, fac in clients.items()}
         return broadcast_result(clients, new_global, p, ~selected, {"krum/scores": scores})
 
     return make_aggregator("krum" if m == 1 else "multi_krum", core, screen=screen)
