@@ -257,7 +257,7 @@ def model_run(args) -> dict:
         "fedrot": jitted(cj.fedrot(1.0)),
         "coordinate_median": jitted(cj.coordinate_median()),
         "trimmed_mean": jitted(cj.trimmed_mean(0.25)),
-        "clair": jitted(fag.clair_aggregator_factored(), error + ("scores/m",)),
+        "clair": jitted(cj.clair_aggregator(), error + ("scores/m",)),  # factored by default
     }
     rules = {k: v for k, v in rules.items() if k in args.rules}
     flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
