@@ -218,6 +218,17 @@ def test_clair_aggregator_factored_equals_dense(x64):
             )
 
 
+def assert_best_rank_matches_svd(shared, ys, zs, rank, factors):
+    """``factors = (s, left, right)`` are the leading ``rank`` singular triplets of every
+    ``shared + ys[i] @ zs[i].T`` (NumPy SVD)."""
+    s, left, right = (np.asarray(x) for x in factors)
+    for i in range(ys.shape[0]):
+        u, sv, vt = np.linalg.svd(shared + ys[i] @ zs[i].T)
+        np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
+        approx = (left[i] * s[i]) @ right[i].T
+        np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
+
+
 @pytest.mark.slow
 def test_best_rank_factors_krylov_matches_svd(x64):
     """The Rayleigh–Ritz path (frame larger than its subspace) against dense SVDs."""
@@ -229,12 +240,7 @@ def test_best_rank_factors_krylov_matches_svd(x64):
     s, left, right = fag._best_rank_factors(
         jnp.asarray(shared), jnp.asarray(ys), jnp.asarray(zs), rank
     )
-    for i in range(n):
-        h = shared + ys[i] @ zs[i].T
-        u, sv, vt = np.linalg.svd(h)
-        np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
-        approx = (np.asarray(left[i]) * np.asarray(s[i])) @ np.asarray(right[i]).T
-        np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
+    assert_best_rank_matches_svd(shared, ys, zs, rank, (s, left, right))
 
 
 def test_best_rank_factors_krylov_matches_svd_when_the_shared_part_is_orthogonal(x64):
@@ -251,12 +257,7 @@ def test_best_rank_factors_krylov_matches_svd_when_the_shared_part_is_orthogonal
     s, left, right = fag._best_rank_factors(
         jnp.asarray(shared), jnp.asarray(ys), jnp.asarray(zs), rank, orthogonal=True
     )
-    for i in range(n):
-        h = shared + ys[i] @ zs[i].T
-        u, sv, vt = np.linalg.svd(h)
-        np.testing.assert_allclose(s[i], sv[:rank], rtol=1e-8)
-        approx = (np.asarray(left[i]) * np.asarray(s[i])) @ np.asarray(right[i]).T
-        np.testing.assert_allclose(approx, (u[:, :rank] * sv[:rank]) @ vt[:rank], atol=1e-8)
+    assert_best_rank_matches_svd(shared, ys, zs, rank, (s, left, right))
 
 
 @pytest.mark.parametrize(

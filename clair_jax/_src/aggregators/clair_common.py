@@ -92,3 +92,25 @@ def refine_width(refine_rank, lora_rank: int, width: int) -> int:
     if refine_rank is None:
         return width
     return min(width, lora_rank if refine_rank == "lora" else refine_rank)
+
+
+def module_diagnostics(name: str, res, decomposition, width: int) -> dict[str, Array]:
+    """A module's CLAIR diagnostics, keyed ``"<quantity>/<name>"``.
+
+    Args:
+      name: the module's name.
+      res: its CLAIR result (``collaborative``, ``scores``, ``threshold``, ``rank``,
+        ``majority_refit``).
+      decomposition: the final decomposition CLAIR solved (``converged``, ``num_iters``).
+      width: the columns of the basis the refinement keeps.
+    """
+    return {
+        f"flagged/{name}": ~res.collaborative,
+        f"scores/{name}": res.scores,
+        f"threshold/{name}": res.threshold,
+        f"rank/{name}": res.rank,
+        f"refine_rank/{name}": jnp.minimum(res.rank, width),
+        f"majority_refit/{name}": res.majority_refit,
+        f"converged/{name}": decomposition.converged,
+        f"num_iters/{name}": decomposition.num_iters,
+    }

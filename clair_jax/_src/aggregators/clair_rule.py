@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 
 import jax.numpy as jnp
-from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators.base import (
@@ -17,6 +16,7 @@ from clair_jax._src.aggregators.base import (
 from clair_jax._src.aggregators.clair_common import (
     check_rule_options,
     map_modules,
+    module_diagnostics,
     pooled_detection,
     refine_width,
 )
@@ -182,7 +182,7 @@ def clair_aggregator(
             res = results[name]
             widths[name] = refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
             outliers = outliers | ~res.collaborative
-            diagnostics.update(_module_diagnostics(name, res, widths[name]))
+            diagnostics.update(module_diagnostics(name, res, res.decomposition, widths[name]))
         if detection == "client":
             scores = jnp.stack([res.scores for res in results.values()])
             outliers, client_scores, client_threshold = pooled_detection(scores)
@@ -251,20 +251,6 @@ def _module_inputs(clients: Adapters, start: Adapters | None, row: bool) -> tupl
         inputs[name] = (jnp.swapaxes(x, 1, 2) if row else x), origin
         exponents[name] = e_b + e_a
     return inputs, exponents
-
-
-def _module_diagnostics(name: str, res, width: int) -> dict[str, Array]:
-    """A module's CLAIR diagnostics, keyed ``"<quantity>/<name>"``."""
-    return {
-        f"flagged/{name}": ~res.collaborative,
-        f"scores/{name}": res.scores,
-        f"threshold/{name}": res.threshold,
-        f"rank/{name}": res.rank,
-        f"refine_rank/{name}": jnp.minimum(res.rank, width),
-        f"majority_refit/{name}": res.majority_refit,
-        f"converged/{name}": res.decomposition.converged,
-        f"num_iters/{name}": res.decomposition.num_iters,
-    }
 
 
 def _refined_module(f: LoRAFactors, x, origin, basis, members, p, row: bool, exponent=0):

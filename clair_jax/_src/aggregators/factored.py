@@ -29,6 +29,7 @@ from clair_jax._src.aggregators.base import (
 from clair_jax._src.aggregators.clair_common import (
     check_rule_options,
     map_modules,
+    module_diagnostics,
     pooled_detection,
     refine_width,
 )
@@ -285,14 +286,7 @@ def clair_aggregator_factored(
             _, res = fits[name]
             outliers = outliers | ~res.collaborative
             width = refine_width(refine_rank, f.A.shape[1], res.basis.shape[1])
-            diagnostics[f"flagged/{name}"] = ~res.collaborative
-            diagnostics[f"scores/{name}"] = res.scores
-            diagnostics[f"threshold/{name}"] = res.threshold
-            diagnostics[f"rank/{name}"] = res.rank
-            diagnostics[f"refine_rank/{name}"] = jnp.minimum(res.rank, width)
-            diagnostics[f"majority_refit/{name}"] = res.majority_refit
-            diagnostics[f"converged/{name}"] = res.coordinates.decomposition.converged
-            diagnostics[f"num_iters/{name}"] = res.coordinates.decomposition.num_iters
+            diagnostics.update(module_diagnostics(name, res, res.coordinates.decomposition, width))
             diagnostics[f"noise_scale/{name}"] = res.noise_scale
         if detection == "client":
             scores = jnp.stack([res.scores for _, res in fits.values()])
