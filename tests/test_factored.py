@@ -174,6 +174,71 @@ def test_flexlora_factored_equals_flexlora(x64):
         )
 
 
+def _flexlora_case(case):
+    """Clients' ``(B, A, p)`` and the rank: generic, duplicated and zero clients, a product of
+    rank below ``r``, fewer rows than the rank."""
+    rng = np.random.default_rng(11)
+    n, p, q, r = 6, 14, 11, 3
+    b, a = rng.normal(size=(n, p, r)), rng.normal(size=(n, r, q))
+    if case == "duplicated_and_zero":
+        b[1], a[1] = b[0], a[0]
+        b[2] = 0.0
+        a[3] = 0.0
+    elif case == "rank_below_r":  # every B_i A_i = x_i y^T: the product has rank 1 < r
+        x, y = rng.normal(size=(n, p)), rng.normal(size=q)
+        b = np.zeros((n, p, r))
+        a = np.zeros((n, r, q))
+        b[:, :, 0], a[:, 0, :] = x, y
+    elif case == "fewer_rows_than_rank":
+        b = b[:, :2]
+    elif case == "all_zero":
+        b = np.zeros_like(b)
+    weights = rng.uniform(0.5, 2.0, size=n)
+    return b, a, weights / weights.sum(), r
+
+
+@pytest.mark.parametrize(
+    "case", ["generic", "duplicated_and_zero", "rank_below_r", "fewer_rows_than_rank", "all_zero"]
+)
+def test_weighted_product_error_matches_numpy_svd(x64, case):
+    """Best rank-r factors of Σ p_i B_i A_i and the discarded tail, against NumPy's SVD of
+    the dense product; balanced (B^T B = A A^T = Σ_r), finite where the rank is deficient."""
+    from clair_jax._src.aggregators.factor_algebra import weighted_product_error
+
+    b, a, w, r = _flexlora_case(case)
+    dense = np.einsum("n,npr,nrq->pq", w, b, a)
+    u, s, vt = np.linalg.svd(dense, full_matrices=False)
+    s_r = np.pad(s, (0, r))[:r]
+    best = (u[:, :r] * s[:r]) @ vt[:r]
+    tail = np.sqrt(np.sum(s[r:] ** 2))
+    got, err = weighted_product_error(cj.LoRAFactors(jnp.asarray(b), jnp.asarray(a)), w)
+    gb, ga = np.asarray(got.B), np.asarray(got.A)
+    assert gb.shape == (b.shape[1], r) and ga.shape == (r, a.shape[2])
+    assert np.isfinite(gb).all() and np.isfinite(ga).all()
+    scale = max(s[0], 1e-300)
+    np.testing.assert_allclose(gb @ ga, best, atol=1e-12 * scale)
+    np.testing.assert_allclose(float(err), tail, atol=1e-12 * scale)
+    np.testing.assert_allclose(gb.T @ gb, np.diag(s_r), atol=1e-12 * scale)
+    np.testing.assert_allclose(ga @ ga.T, np.diag(s_r), atol=1e-12 * scale)
+
+
+def test_weighted_product_error_float32_is_close_to_float64():
+    """float32 factors: the product and the tail within float32 rounding of NumPy's float64."""
+    from clair_jax._src.aggregators.factor_algebra import weighted_product_error
+
+    b, a, w, r = _flexlora_case("duplicated_and_zero")
+    dense = np.einsum("n,npr,nrq->pq", w, b, a)
+    u, s, vt = np.linalg.svd(dense, full_matrices=False)
+    got, err = weighted_product_error(
+        cj.LoRAFactors(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32)),
+        jnp.asarray(w, jnp.float32),
+    )
+    assert got.B.dtype == jnp.float32 and got.A.dtype == jnp.float32
+    best = (u[:, :r] * s[:r]) @ vt[:r]
+    np.testing.assert_allclose(np.asarray(got.B) @ np.asarray(got.A), best, atol=1e-5 * s[0])
+    np.testing.assert_allclose(float(err), np.sqrt(np.sum(s[r:] ** 2)), atol=1e-5 * s[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [cj.fedit, lambda: cj.fedrot(0.5)])
 def test_factored_errors_equal_dense_errors(x64, make):

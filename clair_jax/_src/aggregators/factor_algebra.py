@@ -82,13 +82,41 @@ def errors(clients: Adapters, global_: Adapters, p: Array, key: str = "aggregati
     return out
 
 
-def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRAFactors:
-    """Best rank-``rank`` factors of ``b_cat @ a_cat`` (``p x k`` times ``k x q``).
+def _householder(z: Array) -> tuple[Array, Array, Array]:
+    """``(reflectors, taus, R)`` of ``z`` (``m x k``): LAPACK's ``geqrf`` alone, ``Q`` kept
+    as its Householder reflectors (``jax.lax.linalg.ormqr`` applies it), ``R`` ``min(m, k) x k``."""
+    raw, taus = jnp.linalg.qr(z, mode="raw")  # raw: (k, m), the transpose of geqrf's output
+    reflectors = raw.T
+    return reflectors, taus, jnp.triu(reflectors[: min(z.shape), :])
 
-    Returns ``B = U_r Σ_r^{1/2}``, ``A = Σ_r^{1/2} V_r^T`` from the truncated SVD of
-    the product, computed through thin QR factorisations of both factors, so the
-    ``p x q`` product is never formed: ``O((p + q) k^2 + k^3)``. Ranks beyond that
-    of the product come out as zero columns/rows.
+
+def _apply_q(reflectors: Array, taus: Array, c: Array) -> Array:
+    """``Q[:, :s] @ c`` for ``c`` ``(s, w)``, ``Q`` the ``m x m`` orthogonal factor held as
+    reflectors: one ``ormqr`` on ``c`` padded with zero rows, ``O(m s w)``."""
+    m = reflectors.shape[0]
+    padded = jnp.pad(c, ((0, m - c.shape[0]), (0, 0)))
+    return jax.lax.linalg.ormqr(reflectors, taus, padded)
+
+
+def truncated_product(
+    b_cat: Array, a_cat: Array, rank: int, dtype=None
+) -> tuple[LoRAFactors, Array]:
+    """Best rank-``rank`` factors of ``b_cat @ a_cat`` and the norm of the discarded part.
+
+    With Householder QR factorisations ``b_cat = Q_B R_B`` and ``a_cat^T = Q_A R_A``
+    the product is ``Q_B (R_B R_A^T) Q_A^T``; the SVD ``R_B R_A^T = u Σ v^T``
+    (``k1 x k2``, ``k1 = min(p, k)``, ``k2 = min(q, k)``) gives the SVD of the
+    product, ``U = Q_B u``, ``V = Q_A v``. Returns ``B = U_r Σ_r^{1/2}``,
+    ``A = Σ_r^{1/2} V_r^T`` (Eckart–Young) and ``||b_cat a_cat - B A||_F =
+    (Σ_{j > r} σ_j^2)^{1/2}``. Only LAPACK's ``geqrf`` runs on the large factors:
+    ``Q_B`` and ``Q_A`` are never formed, their reflectors are applied to the
+    ``rank`` singular vectors kept (``ormqr``), so the cost is two ``geqrf``
+    (``O((p + q) k^2)``), one ``k1 x k2`` SVD and ``O((p + q) k rank)``; the
+    ``p x q`` product is never formed. The values are those of the SVD of the
+    product computed through orthogonal factors (backward stable: the error is
+    of order the working precision times ``||R_B|| ||R_A||``); ranks beyond that
+    of the product come out as zero columns/rows (the singular vectors stay
+    orthonormal, nothing is divided).
 
     Args:
       b_cat: ``(p, k)`` left factor.
@@ -97,7 +125,8 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
       dtype: dtype of the result (default: ``b_cat``'s); factorised in at least float32.
 
     Returns:
-      :class:`LoRAFactors` ``(B (p, rank), A (rank, q))``.
+      ``(LoRAFactors(B (p, rank), A (rank, q)), tail)``, ``tail`` a scalar in the
+      working dtype.
     """
     dtype = b_cat.dtype if dtype is None else dtype
     work = validation.working_dtype(dtype)
@@ -105,33 +134,43 @@ def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRA
     # An even total keeps the returned factors balanced (each scaled back by half of it).
     e_b, e_a = working_exponent(b_cat.astype(work)), working_exponent(a_cat.astype(work))
     e_b = e_b + (e_a + e_b) % 2
-    q_b, r_b = jnp.linalg.qr(times_power_of_two(b_cat.astype(work), -e_b))  # (p, k1), (k1, k)
-    q_a, r_a = jnp.linalg.qr(times_power_of_two(a_cat.T.astype(work), -e_a))  # (q, k2), (k2, k)
-    u, s, vt = jnp.linalg.svd(jnp.matmul(r_b, r_a.T, precision=HIGHEST), full_matrices=False)
-    u = jnp.matmul(q_b, u, precision=HIGHEST)
-    v = jnp.matmul(q_a, vt.T, precision=HIGHEST)
-    k = s.shape[0]
-    if k < rank:  # the product has fewer than `rank` singular values: pad with zeros
-        u = jnp.pad(u, ((0, 0), (0, rank - k)))
-        v = jnp.pad(v, ((0, 0), (0, rank - k)))
-        s = jnp.pad(s, (0, rank - k))
+    h_b, tau_b, r_b = _householder(times_power_of_two(b_cat.astype(work), -e_b))
+    h_a, tau_a, r_a = _householder(times_power_of_two(a_cat.T.astype(work), -e_a))
+    u, s, vt = leading_singular(jnp.matmul(r_b, r_a.T, precision=HIGHEST), rank)
+    tail = jnp.sqrt(jnp.sum(s[rank:] ** 2))
     root = jnp.sqrt(s[:rank])
-    b, a = u[:, :rank] * root[None, :], (v[:, :rank] * root[None, :]).T
+    b = _apply_q(h_b, tau_b, u) * root[None, :]
+    a = (_apply_q(h_a, tau_a, vt.T) * root[None, :]).T
     half = (e_a + e_b) // 2
     b, a = times_power_of_two(b, half), times_power_of_two(a, half)
-    return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype))
+    return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype)), times_power_of_two(tail, e_a + e_b)
+
+
+def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRAFactors:
+    """Best rank-``rank`` factors of ``b_cat @ a_cat``: :func:`truncated_product`'s factors."""
+    return truncated_product(b_cat, a_cat, rank, dtype)[0]
+
+
+def weighted_product_error(factors: LoRAFactors, p: Array) -> tuple[LoRAFactors, Array]:
+    """``(best rank-r factors of Σ_i p_i B_i A_i, the Frobenius norm of what they miss)``.
+
+    FlexLoRA's global adapter and aggregation error: the stacked
+    ``[p_1 B_1 .. p_n B_n]`` (``p x nr``) and ``[A_1; ..; A_n]`` (``nr x q``) go
+    to :func:`truncated_product`; the product is never formed. The factors are
+    in the factors' dtype, the error in the working dtype.
+    """
+    n, rows, r = factors.B.shape
+    work = validation.working_dtype(factors.B.dtype)
+    b = factors.B.astype(work) * p.astype(work)[:, None, None]
+    b_cat = jnp.transpose(b, (1, 0, 2)).reshape(rows, n * r)
+    a_cat = factors.A.reshape(n * r, factors.A.shape[2])
+    return truncated_product(b_cat, a_cat, r, factors.B.dtype)
 
 
 def weighted_product_factors(factors: LoRAFactors, p: Array) -> LoRAFactors:
-    """Best rank-``r`` factors of ``Σ_i p_i B_i A_i`` (FlexLoRA), in the factors' dtype.
-
-    The stacked ``[p_1 B_1 .. p_n B_n]`` (``p x nr``) and ``[A_1; ..; A_n]``
-    (``nr x q``) go to :func:`truncated_factors`; the product is never formed.
-    """
-    n, rows, r = factors.B.shape
-    b_cat = jnp.transpose(factors.B * p[:, None, None], (1, 0, 2)).reshape(rows, n * r)
-    a_cat = factors.A.reshape(n * r, factors.A.shape[2])
-    return truncated_factors(b_cat, a_cat, r, factors.B.dtype)
+    """Best rank-``r`` factors of ``Σ_i p_i B_i A_i`` (FlexLoRA), in the factors' dtype
+    (:func:`weighted_product_error`'s factors)."""
+    return weighted_product_error(factors, p)[0]
 
 
 def leading_singular(m: Array, rank: int) -> tuple[Array, Array, Array]:

@@ -33,7 +33,11 @@ from clair_jax._src.aggregators.clair_common import (
     pooled_detection,
     refine_width,
 )
-from clair_jax._src.aggregators.factor_algebra import factorwise_mean, leading_singular
+from clair_jax._src.aggregators.factor_algebra import (
+    factorwise_mean,
+    leading_singular,
+    weighted_product_error,
+)
 from clair_jax._src.clair import factored as fcl
 from clair_jax._src.linalg import batching
 from clair_jax._src.lora.types import LoRAFactors, check_adapters
@@ -51,7 +55,8 @@ def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors)
 
     With ``L = [p_1 B_1 .. p_n B_n, -B_g]`` and ``R = [A_1; ..; A_n; A_g]`` the
     difference is ``L R``; thin QR ``L = Q_L R_L``, ``R^T = Q_R R_R`` give
-    ``||L R||_F = ||R_L R_R^T||_F`` (orthonormal ``Q``'s): ``O((p + q) (n+1)^2 r^2)``.
+    ``||L R||_F = ||R_L R_R^T||_F`` (orthonormal ``Q``'s, never formed: only the
+    ``R`` factors are computed): ``O((p + q) (n+1)^2 r^2)``.
     """
     b, a = factors.B, factors.A
     work = validation.working_dtype(jnp.result_type(b.dtype, a.dtype))
@@ -62,9 +67,7 @@ def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors)
     right = jnp.concatenate(
         [a.reshape(n * r, a.shape[2]).astype(work), global_.A.astype(work)], axis=0
     )
-    _, r_l = fd.thin_qr(left)
-    _, r_r = fd.thin_qr(right.T)
-    return jnp.linalg.norm(_mm(r_l, r_r.T))
+    return jnp.linalg.norm(_mm(fd.thin_r(left), fd.thin_r(right.T)))
 
 
 def _top_product_factors(u, small, v, rank: int, dtype):
@@ -79,22 +82,21 @@ def _top_product_factors(u, small, v, rank: int, dtype):
 
 
 def weighted_product_factored(factors: LoRAFactors, p: Array):
-    """``(best rank-r factors of Σ p_i B_i A_i, ||Σ p_i B_i A_i - B_g A_g||_F)``, factored."""
-    n, rows, r = factors.B.shape
-    work = validation.working_dtype(factors.B.dtype)
-    u, r_b = fd.thin_qr(fd.stack_columns((factors.B * p[:, None, None]).astype(work)))
-    v, r_a = fd.thin_qr(factors.A.reshape(n * r, factors.A.shape[2]).astype(work).T)
-    return _top_product_factors(u, _mm(r_b, r_a.T), v, r, factors.B.dtype)
+    """``(best rank-r factors of Σ p_i B_i A_i, ||Σ p_i B_i A_i - B_g A_g||_F)``, factored
+    (:func:`~clair_jax._src.aggregators.factor_algebra.weighted_product_error`)."""
+    return weighted_product_error(factors, p)
 
 
 def flexlora_factored(*, screen: str = "exclude") -> Aggregator:
     """:func:`clair_jax.flexlora` with its aggregation error from the same small SVD.
 
-    ``Σ_i p_i B_i A_i = Q_B (R_B R_A^T) Q_A^T`` (thin QRs of ``[p_i B_i]`` and of
-    ``[A_i]^T``); the global adapter is the best rank-``r`` factorisation from the
-    SVD of ``R_B R_A^T`` (``nr x nr``) and the error is the norm of the discarded
-    singular values. Same global adapter as :func:`clair_jax.flexlora` (up to the
-    sign of singular vectors); no ``p x q`` product anywhere.
+    ``Σ_i p_i B_i A_i = Q_B (R_B R_A^T) Q_A^T`` (Householder QRs of ``[p_i B_i]``
+    and of ``[A_i]^T``, ``Q``'s kept as reflectors); the global adapter is the
+    best rank-``r`` factorisation from the SVD of ``R_B R_A^T`` (``nr x nr``) and
+    the error is the norm of the discarded singular values
+    (:func:`~clair_jax._src.aggregators.factor_algebra.truncated_product`). Same
+    global adapter as :func:`clair_jax.flexlora` (up to the sign of singular
+    vectors); no ``p x q`` product anywhere.
     """
 
     def core(clients, global_, p, excluded, round_index, key):

@@ -97,6 +97,12 @@ def thin_qr(z: Array) -> tuple[Array, Array]:
     return q, r
 
 
+@batching.sequential_on_cpu
+def thin_r(z: Array) -> Array:
+    """``R`` of the thin QR ``z = Q R`` (LAPACK's ``geqrf`` alone, ``Q`` never formed)."""
+    return jnp.linalg.qr(z, mode="r")
+
+
 def stack_columns(b: Float[Array, "n p r"]) -> Float[Array, "p nr"]:
     """``[B_1 .. B_n]``: the clients' ``B`` factors side by side."""
     n, p, r = b.shape
