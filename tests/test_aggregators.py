@@ -84,6 +84,7 @@ def test_fedit_matches_numpy(x64):
     assert float(res.diagnostics["aggregation_error/q_proj"]) > 0.1
 
 
+@pytest.mark.slow
 def test_default_dtype_is_kept():
     clients, global_, w = make_adapters(2, dtype=np.float32)
     res = run(ag.fedit(), clients, global_, w)
@@ -114,6 +115,7 @@ def test_flexlora_is_best_rank_r_approximation_of_product_average(x64):
     assert_errors(res, clients, w)
 
 
+@pytest.mark.slow
 def test_flexlora_rank_above_product_rank_pads_with_zeros(x64):
     clients, global_, w = make_adapters(4, n=1, shapes={"w": (2, 3, 5)})
     res = run(ag.flexlora(), clients, global_, w)
@@ -360,6 +362,7 @@ def test_bad_adapters_are_rejected():
     )
 
 
+@pytest.mark.slow
 def test_non_finite_factors_are_screened_out_or_rejected_in_strict_mode():
     clients, global_, w = make_adapters(16)
     for value in (np.nan, np.inf):
@@ -386,6 +389,7 @@ def test_non_finite_factors_are_screened_out_or_rejected_in_strict_mode():
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(jnp.bfloat16, marks=pytest.mark.slow), jnp.float16])
+@pytest.mark.slow
 def test_half_precision_factors_are_factorised_in_float32(dtype):
     clients, global_, w = make_adapters(17, dtype=np.float32)
     half = jax.tree.map(lambda a: jnp.asarray(a, dtype), (clients, global_))
@@ -413,7 +417,7 @@ HALF_RULES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float16, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("agg", HALF_RULES, ids=lambda a: a.name)
 def test_half_precision_weights_and_distances_do_not_overflow(agg, dtype):
     # Example counts summing past float16's 65504, and clients whose squared

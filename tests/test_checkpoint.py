@@ -337,6 +337,7 @@ def kill_and_resume(tmp_path, seed: int, kills: int, rounds: int = 12) -> None:
     assert all(name.isdigit() for name in os.listdir(path)), os.listdir(path)  # no temporaries
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_at_most_the_round_in_flight(tmp_path):
     kill_and_resume(tmp_path, seed=0, kills=1)
 

@@ -87,6 +87,7 @@ def test_noisy_regression_detection_and_refinement():
     assert np.all(np.asarray(out["subspace"]) < 0.5)
 
 
+@pytest.mark.slow
 def test_stable_recovery_error_grows_linearly_with_noise():
     """Subspace error / noise stays bounded (and small) across two decades of noise."""
     errors = []
@@ -139,6 +140,7 @@ def test_default_lambdas_follow_the_documented_rule():
     np.testing.assert_allclose(res.block_norms, np.linalg.norm(sol.sparse, axis=(1, 2)), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_given_lambdas_threshold_and_rank():
     fed = small_federation(seed=2)
     res = cj.clair(fed.updates, lam_nuc=0.5, lam_block=0.4, threshold=1e6, rank=3)
@@ -152,6 +154,7 @@ def test_given_lambdas_threshold_and_rank():
     np.testing.assert_allclose(flagged_all.consensus, fed.updates.mean(axis=0), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_max_rank_pads_the_basis():
     fed = small_federation(seed=2)
     res = cj.clair(fed.updates, max_rank=4)
@@ -390,6 +393,7 @@ def test_benign_majority_refit_detects_a_coordinated_group(seed):
     )
 
 
+@pytest.mark.slow
 def test_benign_majority_leaves_ordinary_detection_alone():
     fed = cj.simulate.shared_subspace_updates(
         jax.random.key(3), n=20, p=16, q=4, rank=2, fraction=0.3, noise=0.01
@@ -419,7 +423,7 @@ def test_benign_majority_trades_away_a_low_rank_minority():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {},
+        pytest.param({}, marks=pytest.mark.slow),
         pytest.param({"offset": True}, marks=pytest.mark.slow),
         pytest.param({"benign_majority": True}, marks=pytest.mark.slow),
     ],
@@ -438,7 +442,7 @@ def test_float32_data_stays_float32_with_x64_enabled(x64, kwargs):
     np.testing.assert_array_equal(res.collaborative, ref.collaborative)
 
 
-@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("offset", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_one_huge_client_neither_sets_the_noise_floor_nor_swamps_the_fit(offset):
     """The noise floor used to be a fraction of the RMS entry of all clients, so one client
     scaled by 3000 raised σ̂ 40-fold and hid the other contaminated clients; scaled by 1e6
@@ -479,7 +483,7 @@ def test_a_client_at_the_top_of_the_float32_range_is_screened():
         np.testing.assert_allclose(res.refined[others], clean.refined[others], rtol=1e-5)
 
 
-@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("offset", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_a_majority_of_empty_updates_leaves_detection_on(offset):
     """More than half of the clients sending nothing (zero updates; with an offset, the
     common part unchanged) made the median client size, hence the noise floor, σ̂, the

@@ -89,6 +89,7 @@ def test_a_coordinated_group_of_several_clients_is_left_out_of_the_subspace():
     assert int(res.rank) == R
 
 
+@pytest.mark.slow
 def test_factored_inside_scores_equal_the_dense_ones():
     factors, bad, _ = _federation(3, "flip", 6)
     dense = cj.clair(jnp.einsum("npr,nrq->npq", factors.B, factors.A), consensus="robust")

@@ -243,7 +243,7 @@ def test_fista_and_admm_agree(x64, dtype, tol, atol):
     np.testing.assert_allclose(sols[0].sparse, sols[1].sparse, atol=atol)
 
 
-@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("method", ["fista", pytest.param("admm", marks=pytest.mark.slow)])
 def test_svd_backends_agree(x64, method):
     prob = reference.make_problem(8, n=16, p=24, q=4, rank=2, n_outliers=5, noise=0.02)
     kw = {"lam_nuc": 1.5, "lam_block": 0.8, "method": method, "tol": 1e-10, "max_iter": 10000}
@@ -258,7 +258,7 @@ def test_svd_backends_agree(x64, method):
         np.testing.assert_allclose(other.sparse, full.sparse, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("method", ["fista", pytest.param("admm", marks=pytest.mark.slow)])
 def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
     # The minimiser has rank 11 > cap 4: the capped solve stops at a wrong fixed
     # point and continues exactly, reaching the full-SVD minimiser (also in a vmap
@@ -287,6 +287,7 @@ def test_binding_rank_cap_continues_with_the_exact_factorisation(x64, method):
     np.testing.assert_allclose(alone.objective, alone_full.objective, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_binding_rank_cap_stops_the_capped_phase_after_the_patience(x64):
     """A cap that binds from the start: the capped phase ends after SATURATION_PATIENCE
     saturated iterations (it would only approach the wrong fixed point), so the whole
@@ -306,6 +307,7 @@ def test_binding_rank_cap_stops_the_capped_phase_after_the_patience(x64):
     np.testing.assert_allclose(sol.low_rank, exact_from_there.low_rank, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_binding_rank_cap_unrolled_is_not_reported_as_converged(x64):
     prob = reference.make_problem(8, n=16, p=24, q=4, rank=2, n_outliers=5, noise=0.02)
     sol = cj.decompose(
@@ -328,7 +330,7 @@ def near_tie_problem(n, p, q, spectrum, seed):
     return np.transpose(m.reshape(p, n, q), (1, 0, 2)), u, v
 
 
-@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("method", [pytest.param("fista", marks=pytest.mark.slow), "admm"])
 def test_rank_cap_does_not_miss_a_singular_value_tied_with_the_next(x64, method):
     """Singular values 10, 1.05, 1.0, ... with λ_* = 1.02 and S = 0: the minimiser is
     SVT_λ(M), of rank 2. A subspace of 2 columns mixes the 1.05 and 1.0 directions (a
@@ -400,6 +402,7 @@ def test_automatic_rank_cap_at_the_noise_edge_matches_the_full_svd(x64, method):
     assert np.linalg.norm(auto.low_rank - full.low_rank) < 3e-6 * np.linalg.norm(x)
 
 
+@pytest.mark.slow
 def test_vmapped_lambda_grid_with_certified_rank_caps_returns_and_equals_a_loop(
     x64, tmp_path, run_python
 ):
@@ -478,6 +481,7 @@ class TestTransforms(chex.TestCase):
         chex.assert_trees_all_close(sol, ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_jit_with_closed_over_concrete_arguments():
     """λ's and weights held as concrete jax.Arrays, closed over by a jitted function: their
     checks run in NumPy (jnp operations on them would be traced inside the jit)."""
@@ -509,7 +513,7 @@ def test_no_recompilation_on_second_call(rng):
     user_fn(jnp.zeros((5, 6, 2)), 2.0)  # would raise on a second trace
 
 
-@pytest.mark.parametrize("method", ["fista", "admm"])
+@pytest.mark.parametrize("method", [pytest.param("fista", marks=pytest.mark.slow), "admm"])
 def test_vmap_over_problems_equals_loop(method):
     # tol 1e-5, above float32's floor: batched and single kernels round differently,
     # and at tol=1e-6 a residual within rounding of tol can stop one of them an
@@ -541,11 +545,11 @@ def test_vmap_over_lambda_grid_equals_loop():
     "method,offset,diff,constrained",
     [
         ("fista", False, "implicit", False),
-        ("fista", True, "implicit", False),
-        ("admm", True, "implicit", False),
+        pytest.param("fista", True, "implicit", False, marks=pytest.mark.slow),
+        pytest.param("admm", True, "implicit", False, marks=pytest.mark.slow),
         ("fista", False, "unrolled", False),
         ("admm", False, "implicit", True),
-        ("admm", True, "implicit", True),
+        pytest.param("admm", True, "implicit", True, marks=pytest.mark.slow),
     ],
 )
 def test_gradients_match_finite_differences(x64, method, offset, diff, constrained):
@@ -575,6 +579,7 @@ def test_gradients_match_finite_differences(x64, method, offset, diff, constrain
     check_grads(loss, args, order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_forward_mode_needs_the_unrolled_derivative(x64):
     """The implicit derivative is a custom VJP (reverse mode only: jvp is a TypeError,
     as documented); the unrolled one has both modes, and they agree."""
@@ -617,7 +622,10 @@ def test_unrolled_gradient_on_exactly_low_rank_data_is_finite_for_every_backend(
         np.testing.assert_allclose(grad(backend), full, rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("rank_cap", [None, 6, 1])
+@pytest.mark.parametrize(
+    "rank_cap",
+    [None, pytest.param(6, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow)],
+)
 def test_gradient_of_objective_wrt_lambda_is_the_penalty(x64, rank_cap):
     """Envelope theorem: d objective / d lam_nuc = ||L*||_* (a closed form).
 
@@ -646,6 +654,7 @@ def test_auto_caps_the_rank_of_large_matrices_and_matches_full_svd(x64):
     np.testing.assert_allclose(auto.sparse, full.sparse, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64):
     """Exactly low-rank data (repeated zero singular values) and zero data.
 
@@ -668,6 +677,7 @@ def test_gradients_are_finite_for_exactly_low_rank_and_zero_data(x64):
 
 
 @pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.slow
 def test_cache_sized_cpu_batches_equal_a_loop(x64, monkeypatch, chunk):
     # A vmapped solve on CPU runs in chunks of `chunk` problems (here 5 problems: with
     # a remainder for chunk 2); values and gradients must equal one solve at a time.
@@ -816,6 +826,7 @@ def test_a_large_common_base_weight_converges_in_float32(method, constrained):
 
 
 @pytest.mark.parametrize("method", [pytest.param("fista", marks=pytest.mark.slow), "admm"])
+@pytest.mark.slow
 def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
     """Autodiff through the capped map's QR and SVD gave gradients of 1e86 (rank-1 data,
     cap 3) and NaN (zero data); it now uses the exact SVT's closed-form derivative.
@@ -835,6 +846,7 @@ def test_unrolled_rank_capped_gradients_on_low_rank_and_zero_data(x64, method):
         assert bool(jnp.all(jnp.isfinite(zero)))
 
 
+@pytest.mark.slow
 def test_implicit_gradient_of_a_singular_fixed_point_system_is_an_error(x64):
     """Both λ's zero in the constrained form: every split of X is a solution, the
     fixed-point system is singular, and GMRES broke down into a silent NaN gradient."""

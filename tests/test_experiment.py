@@ -149,6 +149,7 @@ def test_demo_recovers_the_planted_federation(capsys):
     assert rows["clair"][3] == "2"
 
 
+@pytest.mark.slow
 def test_token_kinds_and_accuracy_by_token():
     config = data_lib.FederationConfig(num_clients=3, vocab_size=12, length=4, test_examples=5)
     fed = data_lib.make_federation(jax.random.key(3), config)
@@ -177,6 +178,7 @@ def test_unknown_method_is_a_value_error():
         text_copy.make_aggregator("nope", participants=4, fraction=0.25)
 
 
+@pytest.mark.slow
 def test_pretrain_cache_round_trip(tmp_path):
     config = cj.TransformerConfig(vocab_size=16, max_len=8, lora_rank=2)
     _, base, _, info = text_copy.pretrain(
@@ -231,6 +233,7 @@ class _Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_runs_are_deterministic_and_checkpoints_resume(tmp_path, monkeypatch):
     common = TINY + ["--methods", "fedit", "--cache-dir", str(tmp_path / "cache")]
     first = text_copy.run(text_copy.parse_args(common))

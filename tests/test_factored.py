@@ -379,6 +379,7 @@ def test_clair_aggregator_rejects_an_unknown_server_math():
         cj.clair_aggregator(server_math="sparse")
 
 
+@pytest.mark.slow
 def test_clair_aggregator_maps_modules_of_one_shape_like_one_by_one(x64):
     """Modules of one shape share one compiled solve (``jax.lax.map``): every module's
     diagnostics and adapters equal those of the rule run on that module alone."""

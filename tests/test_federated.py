@@ -76,6 +76,7 @@ def state_after(round_fn, adapters, train, keys):
 # --- transforms and keys -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_jit_matches_no_jit_and_python_loop(parts):
     _, _, adapters, fed = parts
     jitted, _ = state_after(_round("fedit"), adapters, fed.train, [0, 1])
@@ -175,6 +176,7 @@ def test_ffa_round_never_changes_the_down_projection_A(parts):
 # --- participation and attacks -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_partial_participation(parts):
     _, _, adapters, fed = parts
     state0 = cj.init_server_state(adapters, N)

@@ -193,6 +193,7 @@ def test_no_valid_reply_keeps_the_global_adapter(identity):
     assert int(strategy.state.round) == 0 and strategy.num_traces == 0
 
 
+@pytest.mark.slow
 def test_unpadded_aggregation_compiles_per_reply_count(identity):
     strategy = cjf.AdapterStrategy(cj.fedit(), num_clients=N, key=jax.random.key(0), pad=False)
     for server_round, count in ((1, 4), (2, 3), (3, 4)):
@@ -304,6 +305,7 @@ _RAY_WARNINGS = (
 
 
 @pytest.mark.filterwarnings(*_RAY_WARNINGS)
+@pytest.mark.slow
 def test_example_app_with_fedit_matches_make_round(tmp_path, monkeypatch):
     """4 nodes x 2 rounds of FedIT in Flower's simulation runtime (messages, Ray workers,
     serialisation, padding): the same global and client adapters as make_round."""
@@ -328,7 +330,14 @@ def test_example_app_flags_the_contaminated_and_matches_make_round(tmp_path, mon
     assert last["detection"]["f1"] == 1.0
 
 
-@pytest.mark.parametrize("rule", [cj.fedit, cj.flexlora, lambda: cj.fedrot(0.4)])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        cj.fedit,
+        pytest.param(cj.flexlora, marks=pytest.mark.slow),
+        pytest.param(lambda: cj.fedrot(0.4), marks=pytest.mark.slow),
+    ],
+)
 def test_padding_is_exact_for_the_weighted_rules(identity, rule):
     # A failed node: padded (its zero-weight row holds its start) or not, the same round.
     globals_ = []

@@ -211,7 +211,7 @@ def test_svt_derivative_is_finite_at_repeated_singular_values(x64, tau, backend)
     np.testing.assert_allclose(jax.jvp(svt, (rank_one,), (dz,))[1], central, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(4, 4), (4, 12), (12, 4)])
+@pytest.mark.parametrize("shape", [(4, 4), pytest.param((4, 12), marks=pytest.mark.slow), (12, 4)])
 def test_thin_svd_matches_numpy_and_batches_like_a_loop(shape):
     """thin_svd (QR first for wide and tall matrices) against NumPy's SVD, and its
     own batching rule (one matrix at a time on CPU: jaxlib 0.10's batched QR/SVD
@@ -254,7 +254,14 @@ def test_sequential_on_cpu_batches_like_vmap_with_unbatched_arguments_and_nestin
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[2], both), fn(z[0, 2], 3 * w), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["rank_capped", "gram", "full"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "rank_capped",
+        pytest.param("gram", marks=pytest.mark.slow),
+        pytest.param("full", marks=pytest.mark.slow),
+    ],
+)
 def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path, run_python):
     """Two independent vmapped SVTs (16 problems each) per trip of a fori_loop.
 

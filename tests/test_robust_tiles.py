@@ -94,7 +94,7 @@ def _rules():
     return cj.coordinate_median(), cj.trimmed_mean(0.25)
 
 
-@pytest.mark.parametrize("n", [3, 33])
+@pytest.mark.parametrize("n", [3, pytest.param(33, marks=pytest.mark.slow)])
 def test_log_squared_distances_match_numpy(small_tiles, rng, n):
     clients, _ = make(rng, n)
     got = np.asarray(distances.log_squared_distances(clients))

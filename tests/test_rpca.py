@@ -99,6 +99,7 @@ def test_rpca_exact_recovery(x64, rng):
     np.testing.assert_allclose(float(res.lam), 1 / np.sqrt(80))
 
 
+@pytest.mark.slow
 def test_rpca_column_outlier_pursuit(x64, rng):
     """Whole corrupted columns are found with ``sparsity="column"``."""
     low = rng.standard_normal((30, 2)) @ rng.standard_normal((2, 60))
@@ -126,6 +127,7 @@ def test_rpca_matches_cvxpy(x64, rng):
     np.testing.assert_allclose(res.low_rank, lv.value, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rpca_agrees_with_tensorly(x64, rng):
     tl_decomposition = pytest.importorskip("tensorly.decomposition")
     low, sparse = low_rank_plus_sparse(rng, 40, 50, rank=2, fraction=0.05)
@@ -152,6 +154,7 @@ class TestJit(chex.TestCase):
 
 
 class TestTransforms:
+    @pytest.mark.slow
     def test_vmap_matches_loop(self, x64, rng):
         mats = np.stack([sum(low_rank_plus_sparse(rng, 12, 16, 1, 0.05)) for _ in range(3)])
         batched = jax.vmap(lambda m: cj.rpca(m, tol=1e-9).low_rank)(jnp.asarray(mats))
@@ -160,6 +163,7 @@ class TestTransforms:
                 batched[k], cj.rpca(mats[k], tol=1e-9).low_rank, rtol=1e-6, atol=1e-8
             )
 
+    @pytest.mark.slow
     def test_grad_matches_finite_differences(self, x64, rng):
         low, sparse = low_rank_plus_sparse(rng, 6, 7, 1, 0.1, magnitude=3.0)
         data = jnp.asarray(low + sparse + 0.05 * rng.standard_normal((6, 7)))

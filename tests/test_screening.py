@@ -85,7 +85,12 @@ def product(f):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.slow) if n == "clair_factored" else n for n in RULES],
+    [
+        pytest.param(n, marks=pytest.mark.slow)
+        if n in ("clair_factored", "local_only", "krum")
+        else n
+        for n in RULES
+    ],
 )
 def test_every_rule_goes_on_under_every_attack_under_jit(name):
     B, A, global_, w = benign_setup()
@@ -380,7 +385,7 @@ def test_round_refuses_to_commit_a_non_finite_global_from_any_aggregator():
         np.testing.assert_array_equal(state.clients[name].A[0], g.A)
 
 
-@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("factored", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_clair_flags_only_the_screened_clients_when_many_are_screened(factored):
     """30% of 20 clients send NaN: CLAIR's statistics run on the others (the screened
     clients are its step-0 exclusions), so no benign client is flagged with them."""

@@ -216,6 +216,7 @@ def test_half_precision_federation():
     np.testing.assert_allclose(gram, np.eye(2), atol=1e-2)
 
 
+@pytest.mark.slow
 def test_vmap_over_keys_returns_and_equals_single_draws(tmp_path, run_python):
     """jax.vmap over PRNG keys of shared_subspace_updates: its two independent QRs
     (the shared basis and the coordinated group's) were batched LAPACK calls, and
