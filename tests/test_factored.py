@@ -402,3 +402,20 @@ def test_clair_aggregator_maps_modules_of_one_shape_like_one_by_one(x64):
         np.testing.assert_allclose(
             products(together.clients[name])[keep], products(alone.clients[name])[keep], atol=1e-9
         )
+
+
+@pytest.mark.parametrize("n,p,q,r", [(5, 30, 20, 3), (3, 4, 5, 2), (6, 8, 40, 3)])
+def test_product_error_factored_equals_the_dense_norm(x64, n, p, q, r):
+    """``||Σ p_i B_i A_i - B_g A_g||_F`` from the R factors alone, against NumPy on the
+    products, with tall and wide stacked factors (``(n+1) r`` above and below ``p``, ``q``)."""
+    rng = np.random.default_rng(n * p + q)
+    b, a = rng.normal(size=(n, p, r)), rng.normal(size=(n, r, q))
+    b_g, a_g = rng.normal(size=(p, r)), rng.normal(size=(r, q))
+    w = rng.random(n)
+    dense = np.einsum("i,ipr,irq->pq", w, b, a) - b_g @ a_g
+    got = fag.product_error_factored(
+        cj.LoRAFactors(B=jnp.asarray(b), A=jnp.asarray(a)),
+        jnp.asarray(w),
+        cj.LoRAFactors(B=jnp.asarray(b_g), A=jnp.asarray(a_g)),
+    )
+    np.testing.assert_allclose(float(got), np.linalg.norm(dense), rtol=1e-12)

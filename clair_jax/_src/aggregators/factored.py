@@ -67,7 +67,7 @@ def product_error_factored(factors: LoRAFactors, p: Array, global_: LoRAFactors)
     right = jnp.concatenate(
         [a.reshape(n * r, a.shape[2]).astype(work), global_.A.astype(work)], axis=0
     )
-    return jnp.linalg.norm(_mm(fd.thin_r(left), fd.thin_r(right.T)))
+    return jnp.linalg.norm(_mm(fd.thin_r(left), fd.thin_r(right.T).T))
 
 
 def _top_product_factors(u, small, v, rank: int, dtype):
