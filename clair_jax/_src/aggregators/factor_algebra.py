@@ -22,6 +22,7 @@ from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.aggregators import alignment
+from clair_jax._src.linalg import batching
 from clair_jax._src.linalg.scaling import times_power_of_two, working_exponent
 from clair_jax._src.lora.types import Adapters, LoRAFactors
 
@@ -82,6 +83,7 @@ def errors(clients: Adapters, global_: Adapters, p: Array, key: str = "aggregati
     return out
 
 
+@batching.sequential_on_cpu
 def _householder(z: Array) -> tuple[Array, Array, Array]:
     """``(reflectors, taus, R)`` of ``z`` (``m x k``): LAPACK's ``geqrf`` alone, ``Q`` kept
     as its Householder reflectors (``jax.lax.linalg.ormqr`` applies it), ``R`` ``min(m, k) x k``."""
@@ -90,6 +92,7 @@ def _householder(z: Array) -> tuple[Array, Array, Array]:
     return reflectors, taus, jnp.triu(reflectors[: min(z.shape), :])
 
 
+@batching.sequential_on_cpu
 def _apply_q(reflectors: Array, taus: Array, c: Array) -> Array:
     """``Q[:, :s] @ c`` for ``c`` ``(s, w)``, ``Q`` the ``m x m`` orthogonal factor held as
     reflectors: one ``ormqr`` on ``c`` padded with zero rows, ``O(m s w)``."""
