@@ -35,7 +35,7 @@ from clair_jax._src.aggregators.clair_common import (
 )
 from clair_jax._src.aggregators.factor_algebra import factorwise_mean, leading_singular
 from clair_jax._src.clair import factored as fcl
-from clair_jax._src.linalg import batching
+from clair_jax._src.linalg import svd as svd_lib
 from clair_jax._src.lora.types import LoRAFactors, check_adapters
 from clair_jax._src.solvers import factored as fd
 
@@ -190,12 +190,12 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3, orthogonal: b
             for _ in range(krylov):
                 blocks.append(cur)
                 cur = d[:, None] * cur
-            s_basis = fd.thin_qr(jnp.concatenate(blocks, axis=1))[0]
+            s_basis = svd_lib.orthonormal_factor(jnp.concatenate(blocks, axis=1))
         sp, sz = _mm(s_basis.T, pp), _mm(s_basis.T, zt)
         proj = _mm(s_basis.T * d[None, :], s_basis)
         proj = proj + _mm(sp, sz.T) + _mm(sz, sp.T) + _mm(_mm(sz, g), sz.T)
         proj = 0.5 * (proj + proj.T)
-        theta, vec = jnp.linalg.eigh(proj)
+        theta, vec = svd_lib.symmetric_eigh(proj)
         theta, vec = theta[::-1][:rank], vec[:, ::-1][:, :rank]
         if theta.shape[0] < rank:  # fewer dimensions than the rank: zero factors
             theta = jnp.pad(theta, (0, rank - theta.shape[0]))
@@ -206,7 +206,8 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3, orthogonal: b
         left = hx / jnp.where(s > 0, s, 1.0)[None, :]
         return s, left, _mm(w, x)
 
-    return batching.map_matrices(one, ys, zs)
+    # Batched products; the factorisations run one client at a time on CPU (svd_lib).
+    return jax.vmap(one)(ys, zs)
 
 
 def clair_aggregator_factored(
