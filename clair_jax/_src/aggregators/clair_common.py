@@ -7,6 +7,8 @@ factors (:mod:`~clair_jax._src.aggregators.factored`).
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -60,29 +62,78 @@ def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
     return client_scores > client_threshold, client_scores, client_threshold
 
 
-def map_modules(fn: Callable, inputs: Mapping[str, Any]) -> dict:
-    """``{name: fn(inputs[name])}``, modules of one shape solved by one compiled ``fn``.
+#: Most independent chains :func:`map_modules` splits the modules of one shape into
+#: (each chain is one more compiled copy of the per-module function).
+MAX_LANES = 4
+
+#: Elements of one module's inputs from which :func:`map_modules` splits a shape into
+#: chains by default: a small module's solve is short, and another compiled copy of it
+#: costs more time than running it beside the others saves.
+LANES_FROM_ELEMENTS = 2**20
+
+
+def default_lanes() -> int:
+    """Chains :func:`map_modules` runs side by side: the CPU cores this process may use
+    (at most :data:`MAX_LANES`) on the CPU backend, 1 elsewhere.
+
+    XLA:CPU runs independent parts of one program concurrently on its thread pool (one
+    thread per core), while a single module's solve (a ``while_loop`` of small
+    factorisations and products) keeps about one core busy; accelerators run one
+    program's operations one after another, where more chains only add compilation.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_LANES))
+
+
+def map_modules(fn: Callable, inputs: Mapping[str, Any], lanes: int | None = None) -> dict:
+    """``{name: fn(inputs[name])}``, modules of one shape solved by the same compiled ``fn``.
 
     Modules whose inputs (pytrees of arrays) have the same structure, shapes and
-    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially): one copy
-    of ``fn`` per shape in the compiled program instead of one per module, which
-    keeps the compilation of a many-module round short. ``fn`` must map one
-    module's inputs to a pytree of arrays.
+    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially), split into
+    at most ``lanes`` independent chains of consecutive modules (by default
+    :func:`default_lanes` for modules whose inputs hold at least
+    :data:`LANES_FROM_ELEMENTS` elements, else one): a few copies of
+    ``fn`` per shape in the compiled program instead of one per module, which
+    keeps the compilation of a many-module round short, and chains (and shapes)
+    that XLA:CPU can run on different cores at once. ``fn`` must map one module's
+    inputs to a pytree of arrays; the results do not depend on ``lanes``.
+
+    Args:
+      fn: one module's computation.
+      inputs: ``{name: pytree of arrays}``.
+      lanes: chains per shape (an int >= 1), or None for the default above.
+
+    Raises:
+      ValueError: ``lanes`` not an int >= 1.
     """
+    if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
+        raise ValueError(f"lanes must be an int >= 1 or None, got {lanes!r}.")
     groups: dict[tuple, list[str]] = {}
     for name, tree in inputs.items():
         leaves, structure = jax.tree.flatten(tree)
         signature = (structure, *((x.shape, jnp.result_type(x)) for x in leaves))
         groups.setdefault(signature, []).append(name)
     out = {}
-    for names in groups.values():
-        if len(names) == 1:
-            out[names[0]] = fn(inputs[names[0]])
-            continue
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in names))
-        mapped = jax.lax.map(fn, stacked)
-        for i, name in enumerate(names):
-            out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
+    for signature, names in groups.items():
+        chains = lanes
+        if chains is None:
+            size = sum(math.prod(shape) for shape, _ in signature[1:])
+            chains = default_lanes() if size >= LANES_FROM_ELEMENTS else 1
+        count = min(chains, len(names))
+        for lane in range(count):  # consecutive chunks, sizes differing by at most one
+            chunk = names[lane * len(names) // count : (lane + 1) * len(names) // count]
+            if len(chunk) == 1:
+                out[chunk[0]] = fn(inputs[chunk[0]])
+                continue
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in chunk))
+            mapped = jax.lax.map(fn, stacked)
+            for i, name in enumerate(chunk):
+                out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
     return {name: out[name] for name in inputs}
 
 

@@ -39,7 +39,7 @@ from clair_jax._src.aggregators.factor_algebra import (
     weighted_product_error,
 )
 from clair_jax._src.clair import factored as fcl
-from clair_jax._src.linalg import batching
+from clair_jax._src.linalg import svd as svd_lib
 from clair_jax._src.lora.types import LoRAFactors, check_adapters
 from clair_jax._src.solvers import factored as fd
 
@@ -192,12 +192,12 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3, orthogonal: b
             for _ in range(krylov):
                 blocks.append(cur)
                 cur = d[:, None] * cur
-            s_basis = fd.thin_qr(jnp.concatenate(blocks, axis=1))[0]
+            s_basis = svd_lib.orthonormal_factor(jnp.concatenate(blocks, axis=1))
         sp, sz = _mm(s_basis.T, pp), _mm(s_basis.T, zt)
         proj = _mm(s_basis.T * d[None, :], s_basis)
         proj = proj + _mm(sp, sz.T) + _mm(sz, sp.T) + _mm(_mm(sz, g), sz.T)
         proj = 0.5 * (proj + proj.T)
-        theta, vec = jnp.linalg.eigh(proj)
+        theta, vec = svd_lib.symmetric_eigh(proj)
         theta, vec = theta[::-1][:rank], vec[:, ::-1][:, :rank]
         if theta.shape[0] < rank:  # fewer dimensions than the rank: zero factors
             theta = jnp.pad(theta, (0, rank - theta.shape[0]))
@@ -208,7 +208,8 @@ def _best_rank_factors(shared, ys, zs, rank: int, krylov: int = 3, orthogonal: b
         left = hx / jnp.where(s > 0, s, 1.0)[None, :]
         return s, left, _mm(w, x)
 
-    return batching.map_matrices(one, ys, zs)
+    # Batched products; the factorisations run one client at a time on CPU (svd_lib).
+    return jax.vmap(one)(ys, zs)
 
 
 def clair_aggregator_factored(
@@ -331,6 +332,13 @@ def clair_aggregator_factored(
     return make_aggregator("clair", core, screen=screen, uses_start=measure == "update")
 
 
+def _weighted_frame_sum(c: Array, beta: Array, t_blocks: Array) -> Array:
+    """``Σ_i c_i beta_i t_blocks_i`` (``k x m``) as one ``(k, n s) @ (n s, m)`` product."""
+    n, k, s_r = beta.shape
+    left = jnp.transpose(c[:, None, None] * beta, (1, 0, 2)).reshape(k, n * s_r)
+    return _mm(left, t_blocks.reshape(n * s_r, t_blocks.shape[2]))
+
+
 def _module_outputs(f, b, a, res, width, members, p, row, update):
     """Client adapters, global adapter and aggregation error of one module, factored.
 
@@ -349,24 +357,25 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
     else:
         v_a, t_blocks = res.right_frame
     beta = res.left_coef  # U^T B_i (n, k, s_r), from the QR that gave U
-    # Client i's update in the frame: beta_i @ t_blocks_i (k x m); with "update"
-    # the first r columns are the adapter B_i A_i, the rest minus the start.
-    x_c = jnp.einsum("nkr,nrm->nkm", beta, t_blocks, precision=_HIGHEST)
-    adapters_c = jnp.einsum("nkr,nrm->nkm", beta[:, :, :r], t_blocks[:, :r], precision=_HIGHEST)
+    # Client i's update in the frame is beta_i @ t_blocks_i (k x m; with "update" the
+    # first r columns are the adapter B_i A_i, the rest minus the start). The (n, k, m)
+    # stack of them is never formed: weighted sums over clients are one product of the
+    # (k, n s_r) and (n s_r, m) stacks, projections go through beta_i first.
     basis = res.coordinates.basis[:, :width]  # Û_c, (k, width)
-    weight = members.astype(x_c.dtype)
+    weight = members.astype(beta.dtype)
     count = jnp.sum(weight)
-    consensus = jnp.where(
-        count > 0,
-        jnp.einsum("n,nkm->km", weight, x_c, precision=_HIGHEST) / jnp.maximum(count, 1.0),
-        jnp.mean(x_c, axis=0),
+    uniform = jnp.full_like(weight, 1.0 / n)
+    consensus = _weighted_frame_sum(
+        jnp.where(count > 0, weight / jnp.maximum(count, 1.0), uniform), beta, t_blocks
     )
     # Refined + origin: (I - P) X̄ + P X_i + O_i = F + Y_i Z_i^T with F = (I - P) X̄ shared.
     shared = consensus - _mm(basis, _mm(basis.T, consensus))
     ys = jnp.broadcast_to(basis, (n, *basis.shape))
     if update:
         ys = jnp.concatenate([ys, beta[:, :, r:]], axis=2)
-    z_own = jnp.einsum("kw,nkm->nmw", basis, x_c, precision=_HIGHEST)  # (P X_i)'s right part
+    # (P X_i)'s right part: (Û_c^T beta_i) t_blocks_i, transposed.
+    inner = jnp.einsum("kw,nkr->nwr", basis, beta, precision=_HIGHEST)
+    z_own = jnp.einsum("nwr,nrm->nmw", inner, t_blocks, precision=_HIGHEST)
     if update:
         # O_i = -(beta_i[:, r:] @ t_blocks_i[r:]) (b holds -B^0): Y = beta_i[:, r:].
         zs = jnp.concatenate([z_own, -jnp.swapaxes(t_blocks[:, r:], 1, 2)], axis=2)
@@ -385,10 +394,10 @@ def _module_outputs(f, b, a, res, width, members, p, row, update):
     equal = members.astype(p.dtype)
     w = jnp.where(jnp.sum(w) > 0, w, jnp.where(jnp.sum(equal) > 0, equal, p))
     w = w / jnp.sum(w)
-    mean_c = jnp.einsum("n,nkm->km", w, adapters_c, precision=_HIGHEST)
+    mean_c = _weighted_frame_sum(w, beta[:, :, :r], t_blocks[:, :r])
     glob, _ = _top_product_factors(u, mean_c, v_a, r, dtype)
     glob_c = _mm(_mm(u.T, glob.B.astype(u.dtype)), _mm(glob.A.astype(u.dtype), v_a))
-    exact_c = jnp.einsum("n,nkm->km", p.astype(x_c.dtype), adapters_c, precision=_HIGHEST)
+    exact_c = _weighted_frame_sum(p.astype(beta.dtype), beta[:, :, :r], t_blocks[:, :r])
     error = jnp.linalg.norm(exact_c - glob_c)
     if row:
         glob = LoRAFactors(glob.A.T, glob.B.T)
