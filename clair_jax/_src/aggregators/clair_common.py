@@ -7,7 +7,6 @@ factors (:mod:`~clair_jax._src.aggregators.factored`).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -66,11 +65,6 @@ def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
 #: (each chain is one more compiled copy of the per-module function).
 MAX_LANES = 4
 
-#: Elements of one module's inputs from which :func:`map_modules` splits a shape into
-#: chains by default: a small module's solve is short, and another compiled copy of it
-#: costs more time than running it beside the others saves.
-LANES_FROM_ELEMENTS = 2**20
-
 
 def default_lanes() -> int:
     """Chains :func:`map_modules` runs side by side: the CPU cores this process may use
@@ -95,9 +89,7 @@ def map_modules(fn: Callable, inputs: Mapping[str, Any], lanes: int | None = Non
 
     Modules whose inputs (pytrees of arrays) have the same structure, shapes and
     dtypes are stacked and mapped with ``jax.lax.map`` (sequentially), split into
-    at most ``lanes`` independent chains of consecutive modules (by default
-    :func:`default_lanes` for modules whose inputs hold at least
-    :data:`LANES_FROM_ELEMENTS` elements, else one): a few copies of
+    at most ``lanes`` independent chains of consecutive modules: a few copies of
     ``fn`` per shape in the compiled program instead of one per module, which
     keeps the compilation of a many-module round short, and chains (and shapes)
     that XLA:CPU can run on different cores at once. ``fn`` must map one module's
@@ -106,25 +98,23 @@ def map_modules(fn: Callable, inputs: Mapping[str, Any], lanes: int | None = Non
     Args:
       fn: one module's computation.
       inputs: ``{name: pytree of arrays}``.
-      lanes: chains per shape (an int >= 1), or None for the default above.
+      lanes: chains per shape (an int >= 1); default :func:`default_lanes`.
 
     Raises:
       ValueError: ``lanes`` not an int >= 1.
     """
-    if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
-        raise ValueError(f"lanes must be an int >= 1 or None, got {lanes!r}.")
+    if lanes is None:
+        lanes = default_lanes()
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"lanes must be an int >= 1, got {lanes!r}.")
     groups: dict[tuple, list[str]] = {}
     for name, tree in inputs.items():
         leaves, structure = jax.tree.flatten(tree)
         signature = (structure, *((x.shape, jnp.result_type(x)) for x in leaves))
         groups.setdefault(signature, []).append(name)
     out = {}
-    for signature, names in groups.items():
-        chains = lanes
-        if chains is None:
-            size = sum(math.prod(shape) for shape, _ in signature[1:])
-            chains = default_lanes() if size >= LANES_FROM_ELEMENTS else 1
-        count = min(chains, len(names))
+    for names in groups.values():
+        count = min(lanes, len(names))
         for lane in range(count):  # consecutive chunks, sizes differing by at most one
             chunk = names[lane * len(names) // count : (lane + 1) * len(names) // count]
             if len(chunk) == 1:
