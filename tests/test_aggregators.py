@@ -504,37 +504,6 @@ def np_best_rank(x, r):
     return (u[..., :, :r] * s[..., None, :r]) @ vt[..., :r, :]
 
 
-def test_map_modules_lanes_give_the_results_of_one_module_at_a_time():
-    """Modules of one shape run in at most `lanes` chains of lax.map (one scan per chain of
-    two or more); every lane count returns what fn returns on each module alone."""
-    from clair_jax._src.aggregators.clair_common import default_lanes, map_modules
-
-    rng = np.random.default_rng(3)
-    shapes = {f"a{i}": (5, 3) for i in range(6)} | {"b0": (3, 4), "b1": (3, 4), "c0": (2, 2)}
-    inputs = {
-        name: {"x": jnp.asarray(rng.normal(size=shape)), "y": jnp.asarray(rng.normal())}
-        for name, shape in shapes.items()
-    }
-
-    def fn(t):
-        return jnp.linalg.svd(t["x"], compute_uv=False) * t["y"], jnp.sum(t["x"] ** 2)
-
-    alone = {name: jax.jit(fn)(tree) for name, tree in inputs.items()}
-    # chains of >= 2 modules: lanes 1: a (6), b (2); 2: a (3, 3), b singles; 4: a (1, 2, 1, 2)
-    for lanes, scans in ((1, 2), (2, 2), (4, 2), (8, 0)):
-        out = jax.jit(lambda i, lanes=lanes: map_modules(fn, i, lanes=lanes))(inputs)
-        assert list(out) == list(inputs)
-        for name in inputs:
-            np.testing.assert_allclose(out[name][0], alone[name][0], rtol=1e-6, err_msg=name)
-            np.testing.assert_allclose(out[name][1], alone[name][1], rtol=1e-6, err_msg=name)
-        jaxpr = jax.make_jaxpr(lambda i, lanes=lanes: map_modules(fn, i, lanes=lanes))(inputs)
-        assert sum(e.primitive.name == "scan" for e in jaxpr.eqns) == scans, lanes
-    assert 1 <= default_lanes() <= 4
-    for bad in (0, True, 1.5):
-        with pytest.raises(ValueError, match="lanes"):
-            map_modules(fn, inputs, lanes=bad)
-
-
 @pytest.mark.slow
 def test_clair_aggregator_solves_modules_of_one_shape_together_like_one_by_one(x64):
     """Modules of one shape are stacked and mapped (one compiled CLAIR per shape); the

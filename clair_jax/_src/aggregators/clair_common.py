@@ -7,7 +7,6 @@ factors (:mod:`~clair_jax._src.aggregators.factored`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,52 +60,15 @@ def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
     return client_scores > client_threshold, client_scores, client_threshold
 
 
-#: Most independent chains :func:`map_modules` splits the modules of one shape into
-#: (each chain is one more compiled copy of the per-module function).
-MAX_LANES = 4
-
-
-def default_lanes() -> int:
-    """Chains :func:`map_modules` runs side by side: the CPU cores this process may use
-    (at most :data:`MAX_LANES`) on the CPU backend, 1 elsewhere.
-
-    XLA:CPU runs independent parts of one program concurrently on its thread pool (one
-    thread per core), while a single module's solve (a ``while_loop`` of small
-    factorisations and products) keeps about one core busy; accelerators run one
-    program's operations one after another, where more chains only add compilation.
-    """
-    if jax.default_backend() != "cpu":
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_LANES))
-
-
-def map_modules(fn: Callable, inputs: Mapping[str, Any], lanes: int | None = None) -> dict:
-    """``{name: fn(inputs[name])}``, modules of one shape solved by the same compiled ``fn``.
+def map_modules(fn: Callable, inputs: Mapping[str, Any]) -> dict:
+    """``{name: fn(inputs[name])}``, modules of one shape solved by one compiled ``fn``.
 
     Modules whose inputs (pytrees of arrays) have the same structure, shapes and
-    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially), split into
-    at most ``lanes`` independent chains of consecutive modules: a few copies of
-    ``fn`` per shape in the compiled program instead of one per module, which
-    keeps the compilation of a many-module round short, and chains (and shapes)
-    that XLA:CPU can run on different cores at once. ``fn`` must map one module's
-    inputs to a pytree of arrays; the results do not depend on ``lanes``.
-
-    Args:
-      fn: one module's computation.
-      inputs: ``{name: pytree of arrays}``.
-      lanes: chains per shape (an int >= 1); default :func:`default_lanes`.
-
-    Raises:
-      ValueError: ``lanes`` not an int >= 1.
+    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially): one copy
+    of ``fn`` per shape in the compiled program instead of one per module, which
+    keeps the compilation of a many-module round short. ``fn`` must map one
+    module's inputs to a pytree of arrays.
     """
-    if lanes is None:
-        lanes = default_lanes()
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
-        raise ValueError(f"lanes must be an int >= 1, got {lanes!r}.")
     groups: dict[tuple, list[str]] = {}
     for name, tree in inputs.items():
         leaves, structure = jax.tree.flatten(tree)
@@ -114,16 +76,13 @@ def map_modules(fn: Callable, inputs: Mapping[str, Any], lanes: int | None = Non
         groups.setdefault(signature, []).append(name)
     out = {}
     for names in groups.values():
-        count = min(lanes, len(names))
-        for lane in range(count):  # consecutive chunks, sizes differing by at most one
-            chunk = names[lane * len(names) // count : (lane + 1) * len(names) // count]
-            if len(chunk) == 1:
-                out[chunk[0]] = fn(inputs[chunk[0]])
-                continue
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in chunk))
-            mapped = jax.lax.map(fn, stacked)
-            for i, name in enumerate(chunk):
-                out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
+        if len(names) == 1:
+            out[names[0]] = fn(inputs[names[0]])
+            continue
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in names))
+        mapped = jax.lax.map(fn, stacked)
+        for i, name in enumerate(names):
+            out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
     return {name: out[name] for name in inputs}
 
 
