@@ -149,11 +149,6 @@ def truncated_product(
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype)), times_power_of_two(tail, e_a + e_b)
 
 
-def truncated_factors(b_cat: Array, a_cat: Array, rank: int, dtype=None) -> LoRAFactors:
-    """Best rank-``rank`` factors of ``b_cat @ a_cat``: :func:`truncated_product`'s factors."""
-    return truncated_product(b_cat, a_cat, rank, dtype)[0]
-
-
 def weighted_product_error(factors: LoRAFactors, p: Array) -> tuple[LoRAFactors, Array]:
     """``(best rank-r factors of Σ_i p_i B_i A_i, the Frobenius norm of what they miss)``.
 

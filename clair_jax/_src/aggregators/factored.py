@@ -81,12 +81,6 @@ def _top_product_factors(u, small, v, rank: int, dtype):
     return LoRAFactors(B=b.astype(dtype), A=a.astype(dtype)), tail
 
 
-def weighted_product_factored(factors: LoRAFactors, p: Array):
-    """``(best rank-r factors of Σ p_i B_i A_i, ||Σ p_i B_i A_i - B_g A_g||_F)``, factored
-    (:func:`~clair_jax._src.aggregators.factor_algebra.weighted_product_error`)."""
-    return weighted_product_error(factors, p)
-
-
 def flexlora_factored(*, screen: str = "exclude") -> Aggregator:
     """:func:`clair_jax.flexlora` with its aggregation error from the same small SVD.
 
@@ -103,7 +97,7 @@ def flexlora_factored(*, screen: str = "exclude") -> Aggregator:
         del excluded, round_index, key
         new_global, diagnostics = {}, {}
         for name, f in clients.items():
-            new_global[name], diagnostics[f"aggregation_error/{name}"] = weighted_product_factored(
+            new_global[name], diagnostics[f"aggregation_error/{name}"] = weighted_product_error(
                 f, p
             )
         n = next(iter(clients.values())).A.shape[0]
