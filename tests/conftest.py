@@ -1,13 +1,35 @@
 """Shared fixtures: float64 on demand, NumPy random generators, scripts in a subprocess."""
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
+
+# Tests compile thousands of small XLA:CPU programs and run each a few times, so
+# most of their time goes to compiling. XLA's HLO passes run as for users, so the optimised
+# programs are the same; only their lowering to machine code is made cheaper:
+# LLVM at -O0 and, on jaxlib 0.10 (whose CPU backend still has them), the classic
+# fusion emitters. Flags already in XLA_FLAGS win.
+def _cheap_codegen_flags() -> str:
+    from importlib.metadata import version
+
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    extra = {"--xla_backend_optimization_level": "0"}
+    if tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (0, 11):
+        extra["--xla_cpu_use_fusion_emitters"] = "false"
+    for name, value in extra.items():
+        if not any(flag.startswith(name + "=") for flag in flags):
+            flags.append(f"{name}={value}")
+    return " ".join(flags)
+
+
+os.environ["XLA_FLAGS"] = _cheap_codegen_flags()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
