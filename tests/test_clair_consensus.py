@@ -102,8 +102,8 @@ def test_factored_inside_scores_equal_the_dense_ones():
 
 
 def test_factored_inside_detection_on_the_basis_rank_columns_alone():
-    """The narrowed detection (columns up to a static width while the rank fits) equals the
-    full-width one, and falls back to it when the rank exceeds the width."""
+    """The narrowed detection (columns up to the narrowest static width that holds the rank)
+    equals the full-width one, and falls back to it when the rank exceeds every width."""
     from clair_jax._src.clair import factored as factored_lib
     from clair_jax._src.solvers import factored as coordinates_lib
 
@@ -113,11 +113,12 @@ def test_factored_inside_detection_on_the_basis_rank_columns_alone():
     rank, full = int(small.rank), small.basis.shape[1]
     assert 1 < rank < full
     frame = coordinates_lib.common_right_basis(factors.A)
+    narrowed = (rank - 1, rank, (rank - 2, rank - 1), (rank - 1, rank + 1, rank + 3))
     results = {
         width: factored_lib._detect_inside(small, fc.left_coef, frame, width)
-        for width in (rank - 1, rank, full)
+        for width in (*narrowed, full)
     }
-    for width in (rank - 1, rank):
+    for width in narrowed:
         np.testing.assert_allclose(
             results[width].inside_scores, results[full].inside_scores, rtol=1e-5
         )
@@ -144,6 +145,17 @@ def test_geometric_median_matches_scipy(rng):
     got = consensus_lib.geometric_median(jnp.asarray(points), jnp.asarray(members), iters=500)
     want = _numpy_geometric_median(points[members])
     np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 8, 9])
+def test_masked_column_median_matches_numpy(x64, rng, count):
+    """The members' median of every column (odd and even counts, ties) is NumPy's."""
+    points = rng.normal(size=(9, 40))
+    points[:, :5] = np.round(points[:, :5])  # ties
+    members = np.zeros(9, bool)
+    members[rng.permutation(9)[:count]] = True
+    got = consensus_lib.masked_column_median(jnp.asarray(points), jnp.asarray(members))
+    np.testing.assert_allclose(got, np.median(points[members], axis=0), rtol=1e-15, atol=0)
 
 
 def test_inside_scores_match_a_numpy_reference():

@@ -80,6 +80,33 @@ def test_coordinates_are_exact_and_nan_free_with_rank_deficient_factors(x64):
     assert rel(fac.low_rank_dense(), dense.low_rank) < 1e-6
 
 
+@pytest.mark.parametrize("deficient", [False, True])
+def test_coordinates_from_the_common_right_frame_are_exact(x64, deficient):
+    """With the common frame given, client i's R factor comes from A_i V_A: R^T R = A_i A_i^T,
+    and C_i = (U^T B_i) R_i^T has the singular values of X_i (C_i = U^T X_i V_i)."""
+    rng = np.random.default_rng(2)
+    n, p, q, r = 6, 30, 25, 3
+    b, a = rng.normal(size=(n, p, r)), rng.normal(size=(n, r, q))
+    if deficient:
+        a[:, 2] = a[:, 0]  # rank-deficient A's
+        a[4] = 0.0  # an idle client
+    frame = fd.common_right_basis(jnp.asarray(a))
+    fc = fd.factored_coordinates(cj.LoRAFactors(b, a), right_frame=frame)
+    assert fc.right is None
+    alpha = np.asarray(fc.right_coef)
+    np.testing.assert_allclose(alpha @ np.swapaxes(alpha, 1, 2), a @ np.swapaxes(a, 1, 2),
+                               atol=1e-12)  # fmt: skip
+    x = np.einsum("npr,nrq->npq", b, a)
+    for i in range(n):
+        want = np.linalg.svd(x[i], compute_uv=False)[:r]
+        got = np.linalg.svd(np.asarray(fc.coords[i]), compute_uv=False)[:r]
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    plain = fd.factored_coordinates(cj.LoRAFactors(b, a))
+    np.testing.assert_allclose(fc.left_coef, plain.left_coef, atol=0)
+    with pytest.raises(ValueError, match="common_right=False"):
+        fd.factored_coordinates(cj.LoRAFactors(b, a), common_right=True, right_frame=frame)
+
+
 def test_decompose_factored_rejects_column_sparsity():
     b, a = lora_federation(0, n=3, p=5, q=4, r=1)
     with pytest.raises(ValueError, match="sparsity='block'"):

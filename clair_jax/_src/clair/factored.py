@@ -67,6 +67,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from clair_jax._src import validation
@@ -225,15 +226,20 @@ def clair_factored(
     if "contaminated" in clair_kwargs:  # pragma: no cover - guarded by the signature
         raise TypeError("contaminated given twice.")
     validation.check_choice(consensus, "consensus", CONSENSUS_CHOICES)
-    fc = fd.factored_coordinates(factors, common_right=bool(offset))
+    # Per-client right frames (offset=False) do not compare clients' coordinates inside
+    # the subspace: the small problem runs the shared-direction rule alone, and the
+    # detection inside the subspace runs below in the common frame of the stacked A's,
+    # whose coefficients A_i V_A also give the per-client R factors (smaller QRs).
+    inner = "rank" if consensus == "robust" and not offset else consensus
+    b_w, a_w = fd.working_factors(factors)
+    right_frame = fd.common_right_basis(a_w) if inner != consensus else None
+    fc = fd.factored_coordinates(
+        LoRAFactors(b_w, a_w), common_right=bool(offset), right_frame=right_frame
+    )
     n, k, m = fc.coords.shape
     r = fc.left_coef.shape[2]
     if svd == "auto" and rank_cap is None and min(k, n * m) >= CAPPED_FROM:
         rank_cap = min(k, n * m, _capped_width(r))
-    # Per-client right frames (offset=False) do not compare clients' coordinates inside
-    # the subspace: the small problem runs the shared-direction rule alone, and the
-    # detection inside the subspace runs below in the common frame of the stacked A's.
-    inner = "rank" if consensus == "robust" and not offset else consensus
     small = clair(
         fc.coords,
         offset=offset,
@@ -245,13 +251,9 @@ def clair_factored(
     )
     if offset:
         right_frame = (fc.right, fc.right_coef)  # the coordinates' common right basis
-    elif inner != consensus:
-        right_frame = fd.common_right_basis(jnp.asarray(factors[1]).astype(fc.coords.dtype))
-    else:
-        right_frame = None
     if inner != consensus:
         width = max(rank_cap or 0, _capped_width(r))
-        small = _detect_inside(small, fc.left_coef, right_frame, width)
+        small = _detect_inside(small, fc.left_coef, right_frame, (r, width))
     basis_c = small.basis  # (k, w), zero columns after the rank
     basis = jnp.matmul(fc.left, basis_c, precision=_HIGHEST)
     if offset:
@@ -290,7 +292,7 @@ def clair_factored(
     )
 
 
-def _detect_inside(small: ClairResult, beta: Array, right_frame, width: int) -> ClairResult:
+def _detect_inside(small: ClairResult, beta: Array, right_frame, widths) -> ClairResult:
     """``small`` with CLAIR's detection inside the subspace run in a common right frame.
 
     Client ``i``'s coordinates ``Û^T X_i V_A = Û_c^T (U^T B_i)(A_i V_A)``, ``V_A`` an
@@ -298,27 +300,32 @@ def _detect_inside(small: ClairResult, beta: Array, right_frame, width: int) -> 
     loses nothing; ``right_frame = (V_A, A V_A)``), are scored by
     :func:`~clair_jax._src.clair.consensus.inside_detection`.
     Columns of ``Û_c`` after the rank are zero and so are the coordinates' rows
-    after it: while the rank is at most ``width`` (static) only the first ``width``
-    rows are formed, the same scores at a fraction of the cost.
+    after it: only the first ``w`` rows are formed, ``w`` the smallest of ``widths``
+    (static ints, or one int) that holds the rank (all of them when none does), the
+    same scores at a fraction of the cost.
     """
     _, alpha = right_frame  # A_i V_A: (n, r, m)
     n = alpha.shape[0]
     members = small.collaborative & jnp.isfinite(small.scores)
+    full = small.basis.shape[1]
+    widths = sorted({int(w) for w in np.atleast_1d(widths) if 0 < int(w) < full})
 
     def detect(basis):
         coords = jnp.einsum("kw,nkr,nrm->nwm", basis, beta, alpha, precision=_HIGHEST)
         active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
         return inside_detection(coords, members & active)
 
-    if width < small.basis.shape[1]:
-        inliers, scores, tau = jax.lax.cond(
-            small.rank <= width,
-            lambda basis: detect(basis[:, :width]),
-            detect,
-            small.basis,
+    def narrowest(level):
+        if level == len(widths):
+            return detect(small.basis)
+        w = widths[level]
+        return jax.lax.cond(
+            small.rank <= w,
+            lambda: detect(small.basis[:, :w]),
+            lambda: narrowest(level + 1),
         )
-    else:
-        inliers, scores, tau = detect(small.basis)
+
+    inliers, scores, tau = narrowest(0)
     return small._replace(
         collaborative=small.collaborative & inliers,
         inside_scores=jnp.where(jnp.isfinite(small.scores), scores, jnp.inf),

@@ -77,14 +77,15 @@ class FactoredCoordinates(NamedTuple):
     Attributes:
       left: ``(p, k)`` orthonormal columns ``U`` spanning every ``B_i``'s columns.
       right: ``(n, q, m)`` orthonormal ``V_i`` (row space of ``A_i``), or
-        ``(q, m)`` orthonormal ``V`` (row spaces of all the ``A``'s).
+        ``(q, m)`` orthonormal ``V`` (row spaces of all the ``A``'s), or None when
+        not formed (:func:`factored_coordinates`' ``right_frame``).
       coords: ``(n, k, m)`` coordinates ``C_i = U^T X_i V_i``.
       left_coef: ``(n, k, r)`` ``U^T B_i``.
       right_coef: ``(n, r, m)`` ``A_i V_i`` (``A_i V``).
     """
 
     left: Float[Array, "p k"]
-    right: Array
+    right: Array | None
     coords: Float[Array, "n k m"]
     left_coef: Float[Array, "n k r"]
     right_coef: Float[Array, "n r m"]
@@ -133,7 +134,7 @@ def common_right_basis(a: Float[Array, "n r q"]) -> tuple[Array, Array]:
 
 
 def factored_coordinates(
-    factors: LoRAFactors, *, common_right: bool = False
+    factors: LoRAFactors, *, common_right: bool = False, right_frame=None
 ) -> FactoredCoordinates:
     """Exact small coordinates of the updates ``X_i = B_i A_i`` (module docstring).
 
@@ -143,14 +144,28 @@ def factored_coordinates(
       common_right: one right basis ``V`` for all clients (row space of the
         stacked ``A``'s, ``q x min(q, nr)``), as a common offset needs; else
         one ``V_i`` per client (``q x min(q, r)``).
+      right_frame: ``(V_A, A V_A)`` of :func:`common_right_basis` of these ``A``'s,
+        when the caller has it, with ``common_right=False``: then client ``i``'s
+        ``R`` factor comes from the QR of ``(A_i V_A)^T`` (``min(q, nr) x r``; as
+        ``A_i^T = V_A (A_i V_A)^T``, it is an ``R`` factor of ``A_i^T``, the same up
+        to the signs of its rows) instead of the ``q x r`` ``A_i^T``, and the
+        per-client ``V_i`` are not formed (``right`` is None).
 
     Returns:
       A :class:`FactoredCoordinates`.
+
+    Raises:
+      ValueError: ``right_frame`` with ``common_right=True``, bad factors.
     """
-    b, a = _checked(factors)
+    b, a = working_factors(factors)
     u, beta = left_basis(b)
+    if right_frame is not None and common_right:
+        raise ValueError("right_frame serves the per-client frames: give common_right=False.")
     if common_right:
         v, alpha = common_right_basis(a)  # (q, m), A_i V: (n, r, m)
+    elif right_frame is not None:
+        t = batching.map_matrices(thin_r, jnp.swapaxes(right_frame[1], 1, 2))  # (n, m, r)
+        v, alpha = None, jnp.swapaxes(t, 1, 2).astype(beta.dtype)
     else:
         v, t = batching.map_matrices(thin_qr, jnp.swapaxes(a, 1, 2))  # (n, q, m), (n, m, r)
         alpha = jnp.swapaxes(t, 1, 2)
@@ -158,7 +173,13 @@ def factored_coordinates(
     return FactoredCoordinates(u, v, coords, beta, alpha)
 
 
-def _checked(factors) -> tuple[Array, Array]:
+def working_factors(factors) -> tuple[Array, Array]:
+    """``(B, A)`` checked (shapes, finite) in the working dtype (half precision to float32).
+
+    Raises:
+      TypeError: ``factors`` not a pair.
+      ValueError: mismatched shapes, NaN or inf.
+    """
     if not (isinstance(factors, tuple) and len(factors) == 2):
         raise TypeError(f"factors must be LoRAFactors(B, A), got {type(factors).__name__}.")
     b = validation.as_float_array(factors[0], "B")
