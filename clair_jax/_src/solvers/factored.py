@@ -146,10 +146,10 @@ def factored_coordinates(
         one ``V_i`` per client (``q x min(q, r)``).
       right_frame: ``(V_A, A V_A)`` of :func:`common_right_basis` of these ``A``'s,
         when the caller has it, with ``common_right=False``: then client ``i``'s
-        ``R`` factor comes from the QR of ``(A_i V_A)^T`` (``min(q, nr) x r``; as
-        ``A_i^T = V_A (A_i V_A)^T``, it is an ``R`` factor of ``A_i^T``, the same up
-        to the signs of its rows) instead of the ``q x r`` ``A_i^T``, and the
-        per-client ``V_i`` are not formed (``right`` is None).
+        ``R`` factor comes from the QR ``(A_i V_A)^T = W_i R_i`` (``min(q, nr) x r``)
+        instead of that of the ``q x r`` ``A_i^T``: ``A_i^T = (V_A W_i) R_i`` with
+        orthonormal ``V_A W_i``, so ``C_i = (U^T B_i) R_i^T`` are exact coordinates
+        (in the frame ``V_i = V_A W_i``, which is not formed: ``right`` is None).
 
     Returns:
       A :class:`FactoredCoordinates`.
