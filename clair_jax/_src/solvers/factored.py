@@ -157,10 +157,10 @@ def factored_coordinates(
     Raises:
       ValueError: ``right_frame`` with ``common_right=True``, bad factors.
     """
-    b, a = working_factors(factors)
-    u, beta = left_basis(b)
     if right_frame is not None and common_right:
         raise ValueError("right_frame serves the per-client frames: give common_right=False.")
+    b, a = working_factors(factors)
+    u, beta = left_basis(b)
     if common_right:
         v, alpha = common_right_basis(a)  # (q, m), A_i V: (n, r, m)
     elif right_frame is not None:
