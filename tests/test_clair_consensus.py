@@ -212,6 +212,40 @@ def test_shared_directions_keep_what_a_majority_carries(rng):
     assert int(plain_rank) == 2 * r
 
 
+@pytest.mark.parametrize("group_rank", [2, 70])
+def test_the_vote_on_the_leading_columns_equals_the_full_width_vote(rng, monkeypatch, group_rank):
+    """Width 160 >= 2 VOTE_WIDTH: 14 clients share span(U1) (rank 2), 6 larger ones a
+    ``group_rank``-dimensional span(U2). Plain rank 4 fits the narrow vote, which keeps
+    span(U1); plain rank 72 does not and takes the full one (a 70-dimensional span that
+    each of the 6 carries only part of stays, as directions of one or two clients do).
+    Both equal the vote on all 160 columns (the narrowing switched off)."""
+    p, q, r = 160, 12, 2
+    u = np.linalg.qr(rng.normal(size=(p, r + group_rank)))[0]
+    u1, u2 = u[:, :r], u[:, r:]
+    blocks = np.concatenate(
+        [
+            np.einsum("pr,nrq->npq", u1, rng.normal(size=(14, r, q))),
+            np.einsum("pr,nrq->npq", u2, 5.0 * rng.normal(size=(6, group_rank, q))),
+        ]
+    )
+    left, s, _ = np.linalg.svd(np.concatenate(list(blocks), axis=1), full_matrices=False)
+    args = (jnp.asarray(left), jnp.asarray(s), jnp.asarray(blocks), jnp.ones(20, bool))
+    args = (*args, jnp.asarray(1e-3))
+    vote_width = consensus_lib.VOTE_WIDTH
+    assert left.shape[1] >= 2 * vote_width
+    basis, rank = consensus_lib.shared_directions(*args, left.shape[1], True)
+    monkeypatch.setattr(consensus_lib, "VOTE_WIDTH", 10**6)
+    full_basis, full_rank = consensus_lib.shared_directions(*args, left.shape[1], True)
+    rank = int(rank)
+    assert rank == int(full_rank) == (r if group_rank == 2 else rank) and rank > 0
+    kept, full_kept = np.asarray(basis)[:, :rank], np.asarray(full_basis)[:, :rank]
+    np.testing.assert_allclose(kept @ kept.T, full_kept @ full_kept.T, atol=1e-5)
+    if group_rank == 2:
+        np.testing.assert_allclose(kept @ kept.T, u1 @ u1.T, atol=1e-5)
+    else:
+        assert rank > vote_width
+
+
 def test_bad_consensus_is_rejected():
     x = jnp.ones((4, 3, 2))
     with pytest.raises(ValueError, match="consensus"):

@@ -17,6 +17,25 @@ from jaxtyping import Array
 from clair_jax._src import validation
 from clair_jax._src.clair.detection import detection_threshold
 
+#: Relative tolerance of the rules' decompositions (``tol=`` of :func:`clair_jax.clair`,
+#: whose own default is 1e-6). The rules return what the refit gives: the basis and
+#: ``σ̂`` recomputed from the data on the collaborative set, so the decomposition
+#: enters only through its rank and the first collaborative set: discrete outputs, which
+#: do not need the solve's last digits in float32.
+ROUND_TOL = 1e-5
+
+
+def rule_defaults(clair_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``clair_kwargs`` with the rules' defaults for what the caller did not give:
+    ``consensus="robust"`` (the global adapter is a location estimate; cj.clair's own
+    default, ``"rank"``, keeps heterogeneous benign coordinates unflagged) and
+    ``tol=ROUND_TOL`` (``refit=False`` keeps cj.clair's 1e-6: the basis is then the
+    decomposition's)."""
+    defaults = {"consensus": "robust"}
+    if clair_kwargs.get("refit", True):
+        defaults["tol"] = ROUND_TOL
+    return {**defaults, **clair_kwargs}
+
 
 def check_rule_options(
     shared_space: str, measure: str, detection: str, flagged: str, refine_rank, clair_kwargs

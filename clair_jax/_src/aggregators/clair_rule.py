@@ -19,6 +19,7 @@ from clair_jax._src.aggregators.clair_common import (
     module_diagnostics,
     pooled_detection,
     refine_width,
+    rule_defaults,
 )
 from clair_jax._src.aggregators.factor_algebra import (
     HIGHEST,
@@ -127,7 +128,9 @@ def clair_aggregator(
         ``lam_nuc``, ``lam_block``, ``noise_scale`` and ``rank``.
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
-        (``"robust"`` by default, ``"mean"`` for the plain rule), ``method``, ...).
+        (``"robust"`` by default, ``"mean"`` for the plain rule), ``tol`` (``1e-5``
+        by default, ``clair_common.ROUND_TOL``: with the default refit the outputs need
+        only the decomposition's rank and flags), ``method``, ...).
 
     Returns:
       An :class:`Aggregator` named ``"clair"`` (``uses_start`` for ``"update"``).
@@ -154,9 +157,7 @@ def clair_aggregator(
             **clair_kwargs,
         )
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
-    # The global adapter is a location estimate: robust consensus by default (cj.clair's
-    # own default, "rank", keeps heterogeneous benign coordinates unflagged).
-    clair_kwargs = {"consensus": "robust", **clair_kwargs}
+    clair_kwargs = rule_defaults(clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 

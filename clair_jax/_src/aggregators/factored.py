@@ -32,6 +32,7 @@ from clair_jax._src.aggregators.clair_common import (
     module_diagnostics,
     pooled_detection,
     refine_width,
+    rule_defaults,
 )
 from clair_jax._src.aggregators.factor_algebra import (
     factorwise_mean,
@@ -239,9 +240,7 @@ def clair_aggregator_factored(
       ValueError: as :func:`clair_jax.clair_aggregator`.
     """
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
-    # The global adapter is a location estimate: robust consensus by default (cj.clair's
-    # own default, "rank", keeps heterogeneous benign coordinates unflagged).
-    clair_kwargs = {"consensus": "robust", **clair_kwargs}
+    clair_kwargs = rule_defaults(clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
 

@@ -77,6 +77,10 @@ WEISZFELD_ITERS = 64
 #: Smoothing of the Weiszfeld weights, relative to the median distance to the start.
 WEISZFELD_NU = 1e-6
 
+#: Columns the shared-direction vote runs on when the plain rank fits in them (of
+#: ``width >= 2 VOTE_WIDTH``): its eigenproblems are ``width x width``.
+VOTE_WIDTH = 64
+
 #: Choices of ``consensus=``: both robust rules, the shared-direction rule alone
 #: (for coordinates in per-client frames, which detect inside the subspace in a
 #: common frame themselves), and the plain rules.
@@ -115,6 +119,26 @@ def shared_directions(
     rank = jnp.sum(keep).astype(jnp.int32)
     if not robust:
         return u, rank
+
+    def vote(cols: int):
+        # Columns from the rank on are masked out: when the rank fits in the first
+        # ``cols``, the vote on them alone gives the same basis (zero-padded).
+        ordered, narrowed, votes = _majority_span(
+            u[:, :cols], keep[:cols], blocks, members, lam, max(width, blocks.shape[2])
+        )
+        ordered = jnp.pad(ordered, ((0, 0), (0, width - cols)))
+        return jnp.where(votes, ordered, u), jnp.where(votes, narrowed, rank)
+
+    if width >= 2 * VOTE_WIDTH:
+        return jax.lax.cond(rank <= VOTE_WIDTH, lambda: vote(VOTE_WIDTH), lambda: vote(width))
+    return vote(width)
+
+
+def _majority_span(u, keep, blocks, members, lam, size) -> tuple[Array, Array, Array]:
+    """``(ordered, narrowed rank, votes)`` of :func:`shared_directions`' robust rule on the
+    columns of ``u`` (``keep`` marks the plain span); ``size`` sets the rounding floor."""
+    width = u.shape[1]
+    rank = jnp.sum(keep).astype(jnp.int32)
     masked = u * keep[None, :]
     count = jnp.maximum(jnp.sum(members), 1).astype(u.dtype)
     y = jnp.einsum("pk,npq->nkq", masked, blocks)
@@ -126,7 +150,7 @@ def shared_directions(
     else:
         evals, evecs = jnp.linalg.eigh(jnp.einsum("nkq,njq->nkj", y, y))  # ascending
     # Rounding leaves eigenvalues of order eps * width * the largest: not a direction.
-    rounding = 10.0 * max(width, q) * jnp.finfo(u.dtype).eps * evals[:, -1:]
+    rounding = 10.0 * size * jnp.finfo(u.dtype).eps * evals[:, -1:]
     own = (evals > jnp.maximum(VOTE_FACTOR * lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
     share, dirs = jnp.linalg.eigh(mean_proj)
@@ -139,8 +163,7 @@ def shared_directions(
     energy, rot = jnp.linalg.eigh(jnp.einsum("nkq,njq->kj", c, c))
     ordered = jnp.matmul(kept, rot[:, ::-1])
     votes = jnp.any(share > MAJORITY)
-    narrowed = (rank - jnp.sum(drop)).astype(jnp.int32)
-    return jnp.where(votes, ordered, u), jnp.where(votes, narrowed, rank)
+    return ordered, (rank - jnp.sum(drop)).astype(jnp.int32), votes
 
 
 def geometric_median(points: Array, members: Array, iters: int = WEISZFELD_ITERS) -> Array:
