@@ -105,6 +105,13 @@ def test_coordinates_from_the_common_right_frame_are_exact(x64, deficient):
     np.testing.assert_allclose(fc.left_coef, plain.left_coef, atol=0)
     with pytest.raises(ValueError, match="common_right=False"):
         fd.factored_coordinates(cj.LoRAFactors(b, a), common_right=True, right_frame=frame)
+    # checked=True takes working_factors' output as it is: the same coordinates.
+    checked = fd.factored_coordinates(
+        cj.LoRAFactors(*fd.working_factors((b, a))), right_frame=frame, checked=True
+    )
+    for got, want in zip(checked, fc, strict=True):
+        if want is not None:
+            np.testing.assert_array_equal(got, want)
 
 
 def test_decompose_factored_rejects_column_sparsity():

@@ -234,7 +234,7 @@ def clair_factored(
     b_w, a_w = fd.working_factors(factors)
     right_frame = fd.common_right_basis(a_w) if inner != consensus else None
     fc = fd.factored_coordinates(
-        LoRAFactors(b_w, a_w), common_right=bool(offset), right_frame=right_frame
+        LoRAFactors(b_w, a_w), common_right=bool(offset), right_frame=right_frame, checked=True
     )
     n, k, m = fc.coords.shape
     r = fc.left_coef.shape[2]

@@ -134,7 +134,7 @@ def common_right_basis(a: Float[Array, "n r q"]) -> tuple[Array, Array]:
 
 
 def factored_coordinates(
-    factors: LoRAFactors, *, common_right: bool = False, right_frame=None
+    factors: LoRAFactors, *, common_right: bool = False, right_frame=None, checked: bool = False
 ) -> FactoredCoordinates:
     """Exact small coordinates of the updates ``X_i = B_i A_i`` (module docstring).
 
@@ -150,6 +150,10 @@ def factored_coordinates(
         instead of that of the ``q x r`` ``A_i^T``: ``A_i^T = (V_A W_i) R_i`` with
         orthonormal ``V_A W_i``, so ``C_i = (U^T B_i) R_i^T`` are exact coordinates
         (in the frame ``V_i = V_A W_i``, which is not formed: ``right`` is None).
+      checked: ``factors`` are :func:`working_factors`' output, used as they are.
+        Checking checked arrays again is not free: besides the pass over them, the
+        check waits for what the caller computed from them (``right_frame``'s QR),
+        which XLA:CPU would otherwise run side by side with the ``B``'s.
 
     Returns:
       A :class:`FactoredCoordinates`.
@@ -159,7 +163,7 @@ def factored_coordinates(
     """
     if right_frame is not None and common_right:
         raise ValueError("right_frame serves the per-client frames: give common_right=False.")
-    b, a = working_factors(factors)
+    b, a = factors if checked else working_factors(factors)
     u, beta = left_basis(b)
     if common_right:
         v, alpha = common_right_basis(a)  # (q, m), A_i V: (n, r, m)
