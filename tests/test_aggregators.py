@@ -783,3 +783,23 @@ def test_sorting_network_matches_sort(n):
         np.stack(sorting.sorted_rows(jnp.asarray(rows))), np.sort(rows, 0)
     )
     np.testing.assert_array_equal(sorting.median_rows(jnp.asarray(rows)), np.median(rows, 0))
+
+
+def test_a_rule_called_as_it_is_compiles_once(caplog):
+    """``aggregate`` outside any ``jit`` (as the README calls it): the second call with the
+    same shapes compiles nothing (the rule's core is jitted; eager, its conds and maps over
+    fresh closures would compile on every call)."""
+    rng = np.random.default_rng(0)
+    n, p, q, r = 6, 12, 10, 2
+    clients = {"m": ag.LoRAFactors(rng.normal(size=(n, p, r)), rng.normal(size=(n, r, q)))}
+    clients = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), clients)
+    start = {"m": ag.LoRAFactors(jnp.zeros((p, r)), jnp.zeros((r, q)))}
+    rule = ag.clair_aggregator()
+    first = rule.aggregate(clients, start, None, 0, jax.random.key(0))
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        second = rule.aggregate(clients, start, None, 1, jax.random.key(1))
+        jax.block_until_ready(second)
+    compiled = [rec.getMessage() for rec in caplog.records if "ompil" in rec.getMessage()]
+    assert not compiled, compiled[:3]
+    np.testing.assert_array_equal(first.flagged, second.flagged)

@@ -184,7 +184,8 @@ def make_aggregator(
     3. replaces the excluded clients' factors by the adapter they started from
        (``start`` when the rule uses it, else ``global_``), zeroes their weights
        and renormalises the others', and runs
-       ``core(clients, global_, p, excluded, round_index, key[, start=])``;
+       ``core(clients, global_, p, excluded, round_index, key[, start=])``, jitted
+       (one compilation per structure, shapes and dtypes of the arguments);
     4. keeps the previous global adapter when the core's is non-finite or no
        included client has a positive weight (``screened/refused``), and gives
        the global adapter to every excluded client and to every client whose
@@ -209,6 +210,10 @@ def make_aggregator(
       ValueError: an unknown ``screen``.
     """
     mode = screening.check_screen(screen)
+    # The core jitted: called as it is (README, PEFT files), every call would otherwise
+    # compile the rule's control flow (conds and maps over fresh closures) again. The
+    # checks above it stay eager, so that bad arguments raise ValueError at once.
+    jitted_core = jax.jit(core)
 
     def aggregate(clients, global_, weights, round_index, key, start=None) -> AggregateResult:
         clients, global_, p = check_adapters(clients, global_, weights, finite=False)
@@ -233,7 +238,7 @@ def make_aggregator(
         live = total > 0
         p_eff = jnp.where(live, w / jnp.where(live, total, 1), 0)
         extra = {"start": start} if uses_start else {}
-        res = core(clean, global_, p_eff, excluded, round_index, key, **extra)
+        res = jitted_core(clean, global_, p_eff, excluded, round_index, key, **extra)
         new_global = {k: LoRAFactors(*map(jnp.asarray, g)) for k, g in res.global_.items()}
         committed = live & validation.all_finite(new_global)
         new_global = jax.tree.map(lambda a, b: jnp.where(committed, a, b), new_global, global_)
