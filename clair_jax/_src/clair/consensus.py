@@ -129,9 +129,33 @@ def shared_directions(
         ordered = jnp.pad(ordered, ((0, 0), (0, width - cols)))
         return jnp.where(votes, ordered, u), jnp.where(votes, narrowed, rank)
 
-    if width >= 2 * VOTE_WIDTH:
-        return jax.lax.cond(rank <= VOTE_WIDTH, lambda: vote(VOTE_WIDTH), lambda: vote(width))
-    return vote(width)
+    return on_narrowest(rank, (VOTE_WIDTH,) if width >= 2 * VOTE_WIDTH else (), width, vote)
+
+
+def on_narrowest(rank: Array, widths, full: int, fn):
+    """``fn(w)`` for the smallest static ``w`` among ``widths`` with ``rank <= w``, else
+    ``fn(full)``: a ladder of ``jax.lax.cond``'s, one compiled branch per width.
+
+    For computations on the leading columns of a basis whose columns from ``rank`` on
+    are zero, where the narrower computation gives the same result for less.
+
+    Args:
+      rank: int scalar (may be traced).
+      widths: static ints; those outside ``(0, full)`` are ignored.
+      full: the static width used when no width holds the rank.
+      fn: ``w -> pytree`` of arrays whose shapes do not depend on ``w``.
+
+    Returns:
+      ``fn``'s output at the width chosen.
+    """
+    ladder = sorted({int(w) for w in widths if 0 < int(w) < full})
+
+    def level(i: int):
+        if i == len(ladder):
+            return fn(full)
+        return jax.lax.cond(rank <= ladder[i], lambda: fn(ladder[i]), lambda: level(i + 1))
+
+    return level(0)
 
 
 def _majority_span(u, keep, blocks, members, lam, size) -> tuple[Array, Array, Array]:

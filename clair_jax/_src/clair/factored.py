@@ -72,7 +72,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from clair_jax._src import validation
 from clair_jax._src.clair.base import ClairResult
-from clair_jax._src.clair.consensus import CONSENSUS_CHOICES, inside_detection
+from clair_jax._src.clair.consensus import CONSENSUS_CHOICES, inside_detection, on_narrowest
 from clair_jax._src.clair.pipeline import clair
 from clair_jax._src.lora.types import LoRAFactors
 from clair_jax._src.solvers import factored as fd
@@ -301,31 +301,22 @@ def _detect_inside(small: ClairResult, beta: Array, right_frame, widths) -> Clai
     :func:`~clair_jax._src.clair.consensus.inside_detection`.
     Columns of ``Û_c`` after the rank are zero and so are the coordinates' rows
     after it: only the first ``w`` rows are formed, ``w`` the smallest of ``widths``
-    (static ints, or one int) that holds the rank (all of them when none does), the
-    same scores at a fraction of the cost.
+    (static ints, or one int) that holds the rank (all of them when none does,
+    :func:`~clair_jax._src.clair.consensus.on_narrowest`), the same scores at a
+    fraction of the cost.
     """
     _, alpha = right_frame  # A_i V_A: (n, r, m)
     n = alpha.shape[0]
     members = small.collaborative & jnp.isfinite(small.scores)
-    full = small.basis.shape[1]
-    widths = sorted({int(w) for w in np.atleast_1d(widths) if 0 < int(w) < full})
 
-    def detect(basis):
+    def detect(w: int):
+        basis = small.basis[:, :w]
         coords = jnp.einsum("kw,nkr,nrm->nwm", basis, beta, alpha, precision=_HIGHEST)
         active = jnp.linalg.norm(coords.reshape(n, -1), axis=1) > 0
         return inside_detection(coords, members & active)
 
-    def narrowest(level):
-        if level == len(widths):
-            return detect(small.basis)
-        w = widths[level]
-        return jax.lax.cond(
-            small.rank <= w,
-            lambda: detect(small.basis[:, :w]),
-            lambda: narrowest(level + 1),
-        )
-
-    inliers, scores, tau = narrowest(0)
+    widths = np.atleast_1d(widths)
+    inliers, scores, tau = on_narrowest(small.rank, widths, small.basis.shape[1], detect)
     return small._replace(
         collaborative=small.collaborative & inliers,
         inside_scores=jnp.where(jnp.isfinite(small.scores), scores, jnp.inf),
