@@ -49,6 +49,7 @@ from jaxtyping import Array
 
 from clair_jax._src.clair.detection import THRESHOLD_ITERS
 from clair_jax._src.clair.noise import masked_median
+from clair_jax._src.linalg.svd import symmetric_eigh
 
 #: Robust z-score of the threshold inside the subspace, on the log scores (wider than
 #: the off-subspace one: benign clients differ legitimately inside the subspace, and
@@ -168,11 +169,11 @@ def _majority_span(u, keep, blocks, members, lam, size) -> tuple[Array, Array, A
     y = jnp.einsum("pk,npq->nkq", masked, blocks)
     q = blocks.shape[2]
     if q < width:  # the smaller Gram matrix: right singular vectors, then the left ones
-        evals, right = jnp.linalg.eigh(jnp.einsum("nkq,nkj->nqj", y, y))  # ascending
+        evals, right = jax.vmap(symmetric_eigh)(jnp.einsum("nkq,nkj->nqj", y, y))  # ascending
         safe = jnp.sqrt(jnp.where(evals > 0, evals, 1.0))
         evecs = jnp.einsum("nkq,nqd->nkd", y, right) / safe[:, None, :]
     else:
-        evals, evecs = jnp.linalg.eigh(jnp.einsum("nkq,njq->nkj", y, y))  # ascending
+        evals, evecs = jax.vmap(symmetric_eigh)(jnp.einsum("nkq,njq->nkj", y, y))  # ascending
     # Rounding leaves eigenvalues of order eps * width * the largest: not a direction.
     rounding = 10.0 * size * jnp.finfo(u.dtype).eps * evals[:, -1:]
     own = (evals > jnp.maximum(VOTE_FACTOR * lam**2 / count, rounding)) & members[:, None]
