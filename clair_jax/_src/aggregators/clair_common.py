@@ -7,11 +7,12 @@ factors (:mod:`~clair_jax._src.aggregators.factored`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from clair_jax._src import validation
@@ -79,13 +80,41 @@ def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
     return client_scores > client_threshold, client_scores, client_threshold
 
 
-def map_modules(fn: Callable, inputs: Mapping[str, Any]) -> dict:
+def check_devices(devices) -> tuple | None:
+    """``devices`` of a CLAIR rule as a tuple (None stays None).
+
+    Raises:
+      TypeError: ``devices`` is not None or a sequence of ``jax.Device``.
+      ValueError: an empty sequence, or a device listed twice.
+    """
+    if devices is None:
+        return None
+    if isinstance(devices, jax.Device) or not isinstance(devices, Sequence | np.ndarray):
+        raise TypeError(
+            f"devices must be None or a sequence of jax.Device (e.g. jax.devices()), got "
+            f"{type(devices).__name__}."
+        )
+    devices = tuple(np.asarray(devices, dtype=object).ravel())
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError(
+            f"devices must be a non-empty sequence of jax.Device, got {list(devices)!r}."
+        )
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices lists a device twice: {list(devices)!r}.")
+    return devices
+
+
+def map_modules(fn: Callable, inputs: Mapping[str, Any], devices: tuple | None = None) -> dict:
     """``{name: fn(inputs[name])}``, modules of one shape solved by one compiled ``fn``.
 
     Modules whose inputs (pytrees of arrays) have the same structure, shapes and
-    dtypes are stacked and mapped with ``jax.lax.map`` (sequentially): one copy
-    of ``fn`` per shape in the compiled program instead of one per module, which
-    keeps the compilation of a many-module round short. ``fn`` must map one
+    dtypes are stacked and mapped with ``jax.lax.map``: one copy of ``fn`` per
+    shape in the compiled program instead of one per module, which keeps the
+    compilation of a many-module round short. With ``devices`` (two or more),
+    each shape's stack is split over them with ``jax.shard_map`` and every
+    device maps its share, so the per-module solves (sequential LAPACK calls on
+    CPU) run side by side; a stack the devices do not divide is padded with
+    copies of its first module, whose results are dropped. ``fn`` must map one
     module's inputs to a pytree of arrays.
     """
     groups: dict[tuple, list[str]] = {}
@@ -99,10 +128,32 @@ def map_modules(fn: Callable, inputs: Mapping[str, Any]) -> dict:
             out[names[0]] = fn(inputs[names[0]])
             continue
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in names))
-        mapped = jax.lax.map(fn, stacked)
+        mapped = _spread_map(fn, stacked, len(names), devices or ())
         for i, name in enumerate(names):
             out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
     return {name: out[name] for name in inputs}
+
+
+def _spread_map(fn: Callable, stacked, count: int, devices: tuple):
+    """``jax.lax.map(fn, stacked)`` (``count`` modules), split over ``devices``."""
+    if len(devices) < 2:
+        return jax.lax.map(fn, stacked)
+    share = -(-count // len(devices))
+    pad = share * len(devices) - count
+    if pad:
+        stacked = jax.tree.map(
+            lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), stacked
+        )
+    mesh = jax.sharding.Mesh(np.array(devices, dtype=object), ("modules",))
+    spec = jax.sharding.PartitionSpec("modules")
+    mapped = jax.shard_map(
+        lambda share_of_modules: jax.lax.map(fn, share_of_modules),
+        mesh=mesh,
+        in_specs=spec,
+        out_specs=spec,
+        check_vma=False,
+    )(stacked)
+    return jax.tree.map(lambda x: x[:count], mapped)
 
 
 def refine_width(refine_rank, lora_rank: int, width: int) -> int:

@@ -14,6 +14,7 @@ from clair_jax._src.aggregators.base import (
     num_clients,
 )
 from clair_jax._src.aggregators.clair_common import (
+    check_devices,
     check_rule_options,
     map_modules,
     module_diagnostics,
@@ -45,6 +46,7 @@ def clair_aggregator(
     benign_majority: bool = True,
     screen: str = "exclude",
     server_math: str = "factored",
+    devices=None,
     **clair_kwargs,
 ) -> Aggregator:
     """CLAIR per module on the clients' updates ``X_i = B_i A_i``, refined per client.
@@ -126,6 +128,13 @@ def clair_aggregator(
         Both give the same flags and refined updates when ``n r >= p`` and
         ``r >= q`` (``n r >= q`` with ``offset=True``), or with given
         ``lam_nuc``, ``lam_block``, ``noise_scale`` and ``rank``.
+      devices: ``None`` (the modules are solved one after another) or a sequence
+        of devices (e.g. ``jax.devices()``) over which each shape's modules are
+        split, every device solving its share (``jax.shard_map``; results are
+        the same). On CPU, where each module's factorisations run on one core,
+        give JAX one device per core before its first use,
+        ``jax.config.update("jax_num_cpu_devices", os.cpu_count())``. Not inside
+        a program sharded over another mesh (:func:`clair_jax.make_sharded_round`).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
         (``"robust"`` by default, ``"mean"`` for the plain rule), ``tol`` (``1e-5``
@@ -137,7 +146,7 @@ def clair_aggregator(
 
     Raises:
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
-        ``flagged``; a bad ``refine_rank``; ``contaminated`` among
+        ``flagged``; a bad ``refine_rank``; bad ``devices``; ``contaminated`` among
         ``clair_kwargs``; at aggregation, ``measure="update"`` without ``start``
         or with a ``start`` unlike ``clients``, fewer than 2 clients.
 
@@ -154,9 +163,11 @@ def clair_aggregator(
             refine_rank=refine_rank,
             benign_majority=benign_majority,
             screen=screen,
+            devices=devices,
             **clair_kwargs,
         )
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
+    devices = check_devices(devices)
     clair_kwargs = rule_defaults(clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
@@ -176,6 +187,7 @@ def clair_aggregator(
         results = map_modules(
             partial(clair, benign_majority=benign_majority, exclude=excluded, **clair_kwargs),
             {name: jnp.where(excluded[:, None, None], 0.0, x) for name, (x, _) in inputs.items()},
+            devices,
         )
         diagnostics, widths = {}, {}
         outliers = jnp.zeros((n,), bool)
