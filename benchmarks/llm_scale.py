@@ -15,17 +15,21 @@ Two parts, one run:
    gate, up (4096 x 11008), down (11008 x 4096), LoRA rank ``--rank``, ``--clients``
    clients, of which 8 contaminated: 2 with unrelated random ``B``'s, 3 coordinated
    (one identical update), 2 with half of ``B``'s columns replaced, 1 random ``B``
-   scaled 10x. Modules are generated lazily from their own keys, one at a time
-   (the whole federation is 5 GB in float32), so every rule is run module by
-   module: exactly the whole-model rule for the per-module rules (FedIT,
-   FlexLoRA, FFA-LoRA, FedRot, coordinate median, trimmed mean, CLAIR with
-   module detection); Multi-Krum and Krum accumulate the clients' exact squared
-   distances over all modules (the library's ``log_squared_distances``, summed by
-   ``logaddexp``), score them with the library's Krum scores, and a second pass
-   averages the selected clients (the library's ``selected_mean``);
+   scaled 10x. Modules are generated lazily from their own keys, ``--chunk``
+   modules of one shape at a time (the whole federation is 5 GB in float32), and
+   every rule aggregates one chunk per call: exactly the whole-model rule for the
+   per-module rules (FedIT, FlexLoRA, FFA-LoRA, FedRot, coordinate median, trimmed
+   mean, CLAIR with module detection). JAX is given ``--cpu-devices`` CPU devices
+   (one per core by default) and CLAIR runs with ``devices=jax.devices()``: each
+   device solves one module of the chunk (by default as many modules as
+   devices); the other rules run on the first device. Multi-Krum and Krum
+   accumulate the clients' exact squared distances over all modules (the
+   library's ``log_squared_distances``, summed by ``logaddexp``), score them with
+   the library's Krum scores, and a second pass averages the selected clients
+   (the library's ``selected_mean``);
    the geometric median runs ``--gm-iters`` Weiszfeld passes over all modules.
    Times exclude generating the data (timed apart); memory is the process's peak
-   RSS during each rule's passes (``VmHWM``, reset between rules through
+   RSS over the whole pass (``VmHWM``, reset at its start through
    ``/proc/self/clear_refs``). Detection: CLAIR's module rule (flagged in any
    module), the fraction of modules flagging each kind, and the client-level
    pooled rule (median over modules of the score relative to the module's median,
@@ -239,17 +243,18 @@ def model_run(args) -> dict:
     rnd = jnp.int32(1)
 
     def jitted(agg, keep=()):
-        """The rule on one module, returning the global adapter, the client adapters, the
-        flags and the diagnostics in ``keep`` (the others are dead code XLA removes: the
-        dense aggregation errors of the cj rules)."""
+        """The rule on a dict of modules, returning the global adapters, the client adapters,
+        the flags and the diagnostics whose keys start with one of ``keep`` (the others are
+        dead code XLA removes: the dense aggregation errors of the cj rules)."""
 
         def fn(c, g, w):
-            res = agg.aggregate({"m": c}, {"m": g}, w, rnd, key)
-            return res.global_, res.clients, res.flagged, {k: res.diagnostics[k] for k in keep}
+            res = agg.aggregate(c, g, w, rnd, key)
+            diag = {k: v for k, v in res.diagnostics.items() if k.startswith(keep)}
+            return res.global_, res.clients, res.flagged, diag
 
         return jax.jit(fn)
 
-    error = ("aggregation_error/m",)
+    error = ("aggregation_error/",)
     rules = {
         "fedit": jitted(cj.fedit()),
         "flexlora": jitted(fag.flexlora_factored(), error),
@@ -257,7 +262,10 @@ def model_run(args) -> dict:
         "fedrot": jitted(cj.fedrot(1.0)),
         "coordinate_median": jitted(cj.coordinate_median()),
         "trimmed_mean": jitted(cj.trimmed_mean(0.25)),
-        "clair": jitted(cj.clair_aggregator(), error + ("scores/m",)),  # factored by default
+        # factored by default
+        "clair": jitted(
+            cj.clair_aggregator(devices=jax.devices()), error + ("scores/", "flagged/")
+        ),
     }
     rules = {k: v for k, v in rules.items() if k in args.rules}
     flat = jax.jit(lambda c: jnp.concatenate([c.B.reshape(n, -1), c.A.reshape(n, -1)], axis=1))
@@ -271,26 +279,42 @@ def model_run(args) -> dict:
     names = list(rules) + (["krum_distances"] if krum_wanted else []) + ["factored_error"]
     seconds = dict.fromkeys(names, 0.0)
     first_calls = dict.fromkeys(names, 0.0)
-    t_gen, errors, seen = 0.0, {k: [] for k in rules}, set()
+    t_gen, errors, seen, signatures = 0.0, {k: [] for k in rules}, set(), set()
     flags = {k: [] for k in rules}
     scores, log_d = [], np.full((n, n), -np.inf)
-    first_layer = []
+    first_layer = mods[: len(LLAMA)]
+    # Modules of one shape side by side, args.chunk of them per call (one per device by
+    # default: the CLAIR rule gives each device one).
+    by_shape = sorted(mods, key=lambda m: (m[2], m[3]))
+    chunks, size = [], max(args.chunk, 1)
+    for shape in dict.fromkeys((p, q) for _, _, p, q in by_shape):
+        same = [m for m in by_shape if (m[2], m[3]) == shape]
+        chunks += [same[i : i + size] for i in range(0, len(same), size)]
     reset_peak()
-    for count, (index, _, p, q) in enumerate(mods):
+    done = 0
+    for chunk in chunks:
         start = time.perf_counter()
-        clients, glob = jax.block_until_ready(make_module(index, p, q, n, r, args.noise))
+        # Keys by position in the chunk: every chunk has the same pytree structure, so the
+        # jitted rules compile once (a dict's keys are part of what jit specialises on).
+        chunk = [(index, f"{j}", p, q) for j, (index, _, p, q) in enumerate(chunk)]
+        made = jax.block_until_ready(
+            {name: make_module(index, p, q, n, r, args.noise) for index, name, p, q in chunk}
+        )
         t_gen += time.perf_counter() - start
-        fresh = (p, q) not in seen
-        seen.add((p, q))
-        if count < len(LLAMA):
-            first_layer.append((index, p, q))
-        calls = [(k, partial(fn, clients, glob, w)) for k, fn in rules.items()]
-        if krum_wanted:
-            calls.append(("krum_distances", partial(dist_fn, clients)))
-        if count < len(LLAMA):  # the factored error on the first layer only (extrapolated)
-            calls.append(("factored_error", partial(err_fn, clients, w)))
-        for name, call in calls:
-            if fresh:  # compile outside the timing (once per shape)
+        clients = {name: c for name, (c, _) in made.items()}
+        glob = {name: g for name, (_, g) in made.items()}
+        seen.update((p, q) for _, _, p, q in chunk)
+        calls = [(k, None, partial(fn, clients, glob, w)) for k, fn in rules.items()]
+        for index, name, p, q in chunk:
+            if krum_wanted:
+                calls.append(("krum_distances", (p, q), partial(dist_fn, clients[name])))
+            if index < len(first_layer):  # the first layer only (extrapolated)
+                calls.append(("factored_error", (p, q), partial(err_fn, clients[name], w)))
+        for name, shape, call in calls:
+            # Compile outside the timing (once per chunk structure, or per module shape).
+            signature = (name, shape or tuple((p, q) for _, _, p, q in chunk))
+            if signature not in signatures:
+                signatures.add(signature)
                 start = time.perf_counter()
                 jax.block_until_ready(call())
                 first_calls[name] += time.perf_counter() - start
@@ -299,21 +323,25 @@ def model_run(args) -> dict:
             seconds[name] += time.perf_counter() - start
             if name in rules:
                 _, _, flagged, diag = out
-                flags[name].append(np.asarray(flagged))
-                if "aggregation_error/m" in diag:
-                    errors[name].append(float(diag["aggregation_error/m"]))
-                if name == "clair":
-                    scores.append(np.asarray(diag["scores/m"]))
+                for _, module, _, _ in chunk:
+                    if f"aggregation_error/{module}" in diag:
+                        errors[name].append(float(diag[f"aggregation_error/{module}"]))
+                    if name == "clair":
+                        flags[name].append(np.asarray(diag[f"flagged/{module}"]))
+                        scores.append(np.asarray(diag[f"scores/{module}"]))
             elif name == "krum_distances":
                 log_d = np.logaddexp(log_d, np.asarray(out, np.float64))
-        if count % 7 == 6:
+        done += len(chunk)
+        if done % len(LLAMA) < len(chunk):
             print(
-                f"  {count + 1}/{len(mods)} modules, "
+                f"  {done}/{len(mods)} modules, "
                 + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()),
                 flush=True,
             )
+        del made, clients, glob, calls
     report = {
         "modules": len(mods),
+        "chunk": size,
         "shapes": sorted(seen),
         "generation_s": t_gen,
         "peak_rss_mib_whole_pass": _status("VmHWM"),
@@ -346,7 +374,7 @@ def model_run(args) -> dict:
     # clients is timed on the first layer and extrapolated.
     if krum_wanted:
         f_byz = len(KINDS)
-        layer = [make_module(i, p, q, n, r, args.noise)[0] for i, p, q in first_layer]
+        layer = [make_module(i, p, q, n, r, args.noise)[0] for i, _, p, q in first_layer]
         for name, m in (("multi_krum", n - f_byz), ("krum", 1)):
             if name not in args.rules:
                 continue
@@ -430,6 +458,18 @@ def main(argv=None) -> None:
         help="timed calls of the dense path after the first (0: first call only)",
     )
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="modules of one shape aggregated per call of a rule (default: --cpu-devices)",
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="CPU devices JAX is given (jax_num_cpu_devices): CLAIR spreads modules over them",
+    )
     parser.add_argument("--divisor", type=int, default=1, help="divide the Llama widths by this")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
@@ -446,6 +486,9 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     args = parser.parse_args(argv)
+    # Before anything starts JAX's backend: the device count is fixed from then on.
+    jax.config.update("jax_num_cpu_devices", max(args.cpu_devices, 1))
+    args.chunk = args.chunk or max(args.cpu_devices, 1)
     if args.quick:
         args.sizes, args.layers, args.divisor = [128, 256], 1, 4
         args.clients, args.rank, args.gm_iters = 16, 8, 2

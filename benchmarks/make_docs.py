@@ -336,9 +336,12 @@ def llm_scale_model(d: dict) -> str:
         "first calls (compiling, one per shape)",
         "detection F1",
     ]
+    devices = len(d["environment"]["devices"])
+    chunk = m.get("chunk", 1)
     return (
-        f"{m['modules']} modules ({shapes}); peak RSS of the whole pass "
-        f"{m['peak_rss_mib_whole_pass'] / 1024:.1f} GiB.\n\n" + _table(head, rows)
+        f"{m['modules']} modules ({shapes}), {chunk} of one shape per call; {devices} CPU "
+        f"device{'s' if devices > 1 else ''} (CLAIR with `devices=jax.devices()`); peak RSS "
+        f"of the whole pass {m['peak_rss_mib_whole_pass'] / 1024:.1f} GiB.\n\n" + _table(head, rows)
     )
 
 
