@@ -6,8 +6,9 @@ runs both server maths of ``cj.clair_aggregator`` on a federation of four module
 three of one shape (a stack the devices may not divide: padding) and one of
 another (a single module, not spread), with ``devices=jax.devices()`` and with
 the default (one device). The adapters, flags and diagnostics must be equal bit for
-bit. A timeout turns a deadlock (concurrent
-batched LAPACK calls on jaxlib < 0.11) into a failure.
+bit. The same subprocess vmaps ``cj.decompose`` and ``cj.clair`` over a batch split
+over the devices. A timeout turns a deadlock (concurrent batched LAPACK calls on
+jaxlib < 0.11) into a failure.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ for run, devices in (("spread", jax.devices()), ("single", None)):
             "leaves": [np.asarray(x, np.float64).ravel().tolist() for x in leaves],
             "flagged": np.flatnonzero(np.asarray(res.flagged)).tolist(),
         }
+# A user's jax.vmap of the solvers over a batch split over the devices: the solver's
+# factorisations are batched by that vmap (one at a time on CPU with jaxlib < 0.11).
+mesh = cj.client_mesh()
+batch = jax.random.normal(jax.random.key(1), (2 * len(jax.devices()), 8, 48, 40))
+solve = jax.jit(jax.vmap(lambda u: cj.decompose(u, lam_nuc=1.0, lam_block=1.0).low_rank))
+found = jax.jit(jax.vmap(lambda u: cj.clair(u).collaborative))
+split = cj.shard_batch(batch, mesh)
+out["vmapped"] = [
+    float(np.max(np.abs(np.asarray(solve(split)) - np.asarray(solve(batch))))),
+    bool((np.asarray(found(split)) == np.asarray(found(batch))).all()),
+]
 print(json.dumps({f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in out.items()}))
 """
 
@@ -84,6 +96,8 @@ def test_spread_modules_equal_the_single_device_run(devices):
         assert len(spread["leaves"]) == len(single["leaves"])
         for got, want in zip(spread["leaves"], single["leaves"], strict=True):
             assert got == want
+    # vmap(decompose) and vmap(clair) over a batch split over the devices finish and agree.
+    assert out["vmapped"][0] <= 1e-5 and out["vmapped"][1], out["vmapped"]
 
 
 def test_bad_devices_are_refused():

@@ -300,3 +300,19 @@ def test_concurrent_vmapped_svts_return_and_equal_a_loop(backend, tmp_path, run_
         for m, once in zip(saved["z"], saved["once"], strict=True):
             alone = cj.singular_value_threshold(jnp.asarray(m), 1.0, **kw)[0]
             np.testing.assert_allclose(once, alone, atol=1e-10)
+
+
+def test_nuclear_norm_value_gradient_and_vmap_against_numpy(x64, rng):
+    """``prox.nuclear_norm`` (thin SVD, own JVP): NumPy's value, ``U V^T`` as gradient
+    (finite differences agree), the same under ``jax.vmap``."""
+    x = jnp.asarray(rng.standard_normal((3, 5, 4)))
+    m = np.concatenate(list(np.asarray(x)), axis=1)
+    np.testing.assert_allclose(prox.nuclear_norm(x), np.linalg.svd(m, compute_uv=False).sum())
+    u, _, vt = np.linalg.svd(m, full_matrices=False)
+    grad = np.asarray(prox.blocks_to_matrix(jax.grad(prox.nuclear_norm)(x)))
+    np.testing.assert_allclose(grad, u @ vt, atol=1e-12)
+    jax.test_util.check_grads(prox.nuclear_norm, (x,), order=1, modes=("fwd", "rev"))
+    batch = jnp.stack([x, -2.0 * x])
+    np.testing.assert_allclose(
+        jax.vmap(prox.nuclear_norm)(batch), [prox.nuclear_norm(x), 2 * prox.nuclear_norm(x)]
+    )

@@ -178,14 +178,14 @@ def _majority_span(u, keep, blocks, members, lam, size) -> tuple[Array, Array, A
     rounding = 10.0 * size * jnp.finfo(u.dtype).eps * evals[:, -1:]
     own = (evals > jnp.maximum(VOTE_FACTOR * lam**2 / count, rounding)) & members[:, None]
     mean_proj = jnp.einsum("nkd,nd,njd->kj", evecs, own.astype(u.dtype), evecs) / count
-    share, dirs = jnp.linalg.eigh(mean_proj)
+    share, dirs = symmetric_eigh(mean_proj)
     # Left out: directions more than MINORITY clients but at most half of them carry.
     drop = (share > MINORITY / count) & (share <= MAJORITY)
     dropped = dirs * drop[None, :]
     kept = masked - jnp.matmul(jnp.matmul(masked, dropped), dropped.T)
     # Order the kept directions by the members' energy along them (SVD order).
     c = jnp.einsum("pk,npq->nkq", kept, blocks * members[:, None, None])
-    energy, rot = jnp.linalg.eigh(jnp.einsum("nkq,njq->kj", c, c))
+    energy, rot = symmetric_eigh(jnp.einsum("nkq,njq->kj", c, c))
     ordered = jnp.matmul(kept, rot[:, ::-1])
     votes = jnp.any(share > MAJORITY)
     return ordered, (rank - jnp.sum(drop)).astype(jnp.int32), votes
