@@ -130,8 +130,10 @@ def clair_aggregator(
         ``lam_nuc``, ``lam_block``, ``noise_scale`` and ``rank``.
       devices: ``None`` (the modules are solved one after another) or a sequence
         of devices (e.g. ``jax.devices()``) over which each shape's modules are
-        split, every device solving its share (``jax.shard_map``; results are
-        the same). On CPU, where each module's factorisations run on one core,
+        split, every device solving its share (``jax.shard_map``; the same flags,
+        and the same adapters to the last bit when the rule is jitted alone; inputs
+        must not be committed to one device). On CPU, where each module's
+        factorisations run on one core,
         give JAX one device per core before its first use,
         ``jax.config.update("jax_num_cpu_devices", os.cpu_count())``. Not inside
         a program sharded over another mesh (:func:`clair_jax.make_sharded_round`).
