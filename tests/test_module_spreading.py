@@ -13,15 +13,11 @@ jaxlib < 0.11) into a failure.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import pytest
 
 import clair_jax as cj
+from tests.subprocess_json import run_json
 
 SCRIPT = r"""
 import json, sys
@@ -67,26 +63,9 @@ print(json.dumps({f"{k[0]}/{k[1]}" if isinstance(k, tuple) else k: v for k, v in
 """
 
 
-def run_with(devices: int) -> dict:
-    env = dict(os.environ)
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(devices)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("devices", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_spread_modules_equal_the_single_device_run(devices):
-    out = run_with(devices)
+    out = run_json(SCRIPT, str(devices))
     assert out["devices"] == devices
     for math in ("factored", "dense"):
         single, spread = out[f"single/{math}"], out[f"spread/{math}"]
@@ -107,7 +86,7 @@ def test_bad_devices_are_refused():
         cj.clair_aggregator(devices=[])
     with pytest.raises(ValueError, match="non-empty sequence of jax.Device"):
         cj.clair_aggregator(server_math="dense", devices=["cpu:0"])
-    with pytest.raises(ValueError, match="lists a device twice"):
+    with pytest.raises(ValueError, match="devices must not repeat a device"):
         cj.clair_aggregator(devices=jax.devices() * 2)
 
 

@@ -10,10 +10,7 @@ too) on every count from 1 to 8 with ``-m slow``.
 The bad-input checks run in-process on whatever devices this process has.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import clair_jax as cj
+from tests.subprocess_json import run_json
 
 CLIENTS = 20
 ATOL = 1e-5
@@ -142,20 +140,14 @@ DEFAULT = {8: ("fedit_partial", "decompose")}
 
 def run_on(devices: int, names=ALL) -> dict:
     """Runs SCRIPT's ``names`` with ``devices`` simulated CPU devices; returns its JSON."""
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(devices), str(CLIENTS), ",".join(names)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_json(
+        SCRIPT,
+        str(devices),
+        str(CLIENTS),
+        ",".join(names),
+        xla_devices=devices,
+        env={"OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")},
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module", params=[8])

@@ -17,6 +17,7 @@ from jaxtyping import Array
 
 from clair_jax._src import validation
 from clair_jax._src.clair.detection import detection_threshold
+from clair_jax._src.device_split import line_mesh, pad_index, padded_size
 
 #: Relative tolerance of the rules' decompositions (``tol=`` of :func:`clair_jax.clair`,
 #: whose own default is 1e-6). The rules return what the refit gives: the basis and
@@ -80,12 +81,20 @@ def pooled_detection(scores: Array) -> tuple[Array, Array, Array]:
     return client_scores > client_threshold, client_scores, client_threshold
 
 
-def check_devices(devices) -> tuple | None:
-    """``devices`` of a CLAIR rule as a tuple (None stays None).
+def module_mesh(devices) -> jax.sharding.Mesh | None:
+    """The mesh :func:`map_modules` splits modules over, from a CLAIR rule's ``devices``.
+
+    Args:
+      devices: None (no mesh: modules are mapped on one device) or a sequence of
+        ``jax.Device``.
+
+    Returns:
+      None, or a one-axis mesh ``"modules"`` over ``devices``.
 
     Raises:
-      TypeError: ``devices`` is not None or a sequence of ``jax.Device``.
-      ValueError: an empty sequence, or a device listed twice.
+      TypeError: ``devices`` is not None or a sequence.
+      ValueError: an empty sequence, an entry that is not a ``jax.Device``, or a
+        device listed twice.
     """
     if devices is None:
         return None
@@ -94,28 +103,27 @@ def check_devices(devices) -> tuple | None:
             f"devices must be None or a sequence of jax.Device (e.g. jax.devices()), got "
             f"{type(devices).__name__}."
         )
-    devices = tuple(np.asarray(devices, dtype=object).ravel())
+    devices = list(np.asarray(devices, dtype=object).ravel())
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise ValueError(
-            f"devices must be a non-empty sequence of jax.Device, got {list(devices)!r}."
-        )
-    if len(set(devices)) != len(devices):
-        raise ValueError(f"devices lists a device twice: {list(devices)!r}.")
-    return devices
+        raise ValueError(f"devices must be a non-empty sequence of jax.Device, got {devices!r}.")
+    return line_mesh(devices, "modules")
 
 
-def map_modules(fn: Callable, inputs: Mapping[str, Any], devices: tuple | None = None) -> dict:
+def map_modules(
+    fn: Callable, inputs: Mapping[str, Any], mesh: jax.sharding.Mesh | None = None
+) -> dict:
     """``{name: fn(inputs[name])}``, modules of one shape solved by one compiled ``fn``.
 
     Modules whose inputs (pytrees of arrays) have the same structure, shapes and
     dtypes are stacked and mapped with ``jax.lax.map``: one copy of ``fn`` per
     shape in the compiled program instead of one per module, which keeps the
-    compilation of a many-module round short. With ``devices`` (two or more),
-    each shape's stack is split over them with ``jax.shard_map`` and every
-    device maps its share, so the per-module solves (sequential LAPACK calls on
-    CPU) run side by side; a stack the devices do not divide is padded with
-    copies of its first module, whose results are dropped. ``fn`` must map one
-    module's inputs to a pytree of arrays.
+    compilation of a many-module round short. With a ``mesh`` of two or more
+    devices (:func:`module_mesh`), each shape's stack is split over them with
+    ``jax.shard_map`` and every device maps its share, so the per-module solves
+    (sequential LAPACK calls on CPU) run side by side; a stack the devices do
+    not divide is padded with copies of its last module, whose results are
+    dropped (:mod:`~clair_jax._src.device_split`). ``fn`` must map one module's
+    inputs to a pytree of arrays.
     """
     groups: dict[tuple, list[str]] = {}
     for name, tree in inputs.items():
@@ -128,23 +136,19 @@ def map_modules(fn: Callable, inputs: Mapping[str, Any], devices: tuple | None =
             out[names[0]] = fn(inputs[names[0]])
             continue
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[name] for name in names))
-        mapped = _spread_map(fn, stacked, len(names), devices or ())
+        mapped = _spread_map(fn, stacked, len(names), mesh)
         for i, name in enumerate(names):
             out[name] = jax.tree.map(lambda a, i=i: a[i], mapped)
     return {name: out[name] for name in inputs}
 
 
-def _spread_map(fn: Callable, stacked, count: int, devices: tuple):
-    """``jax.lax.map(fn, stacked)`` (``count`` modules), split over ``devices``."""
-    if len(devices) < 2:
+def _spread_map(fn: Callable, stacked, count: int, mesh: jax.sharding.Mesh | None):
+    """``jax.lax.map(fn, stacked)`` (``count`` modules), split over ``mesh``'s devices."""
+    if mesh is None or mesh.size < 2:
         return jax.lax.map(fn, stacked)
-    share = -(-count // len(devices))
-    pad = share * len(devices) - count
-    if pad:
-        stacked = jax.tree.map(
-            lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), stacked
-        )
-    mesh = jax.sharding.Mesh(np.array(devices, dtype=object), ("modules",))
+    if padded_size(count, mesh.size) != count:
+        lanes = pad_index(count, mesh.size)
+        stacked = jax.tree.map(lambda x: x[lanes], stacked)
     spec = jax.sharding.PartitionSpec("modules")
     mapped = jax.shard_map(
         lambda share_of_modules: jax.lax.map(fn, share_of_modules),

@@ -14,10 +14,10 @@ from clair_jax._src.aggregators.base import (
     num_clients,
 )
 from clair_jax._src.aggregators.clair_common import (
-    check_devices,
     check_rule_options,
     map_modules,
     module_diagnostics,
+    module_mesh,
     pooled_detection,
     refine_width,
     rule_defaults,
@@ -133,10 +133,10 @@ def clair_aggregator(
         split, every device solving its share (``jax.shard_map``; the same flags,
         and the same adapters to the last bit when the rule is jitted alone; inputs
         must not be committed to one device). On CPU, where each module's
-        factorisations run on one core,
-        give JAX one device per core before its first use,
-        ``jax.config.update("jax_num_cpu_devices", os.cpu_count())``. Not inside
-        a program sharded over another mesh (:func:`clair_jax.make_sharded_round`).
+        factorisations run on one core, give JAX one device per core before its
+        first use, ``jax.config.update("jax_num_cpu_devices", os.cpu_count())``.
+        Not inside a program sharded over another mesh
+        (:func:`clair_jax.make_sharded_round`).
       **clair_kwargs: passed to :func:`clair_jax.clair` (``rank``, ``max_rank``,
         ``lam_nuc``, ``lam_block``, ``threshold``, ``offset``, ``consensus``
         (``"robust"`` by default, ``"mean"`` for the plain rule), ``tol`` (``1e-5``
@@ -147,6 +147,7 @@ def clair_aggregator(
       An :class:`Aggregator` named ``"clair"`` (``uses_start`` for ``"update"``).
 
     Raises:
+      TypeError: ``devices`` not None or a sequence.
       ValueError: an unknown ``shared_space``, ``measure``, ``detection`` or
         ``flagged``; a bad ``refine_rank``; bad ``devices``; ``contaminated`` among
         ``clair_kwargs``; at aggregation, ``measure="update"`` without ``start``
@@ -169,7 +170,7 @@ def clair_aggregator(
             **clair_kwargs,
         )
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
-    devices = check_devices(devices)
+    mesh = module_mesh(devices)
     clair_kwargs = rule_defaults(clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
@@ -189,7 +190,7 @@ def clair_aggregator(
         results = map_modules(
             partial(clair, benign_majority=benign_majority, exclude=excluded, **clair_kwargs),
             {name: jnp.where(excluded[:, None, None], 0.0, x) for name, (x, _) in inputs.items()},
-            devices,
+            mesh,
         )
         diagnostics, widths = {}, {}
         outliers = jnp.zeros((n,), bool)

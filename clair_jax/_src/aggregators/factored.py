@@ -27,10 +27,10 @@ from clair_jax._src.aggregators.base import (
     make_aggregator,
 )
 from clair_jax._src.aggregators.clair_common import (
-    check_devices,
     check_rule_options,
     map_modules,
     module_diagnostics,
+    module_mesh,
     pooled_detection,
     refine_width,
     rule_defaults,
@@ -242,7 +242,7 @@ def clair_aggregator_factored(
       ValueError: as :func:`clair_jax.clair_aggregator`.
     """
     check_rule_options(shared_space, measure, detection, flagged, refine_rank, clair_kwargs)
-    devices = check_devices(devices)
+    mesh = module_mesh(devices)
     clair_kwargs = rule_defaults(clair_kwargs)
     keep_trained = flagged == "trained"
     row = shared_space == "row"
@@ -278,7 +278,7 @@ def clair_aggregator_factored(
         fits = map_modules(
             lambda inputs: module_fit(*inputs, excluded),
             {name: (f, start[name] if update else None) for name, f in clients.items()},
-            devices,
+            mesh,
         )
         diagnostics = {}
         outliers = jnp.zeros((n,), bool)
@@ -307,7 +307,7 @@ def clair_aggregator_factored(
         outs = map_modules(
             outputs,
             {name: (f, *fits[name], members_of(fits[name][1])) for name, f in clients.items()},
-            devices,
+            mesh,
         )
         new_clients, new_global = {}, {}
         for name, (client_factors, global_factors, error) in outs.items():

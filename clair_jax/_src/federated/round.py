@@ -59,8 +59,8 @@ from clair_jax._src import validation
 from clair_jax._src.aggregators import screening
 from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
+from clair_jax._src.device_split import client_parts, pad_index, padded_size
 from clair_jax._src.federated.attacks import attack
-from clair_jax._src.federated.padding import client_parts, pad_index, padded_size
 from clair_jax._src.federated.state import RoundMetrics, ServerState, next_state
 from clair_jax._src.federated.training import (
     check_train_args,

@@ -42,6 +42,7 @@ from jaxtyping import PRNGKeyArray
 
 from clair_jax._src.aggregators.base import Aggregator
 from clair_jax._src.data import ClientData
+from clair_jax._src.device_split import line_mesh
 from clair_jax._src.federated.round import make_round
 from clair_jax._src.federated.state import RoundMetrics, ServerState
 
@@ -72,14 +73,7 @@ def client_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DE
       >>> mesh.axis_names, mesh.size == len(jax.devices())
       (('clients',), True)
     """
-    if not isinstance(axis_name, str) or not axis_name:
-        raise ValueError(f"axis_name must be a non-empty string, got {axis_name!r}.")
-    devices = list(jax.devices() if devices is None else devices)
-    if not devices:
-        raise ValueError("devices must not be empty.")
-    if len({d.id for d in devices}) != len(devices):
-        raise ValueError(f"devices must not repeat a device, got {devices}.")
-    return Mesh(np.array(devices, dtype=object), (axis_name,))
+    return line_mesh(jax.devices() if devices is None else devices, axis_name)
 
 
 def _mesh_axis(mesh: Mesh, axis_name: str | None) -> tuple[str, int]:
